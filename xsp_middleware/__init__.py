@@ -1,0 +1,38 @@
+"""xsp-middleware: exact, one-round-trip frequency caps and campaign budgets for ad servers.
+
+>>> from xsp_middleware import XSPMiddleware, Settings, Campaign, FrequencyCap
+"""
+
+from .caps import FrequencyCap
+from .decision import Decision
+from .errors import (
+    BudgetExceeded,
+    CampaignPaused,
+    ConfigError,
+    FrequencyCapExceeded,
+    InvalidParameter,
+    StoreUnavailable,
+    XSPError,
+)
+from .middleware import XSPMiddleware
+from .session import UpstreamSession
+from .settings import Campaign, Settings
+from .store import Store
+
+__all__ = [
+    "BudgetExceeded",
+    "Campaign",
+    "CampaignPaused",
+    "ConfigError",
+    "Decision",
+    "FrequencyCap",
+    "FrequencyCapExceeded",
+    "InvalidParameter",
+    "Settings",
+    "Store",
+    "StoreUnavailable",
+    "UpstreamSession",
+    "XSPError",
+    "XSPMiddleware",
+]
+__version__ = "0.1.0"
