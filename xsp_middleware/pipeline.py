@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import ConnectionError, NoScriptError, RedisError, ResponseError
 
 from .errors import StoreUnavailable
 
@@ -122,7 +122,19 @@ class AutoPipeline:
 
     async def _send(self, conn: AbstractConnection, batch: Sequence[_Call]) -> None:
         try:
-            replies = await self._round_trip(conn, [c.command(True) for c in batch])
+            commands = [c.command(True) for c in batch]
+            reused = conn.is_connected
+            replies: list[Any] = []
+            try:
+                await self._round_trip(conn, commands, replies)
+            except (ConnectionError, OSError):
+                if not reused or replies:
+                    raise
+                # An idle connection goes stale when Redis restarts or fails over: reconnect
+                # once. Should the server have run the scripts before the connection broke,
+                # the retry counts them twice: under-delivery, never an overspend.
+                await _discard(conn)
+                await self._round_trip(conn, commands, replies)
             retry = [c for c, r in zip(batch, replies, strict=True) if isinstance(r, NoScriptError)]
             for call, reply in zip(batch, replies, strict=True):
                 if not isinstance(reply, NoScriptError):
@@ -134,8 +146,9 @@ class AutoPipeline:
                     "script cache miss; reloading scripts",
                     extra={"xsp_event": "script_reloaded", "scripts": len(retry)},
                 )
-                replies = await self._round_trip(conn, [c.command(False) for c in retry])
-                for call, reply in zip(retry, replies, strict=True):
+                reloaded: list[Any] = []
+                await self._round_trip(conn, [c.command(False) for c in retry], reloaded)
+                for call, reply in zip(retry, reloaded, strict=True):
                     call.resolve(reply)
         except (TimeoutError, RedisError, OSError) as exc:
             await _discard(conn)
@@ -156,17 +169,16 @@ class AutoPipeline:
 
     @staticmethod
     async def _round_trip(
-        conn: AbstractConnection, commands: list[tuple[str | int, ...]]
-    ) -> list[Any]:
+        conn: AbstractConnection, commands: list[tuple[str | int, ...]], replies: list[Any]
+    ) -> None:
+        """One write, then the replies in order, appended to ``replies`` as they arrive."""
         await conn.connect()  # type: ignore[no-untyped-call]
         await conn.send_packed_command(conn.pack_commands(commands))
-        replies: list[Any] = []
         for _ in commands:
             try:
                 replies.append(await conn.read_response())
             except ResponseError as exc:
                 replies.append(exc)
-        return replies
 
     async def aclose(self) -> None:
         for conn in self._all:

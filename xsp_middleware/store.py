@@ -19,6 +19,7 @@ import hmac
 import logging
 import threading
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from importlib import resources
@@ -29,11 +30,18 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from .caps import FrequencyCap, caps_from_spec, caps_spec
-from .errors import StoreUnavailable
-from .money import units_to_decimal
+from .caps import FrequencyCap, caps_from_spec, caps_spec, parse_caps
+from .errors import ConfigError, StoreUnavailable
+from .money import amount_to_units, cpm_to_cost_units, units_to_decimal
 from .pipeline import AutoPipeline, Script
-from .settings import CAMPAIGN_STATUSES, CampaignRule, Rules
+from .settings import (
+    CAMPAIGN_STATUSES,
+    CampaignRule,
+    CapLike,
+    Money,
+    Rules,
+    validate_campaign_id,
+)
 
 logger = logging.getLogger("xsp_middleware")
 
@@ -284,29 +292,39 @@ class Store:
         self,
         campaign_id: str,
         *,
-        budget_units: int | None = None,
-        cost_units: int | None = None,
-        caps: tuple[FrequencyCap, ...] | None = None,
+        budget: Money | None = None,
+        cpm: Money | None = None,
+        caps: Sequence[CapLike] | None = None,
         status: str | None = None,
     ) -> None:
         """Create or update a campaign's stored config; fields left as None keep their value.
 
-        Every process sees the change on its next decision: the reserve script reads the config
-        in the same round trip.
+        Money is given as decimal strings (``budget="500.00"``, ``cpm="4.00"``). Every process
+        sees the change on its next decision: the reserve script reads the stored config in the
+        same round trip. Raises :class:`ConfigError` for an invalid value.
+
+        >>> import asyncio
+        >>> store = Store(Rules.from_settings(Settings(redis_url="memory://doc")))
+        >>> asyncio.run(store.set_campaign("c1", budget="500.00", caps=["5/1d"], cpm="4.00"))
         """
-        if status is not None and status not in CAMPAIGN_STATUSES:
-            raise ValueError(f"status must be one of {', '.join(CAMPAIGN_STATUSES)}")
+        validate_campaign_id(campaign_id)
         fields: dict[str, str] = {}
-        if budget_units is not None:
-            fields["budget"] = str(budget_units)
-        if cost_units is not None:
-            fields["cost"] = str(cost_units)
+        if budget is not None:
+            fields["budget"] = str(amount_to_units(budget, "budget"))
+        if cpm is not None:
+            fields["cost"] = str(cpm_to_cost_units(cpm, "cpm"))
         if caps is not None:
-            fields["caps"] = caps_spec(caps)
+            fields["caps"] = caps_spec(parse_caps(caps))
         if status is not None:
+            if status not in CAMPAIGN_STATUSES:
+                raise ConfigError(f"status must be one of {', '.join(CAMPAIGN_STATUSES)}")
             fields["status"] = status
         cfg_key, _ = self.campaign_keys(campaign_id)
-        await self._admin(self.client.hset(cfg_key, mapping=fields or {"status": "active"}))
+        async with self.client.pipeline(transaction=True) as pipe:
+            if fields:
+                pipe.hset(cfg_key, mapping=fields)
+            pipe.hsetnx(cfg_key, "status", "active")
+            await self._admin(pipe.execute())
 
     async def get_campaign(self, campaign_id: str) -> CampaignView:
         """The campaign's effective config and spend. Unconfigured campaigns show the defaults."""

@@ -1,0 +1,306 @@
+"""In-process ASGI throughput of XSPMiddleware against a bare app and the tutorial's approach.
+
+What is measured: requests per second (and per-request latency) of one ASGI app called directly,
+with no HTTP server and no HTTP client, by 64 concurrent worker coroutines in one asyncio event
+loop, each sending ``GET /ad?campaign_id=cN&cpm=2.50`` back to back with a distinct
+``user_id`` cookie per request (campaigns spread over 10 ids). Three variants:
+
+* ``bare``: a Starlette app whose one route returns a small VAST 4.2 XML document;
+* ``xsp``: the same app wrapped in ``XSPMiddleware`` on a real Redis (default caps 3/1h; every
+  user is new, so nothing is capped; the budget is far too large to run out): one auto-pipelined
+  EVALSHA per request;
+* ``tutorial``: the same app under ``benchmarks/tutorial_middleware.py``, the public tutorial's
+  check-then-act sequence (GET, GET, GET, INCRBYFLOAT, handler, INCR+EXPIRE pipeline).
+
+Each round runs every variant in turn (bare, xsp, tutorial, bare, xsp, ...) so machine noise
+hits them alike; each run flushes the Redis database, warms up (0.5 s), then measures for
+``--seconds``. Only 200 responses count as throughput; anything else is reported. The figures
+are the median over ``--rounds`` of each run's requests/s, p50 and p99 latency. The Python process
+(one core) is the bottleneck, so the figures compare the CPU cost per request of each variant,
+Redis round trips included. The bare app never suspends, so its requests run one after another
+(its latency is pure handler time); the guarded variants interleave at every Redis wait.
+
+Run from the repository root::
+
+    python benchmarks/overhead.py                  # throwaway redis-server on a free port
+    python benchmarks/overhead.py --seconds 5 --rounds 5
+    python benchmarks/overhead.py --redis-url redis://127.0.0.1:6379/15 --json
+
+``--redis-url`` uses an existing server: the database in the URL is FLUSHDB'ed before every run,
+so point it at a scratch database. Without it, ``redis-server`` must be on PATH.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aredis
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from xsp_middleware import XSPMiddleware
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from tutorial_middleware import TutorialMiddleware  # noqa: E402
+
+CONCURRENCY = 64
+CAMPAIGNS = 10
+WARMUP_SECONDS = 0.5
+SECRET_KEY = "bench-secret-key-0123456789"
+BUDGET = "900000000.00"
+VARIANTS = ("bare", "xsp", "tutorial")
+
+VAST = """<?xml version="1.0" encoding="UTF-8"?>
+<VAST version="4.2" xmlns="http://www.iab.com/VAST">
+  <Ad id="{campaign}">
+    <InLine>
+      <AdSystem version="1.0">bench</AdSystem>
+      <AdTitle>Campaign {campaign}</AdTitle>
+      <Impression id="imp"><![CDATA[https://ads.example.com/imp?c={campaign}]]></Impression>
+      <Creatives>
+        <Creative id="{campaign}-video" sequence="1">
+          <Linear>
+            <Duration>00:00:15</Duration>
+            <MediaFiles>
+              <MediaFile delivery="progressive" type="video/mp4" width="640" height="360">
+                <![CDATA[https://cdn.example.com/{campaign}.mp4]]>
+              </MediaFile>
+            </MediaFiles>
+          </Linear>
+        </Creative>
+      </Creatives>
+    </InLine>
+  </Ad>
+</VAST>
+"""
+
+
+async def ad(request: Request) -> Response:
+    campaign = request.query_params.get("campaign_id", "none")
+    return Response(VAST.format(campaign=campaign), media_type="application/xml")
+
+
+def make_app() -> Starlette:
+    return Starlette(routes=[Route("/ad", ad)])
+
+
+# -- driving ------------------------------------------------------------------------------------
+
+QUERIES = [f"campaign_id=c{i}&cpm=2.50".encode() for i in range(CAMPAIGNS)]
+REQUEST_MESSAGE = {"type": "http.request", "body": b"", "more_body": False}
+
+
+def make_scope(n: int) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/ad",
+        "raw_path": b"/ad",
+        "root_path": "",
+        "query_string": QUERIES[n % CAMPAIGNS],
+        "headers": [(b"host", b"bench"), (b"cookie", b"user_id=u%d" % n)],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+    }
+
+
+async def receive() -> dict[str, Any]:
+    return REQUEST_MESSAGE
+
+
+class Phase:
+    """Counts and latencies of one timed phase."""
+
+    def __init__(self) -> None:
+        self.ok = 0
+        self.statuses: dict[str, int] = {}
+        self.latencies: list[float] = []
+        self.elapsed = 0.0
+
+
+async def drive(app: Any, seconds: float, users: itertools.count[int]) -> Phase:
+    """``CONCURRENCY`` workers send requests back to back until ``seconds`` have passed."""
+    phase = Phase()
+    clock = time.perf_counter
+    latencies = phase.latencies
+    statuses = phase.statuses
+
+    async def worker(deadline: float) -> None:
+        while clock() < deadline:
+            status = 0
+
+            async def send(message: dict[str, Any]) -> None:
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+
+            scope = make_scope(next(users))
+            t0 = clock()
+            try:
+                await app(scope, receive, send)
+            except Exception as exc:
+                key = f"error:{type(exc).__name__}"
+                statuses[key] = statuses.get(key, 0) + 1
+                continue
+            latencies.append(clock() - t0)
+            if status == 200:
+                phase.ok += 1
+            else:
+                statuses[str(status)] = statuses.get(str(status), 0) + 1
+
+    start = clock()
+    deadline = start + seconds
+    await asyncio.gather(*(worker(deadline) for _ in range(CONCURRENCY)))
+    phase.elapsed = clock() - start
+    return phase
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    index = min(len(sorted_values) - 1, max(0, round(q * len(sorted_values)) - 1))
+    return sorted_values[index]
+
+
+async def run(args: argparse.Namespace, redis_url: str, progress: Callable[[str], None]) -> dict:
+    admin = aredis.Redis.from_url(redis_url)
+    base = make_app()
+    xsp = XSPMiddleware(
+        base,
+        redis_url=redis_url,
+        secret_key=SECRET_KEY,
+        default_budget=BUDGET,
+        store_timeout=5,
+    )
+    tutorial = TutorialMiddleware(base, redis_url, max_connections=CONCURRENCY)
+    apps = {"bare": base, "xsp": xsp, "tutorial": tutorial}
+    users = itertools.count()
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in VARIANTS}
+    try:
+        for round_no in range(1, args.rounds + 1):
+            for name in VARIANTS:
+                await admin.flushdb()
+                await drive(apps[name], WARMUP_SECONDS, users)
+                phase = await drive(apps[name], args.seconds, users)
+                lat = sorted(phase.latencies)
+                result = {
+                    "requests_per_s": phase.ok / phase.elapsed,
+                    "p50_ms": percentile(lat, 0.50) * 1000,
+                    "p99_ms": percentile(lat, 0.99) * 1000,
+                    "ok": phase.ok,
+                    "non_200": dict(phase.statuses),
+                    "seconds": phase.elapsed,
+                }
+                rounds[name].append(result)
+                progress(
+                    f"round {round_no}/{args.rounds} {name:<8} "
+                    f"{result['requests_per_s']:>9.0f} req/s  p50 {result['p50_ms']:.2f} ms  "
+                    f"p99 {result['p99_ms']:.2f} ms  non-200 {sum(phase.statuses.values())}"
+                )
+    finally:
+        await xsp.store.aclose()
+        await tutorial.aclose()
+        await admin.aclose()
+
+    variants: dict[str, dict[str, Any]] = {}
+    for name in VARIANTS:
+        runs = rounds[name]
+        non_200: dict[str, int] = {}
+        for r in runs:
+            for status, count in r["non_200"].items():
+                non_200[status] = non_200.get(status, 0) + count
+        variants[name] = {
+            "requests_per_s": statistics.median(r["requests_per_s"] for r in runs),
+            "p50_ms": statistics.median(r["p50_ms"] for r in runs),
+            "p99_ms": statistics.median(r["p99_ms"] for r in runs),
+            "non_200": non_200,
+            "rounds": [round(r["requests_per_s"], 1) for r in runs],
+        }
+    rps = {name: variants[name]["requests_per_s"] for name in VARIANTS}
+    return {
+        "config": {
+            "concurrency": CONCURRENCY,
+            "seconds": args.seconds,
+            "rounds": args.rounds,
+            "warmup_seconds": WARMUP_SECONDS,
+            "campaigns": CAMPAIGNS,
+            "python": sys.version.split()[0],
+        },
+        "variants": variants,
+        "ratios": {
+            "xsp/bare": rps["xsp"] / rps["bare"],
+            "tutorial/bare": rps["tutorial"] / rps["bare"],
+            "xsp/tutorial": rps["xsp"] / rps["tutorial"],
+        },
+    }
+
+
+def print_table(report: dict[str, Any]) -> None:
+    cfg = report["config"]
+    print(
+        f"in-process ASGI, {cfg['concurrency']} concurrent requests, distinct users; "
+        f"median of {cfg['rounds']} rounds x {cfg['seconds']} s (Python {cfg['python']})"
+    )
+    print(f"{'variant':<10}{'requests/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'non-200':>9}")
+    for name, v in report["variants"].items():
+        non_200 = sum(v["non_200"].values())
+        print(
+            f"{name:<10}{v['requests_per_s']:>12.0f}{v['p50_ms']:>10.2f}{v['p99_ms']:>10.2f}"
+            f"{non_200:>9}"
+        )
+    for name, v in report["variants"].items():
+        if v["non_200"]:
+            print(f"  {name} non-200 responses: {v['non_200']}")
+    print()
+    for name, value in report["ratios"].items():
+        print(f"{name:<14}{value:>6.2f}x")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per run")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over the three variants")
+    parser.add_argument("--redis-url", help="use this Redis (its database is flushed)")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    args = parser.parse_args(argv)
+
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    server = None
+    redis_url = args.redis_url
+    if redis_url is None:
+        sys.path.insert(0, str(HERE.parent / "tests"))
+        from redis_server import RedisServer
+
+        server = RedisServer()
+        redis_url = server.url
+    try:
+        report = asyncio.run(run(args, redis_url, progress))
+    finally:
+        if server is not None:
+            server.stop()
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_table(report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

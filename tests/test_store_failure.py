@@ -1,0 +1,117 @@
+"""Redis unreachable or hung: no 500s, the budget fails closed, answers come within the timeout."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conftest import as_user, client
+from redis_server import RedisServer, free_port
+
+TIMEOUT = 0.2
+
+
+@pytest.fixture
+def closed_port_url() -> str:
+    return f"redis://127.0.0.1:{free_port()}/0"  # nothing listens: connection refused
+
+
+@pytest.fixture
+def hung_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.signal(signal.SIGSTOP)  # accepts TCP (kernel backlog) but never answers
+    yield server
+    server.signal(signal.SIGCONT)
+    server.stop()
+
+
+async def _burst(app: Any, n: int = 60) -> list[tuple[int, str | None, float]]:
+    async with client(app) as c:
+
+        async def one(i: int) -> tuple[int, str | None, float]:
+            started = time.perf_counter()
+            r = await c.get("/ad?campaign_id=c1&cpm=2.00", headers=as_user(f"u{i}"))
+            return r.status_code, r.headers.get("x-xsp-decision"), time.perf_counter() - started
+
+        return await asyncio.gather(*(one(i) for i in range(n)))
+
+
+@pytest.mark.parametrize("where", ["refused", "hung"])
+async def test_unreachable_store_fails_closed_for_budget_within_the_timeout(
+    where: str, make_app: Any, request: pytest.FixtureRequest
+) -> None:
+    url = (
+        request.getfixturevalue("closed_port_url")
+        if where == "refused"
+        else request.getfixturevalue("hung_server").url
+    )
+    app = make_app(redis_url=url, store_timeout=TIMEOUT)
+    results = await _burst(app)
+    assert {(status, reason) for status, reason, _ in results} == {(204, "store_unavailable")}
+    # Each request answers within the timeout (plus scheduling slack for 60 in-process requests).
+    assert max(seconds for _, _, seconds in results) < TIMEOUT + 0.15
+
+
+async def test_budget_fail_open_serves_degraded_when_the_store_is_down(
+    closed_port_url: str, make_app: Any
+) -> None:
+    app = make_app(redis_url=closed_port_url, store_timeout=TIMEOUT, budget_fail_open=True)
+    async with client(app) as c:
+        r = await c.get("/decision?campaign_id=c1", headers=as_user("u1"))
+    assert r.status_code == 200
+    allowed, reason, *_, degraded = r.text.split("|")
+    assert (allowed, reason, degraded) == ("True", "served", "True")
+
+
+async def test_non_ad_requests_still_pass_while_the_store_is_down(
+    closed_port_url: str, make_app: Any
+) -> None:
+    app = make_app(redis_url=closed_port_url, store_timeout=TIMEOUT)
+    async with client(app) as c:
+        assert (await c.get("/other")).text == "other"
+
+
+async def test_serving_resumes_when_redis_comes_back(make_app: Any) -> None:
+    server = RedisServer()
+    try:
+        app = make_app(redis_url=server.url, store_timeout=TIMEOUT)
+        assert {s for s, _, _ in await _burst(app, 5)} == {200}
+        server.stop()
+        assert {r for _, r, _ in await _burst(app, 5)} == {"store_unavailable"}
+        server.start()  # same port, empty data, empty script cache
+        assert {s for s, _, _ in await _burst(app, 5)} == {200}
+    finally:
+        server.stop()
+
+
+async def test_flushed_script_cache_costs_no_failed_decision(
+    redis_url: str, redis_server: RedisServer, make_app: Any
+) -> None:
+    app = make_app(redis_url=redis_url, store_timeout=2)
+    assert {s for s, _, _ in await _burst(app, 5)} == {200}
+    redis_server.command("SCRIPT", "FLUSH")
+    assert {s for s, _, _ in await _burst(app, 30)} == {200}
+
+
+def test_closed_port_really_refuses() -> None:
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", free_port()), 0.5):
+        pass
+
+
+async def test_a_restart_between_requests_costs_no_failed_decision(make_app: Any) -> None:
+    """Idle pooled connections go stale when Redis restarts; the next decision reconnects
+    instead of failing (and the restarted server's empty script cache is refilled)."""
+    server = RedisServer()
+    try:
+        app = make_app(redis_url=server.url, store_timeout=1)
+        assert {s for s, _, _ in await _burst(app, 40)} == {200}
+        server.stop()
+        server.start()
+        assert {s for s, _, _ in await _burst(app, 40)} == {200}
+    finally:
+        server.stop()
