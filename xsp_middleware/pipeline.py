@@ -74,6 +74,10 @@ class _Call:
             self.on_orphan(self.argv, reply)
 
 
+class _StaleConnection(ConnectionError):
+    """A reused connection failed before any reply: safe to retry on a fresh one."""
+
+
 def _expire(future: asyncio.Future[Any], timeout: float) -> None:
     if not future.done():
         future.set_exception(StoreUnavailable(f"the store did not answer within {timeout}s"))
@@ -83,9 +87,17 @@ class AutoPipeline:
     """Coalesces script calls on one event loop over at most ``slots`` connections."""
 
     def __init__(
-        self, make_connection: Callable[[], AbstractConnection], *, slots: int, timeout: float
+        self,
+        make_connection: Callable[[], AbstractConnection],
+        *,
+        slots: int,
+        timeout: float,
+        preload: Sequence[Script] = (),
     ) -> None:
         self._loop = asyncio.get_running_loop()
+        # SCRIPT LOADs ride in the first write of every new connection (no extra round trip),
+        # so a fresh or restarted server never answers our first EVALSHA with NOSCRIPT.
+        self._preload = [("SCRIPT", "LOAD", s.text) for s in preload]
         self._idle = [make_connection() for _ in range(slots)]
         self._all = list(self._idle)
         self._queue: list[_Call] = []
@@ -126,15 +138,13 @@ class AutoPipeline:
             reused = conn.is_connected
             replies: list[Any] = []
             try:
-                await self._round_trip(conn, commands, replies)
-            except (ConnectionError, OSError):
-                if not reused or replies:
-                    raise
+                replies = await self._round_trip(conn, commands, reused)
+            except _StaleConnection:
                 # An idle connection goes stale when Redis restarts or fails over: reconnect
                 # once. Should the server have run the scripts before the connection broke,
                 # the retry counts them twice: under-delivery, never an overspend.
                 await _discard(conn)
-                await self._round_trip(conn, commands, replies)
+                replies = await self._round_trip(conn, commands, False)
             retry = [c for c, r in zip(batch, replies, strict=True) if isinstance(r, NoScriptError)]
             for call, reply in zip(batch, replies, strict=True):
                 if not isinstance(reply, NoScriptError):
@@ -146,8 +156,7 @@ class AutoPipeline:
                     "script cache miss; reloading scripts",
                     extra={"xsp_event": "script_reloaded", "scripts": len(retry)},
                 )
-                reloaded: list[Any] = []
-                await self._round_trip(conn, [c.command(False) for c in retry], reloaded)
+                reloaded = await self._round_trip(conn, [c.command(False) for c in retry], True)
                 for call, reply in zip(retry, reloaded, strict=True):
                     call.resolve(reply)
         except (TimeoutError, RedisError, OSError) as exc:
@@ -167,18 +176,32 @@ class AutoPipeline:
                 self._flush_scheduled = True
                 self._loop.call_soon(self._flush)
 
-    @staticmethod
     async def _round_trip(
-        conn: AbstractConnection, commands: list[tuple[str | int, ...]], replies: list[Any]
-    ) -> None:
-        """One write, then the replies in order, appended to ``replies`` as they arrive."""
-        await conn.connect()  # type: ignore[no-untyped-call]
-        await conn.send_packed_command(conn.pack_commands(commands))
-        for _ in commands:
-            try:
-                replies.append(await conn.read_response())
-            except ResponseError as exc:
-                replies.append(exc)
+        self, conn: AbstractConnection, commands: list[tuple[str | int, ...]], reused: bool
+    ) -> list[Any]:
+        """One write, then the replies in order (errors as values). Raises _StaleConnection if a
+        reused connection broke before any reply came back."""
+        if not reused:
+            await conn.connect()  # type: ignore[no-untyped-call]
+            commands = self._preload + commands
+        replies: list[Any] = []
+        try:
+            await conn.send_packed_command(conn.pack_commands(commands))
+            for _ in commands:
+                try:
+                    replies.append(await conn.read_response())
+                except ResponseError as exc:
+                    replies.append(exc)
+        except (ConnectionError, OSError) as exc:
+            if reused and not replies:
+                raise _StaleConnection from exc
+            raise
+        if not reused:
+            for reply in replies[: len(self._preload)]:
+                if isinstance(reply, ResponseError):
+                    logger.error("loading the xsp Lua scripts failed: %s", reply)
+            replies = replies[len(self._preload) :]
+        return replies
 
     async def aclose(self) -> None:
         for conn in self._all:

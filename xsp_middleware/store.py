@@ -75,6 +75,17 @@ def _memory_server(url: str) -> Any:
         return _memory_servers[url]
 
 
+def _require_lua() -> None:
+    """The embedded store runs our Lua through lupa; without it fakeredis has no EVAL at all,
+    and every decision would fail. Fail loudly at start-up instead."""
+    try:
+        import lupa  # type: ignore[import-untyped]  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "the embedded store (memory://) needs Lua support: pip install 'fakeredis[lua]'"
+        ) from None
+
+
 @dataclass(frozen=True, slots=True)
 class Reservation:
     """What the reserve script answered, plus what a release needs."""
@@ -139,6 +150,8 @@ class Store:
         self.is_memory = self.url.startswith("memory://")
         self._prefix = rules.settings.key_prefix
         self._secret = rules.secret_key
+        if self.is_memory:
+            _require_lua()
         self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
             weakref.WeakKeyDictionary()
         )
@@ -163,7 +176,10 @@ class Store:
         if state is None:
             client = self._make_client()
             pipeline = AutoPipeline(
-                client.connection_pool.make_connection, slots=_PIPELINE_SLOTS, timeout=self.timeout
+                client.connection_pool.make_connection,
+                slots=_PIPELINE_SLOTS,
+                timeout=self.timeout,
+                preload=(RESERVE, RELEASE, PEEK),
             )
             state = self._loops[loop] = _LoopState(client, pipeline)
         return state
