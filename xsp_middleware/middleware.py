@@ -8,7 +8,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import unquote
 
 from .decision import Decision
 from .errors import InvalidParameter, StoreUnavailable
@@ -54,6 +54,30 @@ def cookie_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes |
                 if v:
                     return v
     return None
+
+
+def query_values(query: bytes, first: str, second: str) -> tuple[set[str], set[str]]:
+    """The distinct values of two parameters, decoded exactly as ``urllib.parse.parse_qsl``
+    (which Starlette uses) decodes them, so the handler's ``query_params`` agree with ours.
+    Only the two wanted names are decoded: most of an ad request's query is never touched."""
+    firsts: set[str] = set()
+    seconds: set[str] = set()
+    for pair in query.decode("latin-1").split("&"):
+        if not pair:
+            continue
+        name, _, value = pair.partition("=")
+        if "%" in name or "+" in name:
+            name = unquote(name.replace("+", " "))
+        if name == first:
+            target = firsts
+        elif name == second:
+            target = seconds
+        else:
+            continue
+        if "%" in value or "+" in value:
+            value = unquote(value.replace("+", " "))
+        target.add(value)
+    return firsts, seconds
 
 
 class _Facts:
@@ -122,14 +146,12 @@ class XSPMiddleware:
         if self._campaign_needle not in query and b"%" not in query:
             await self.app(scope, receive, send)
             return
-        # The same parse Starlette uses, so the handler's query_params agree with ours.
-        params = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
-        campaign_values = {v for k, v in params if k == self._campaign_param}
+        campaign_values, prices = query_values(query, self._campaign_param, self._price_param)
         if not campaign_values:
             await self.app(scope, receive, send)
             return
         try:
-            facts = self._facts(scope, params, campaign_values)
+            facts = self._facts(scope, campaign_values, prices)
         except InvalidParameter as exc:
             await _send_problem(send, exc)
             return
@@ -145,7 +167,7 @@ class XSPMiddleware:
 
     # -- request -> facts -------------------------------------------------------------------
 
-    def _facts(self, scope: Scope, params: list[tuple[str, str]], campaigns: set[str]) -> _Facts:
+    def _facts(self, scope: Scope, campaigns: set[str], prices: set[str]) -> _Facts:
         field = self._campaign_param
         if len(campaigns) > 1:
             raise InvalidParameter(field, "given more than once with different values")
@@ -153,7 +175,6 @@ class XSPMiddleware:
         problem = campaign_id_problem(campaign_id)
         if problem is not None:
             raise InvalidParameter(field, problem)
-        prices = {v for k, v in params if k == self._price_param}
         cost_units: int | None = None
         if len(prices) > 1:
             raise InvalidParameter(self._price_param, "given more than once with different values")

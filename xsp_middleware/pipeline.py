@@ -31,7 +31,7 @@ Orphan = Callable[[tuple[str | int, ...], Any], None]
 class Script:
     """A Lua script, sent by SHA; re-sent whole when the server answers NOSCRIPT."""
 
-    __slots__ = ("name", "sha", "text")
+    __slots__ = ("eval", "evalsha", "name", "sha", "text")
 
     def __init__(self, name: str, text: str) -> None:
         import hashlib
@@ -39,6 +39,23 @@ class Script:
         self.name = name
         self.text = text
         self.sha = hashlib.sha1(text.encode()).hexdigest()
+        self.evalsha = _pack_args(("EVALSHA", self.sha))
+        self.eval = _pack_args(("EVAL", text))
+
+
+def _pack_args(args: Sequence[str | int]) -> bytes:
+    """RESP-encode command arguments (no array header)."""
+    out = []
+    for arg in args:
+        data = arg.encode() if isinstance(arg, str) else str(arg).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
+def _pack(head: bytes, argv: Sequence[str | int]) -> bytes:
+    """One RESP command: a pre-encoded head (EVALSHA sha) plus the argv. Cheaper than redis-py's
+    general packer, which was a fifth of the per-decision CPU."""
+    return b"*%d\r\n" % (len(argv) + 2) + head + _pack_args(argv)
 
 
 class _Call:
@@ -57,10 +74,9 @@ class _Call:
         self.on_orphan = on_orphan
         self.timer: asyncio.TimerHandle | None = None
 
-    def command(self, by_sha: bool) -> tuple[str | int, ...]:
-        if by_sha:
-            return ("EVALSHA", self.script.sha, *self.argv)
-        return ("EVAL", self.script.text, *self.argv)
+    def command(self, by_sha: bool) -> bytes:
+        script = self.script
+        return _pack(script.evalsha if by_sha else script.eval, self.argv)
 
     def resolve(self, reply: Any) -> None:
         if self.timer is not None:
@@ -97,7 +113,7 @@ class AutoPipeline:
         self._loop = asyncio.get_running_loop()
         # SCRIPT LOADs ride in the first write of every new connection (no extra round trip),
         # so a fresh or restarted server never answers our first EVALSHA with NOSCRIPT.
-        self._preload = [("SCRIPT", "LOAD", s.text) for s in preload]
+        self._preload = [b"*3\r\n" + _pack_args(("SCRIPT", "LOAD", s.text)) for s in preload]
         self._idle = [make_connection() for _ in range(slots)]
         self._all = list(self._idle)
         self._queue: list[_Call] = []
@@ -177,7 +193,7 @@ class AutoPipeline:
                 self._loop.call_soon(self._flush)
 
     async def _round_trip(
-        self, conn: AbstractConnection, commands: list[tuple[str | int, ...]], reused: bool
+        self, conn: AbstractConnection, commands: list[bytes], reused: bool
     ) -> list[Any]:
         """One write, then the replies in order (errors as values). Raises _StaleConnection if a
         reused connection broke before any reply came back."""
@@ -186,7 +202,7 @@ class AutoPipeline:
             commands = self._preload + commands
         replies: list[Any] = []
         try:
-            await conn.send_packed_command(conn.pack_commands(commands))
+            await conn.send_packed_command(b"".join(commands))
             for _ in commands:
                 try:
                     replies.append(await conn.read_response())

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import hmac
 import logging
 import threading
@@ -165,7 +164,7 @@ class Store:
     def user_key(self, user_id: bytes | str) -> str:
         if isinstance(user_id, str):
             user_id = user_id.encode("utf-8", "surrogateescape")
-        digest = hmac.new(self._secret, user_id, hashlib.sha256).digest()[:16]
+        digest = hmac.digest(self._secret, user_id, "sha256")[:16]
         return f"{self._prefix}:u:{{{base64.urlsafe_b64encode(digest).rstrip(b'=').decode()}}}"
 
     # -- connections ------------------------------------------------------------------------

@@ -1,0 +1,107 @@
+"""UpstreamSession: the tutorial's API (check_frequency_cap, track_budget,
+get_remaining_budget, request) done atomically."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from conftest import SECRET
+
+from xsp_middleware import (
+    BudgetExceeded,
+    Campaign,
+    FrequencyCapExceeded,
+    InvalidParameter,
+    UpstreamSession,
+)
+
+
+@dataclass
+class SessionContext:
+    cookies: dict[str, str] = field(default_factory=dict)
+
+
+class Vast:
+    def __init__(self, fail: bool = False) -> None:
+        self.calls = 0
+        self.fail = fail
+
+    async def fetch(self, *, context: Any = None, **kwargs: Any) -> str:
+        self.calls += 1
+        if self.fail:
+            raise ConnectionError("upstream down")
+        return "<VAST/>"
+
+
+def make(store_url: str, upstream: Vast | None = None, **kw: Any) -> UpstreamSession:
+    return UpstreamSession(upstream or Vast(), redis_url=store_url, secret_key=SECRET, **kw)
+
+
+async def test_request_serves_then_raises_frequency_cap_exceeded(store_url: str) -> None:
+    vast = Vast()
+    session = make(store_url, vast)
+    ctx = SessionContext(cookies={"user_id": "u1"})
+    for _ in range(3):
+        assert await session.request(ctx, params={"campaign_id": "c1", "cpm": "5.00"}) == "<VAST/>"
+    assert await session.check_frequency_cap("u1", "c1") is False
+    assert await session.check_frequency_cap("u2", "c1") is True
+    with pytest.raises(FrequencyCapExceeded):
+        await session.request(ctx, params={"campaign_id": "c1", "cpm": "5.00"})
+    assert vast.calls == 3
+    assert await session.get_remaining_budget("c1") == Decimal("999.985")
+
+
+async def test_request_raises_budget_exceeded_exactly_at_the_budget(store_url: str) -> None:
+    session = make(store_url, campaigns=[Campaign(id="c1", budget="0.01")])
+    results = await asyncio.gather(
+        *(
+            session.request({"cookies": {"user_id": f"u{i}"}}, params={"campaign_id": "c1"})
+            for i in range(20)
+        ),
+        return_exceptions=True,
+    )
+    assert sum(r == "<VAST/>" for r in results) == 5  # 0.01 / 0.002
+    assert all(isinstance(r, BudgetExceeded) for r in results if r != "<VAST/>")
+    assert await session.get_remaining_budget("c1") == 0
+
+
+async def test_a_failing_upstream_releases_the_reservation(store_url: str) -> None:
+    session = make(store_url, Vast(fail=True), default_caps=["1/1h"])
+    with pytest.raises(ConnectionError):
+        await session.request({"cookies": {"user_id": "u1"}}, params={"campaign_id": "c1"})
+    assert await session.get_remaining_budget("c1") == Decimal("1000.00")
+    assert await session.check_frequency_cap("u1", "c1") is True
+
+
+async def test_track_budget_is_atomic_and_never_overspends(store_url: str) -> None:
+    session = make(store_url, campaigns=[Campaign(id="c1", budget="1.00")])
+    results = await asyncio.gather(
+        *(session.track_budget("c1", Decimal("0.03")) for _ in range(100))
+    )
+    assert results.count(True) == 33
+    assert await session.get_remaining_budget("c1") == Decimal("0.01")
+    assert await session.track_budget("c1", "0.01") is True
+    assert await session.track_budget("c1", "0.0000001") is False
+
+
+async def test_money_arguments_must_be_exact(store_url: str) -> None:
+    session = make(store_url)
+    with pytest.raises(TypeError):
+        await session.track_budget("c1", 0.5)  # type: ignore[arg-type]
+    with pytest.raises(InvalidParameter):
+        await session.track_budget("c1", Decimal("0.000000001"))
+    with pytest.raises(InvalidParameter):
+        await session.request({}, params={"campaign_id": "bad id"})
+    with pytest.raises(InvalidParameter):
+        await session.request({}, params={"campaign_id": "c1", "cpm": "NaN"})
+
+
+async def test_anonymous_context_is_budgeted_but_not_capped(store_url: str) -> None:
+    session = make(store_url, default_caps=["1/1h"])
+    for _ in range(5):
+        assert await session.request(object(), params={"campaign_id": "c1"}) == "<VAST/>"
+    assert await session.get_remaining_budget("c1") == Decimal("999.99")
