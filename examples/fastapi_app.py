@@ -51,7 +51,11 @@ async def serve_ad(request: Request) -> Response:
     decision: Decision | None = getattr(request.state, "xsp", None)
     if decision is None:  # no campaign_id: not an ad request, so the middleware let it by
         return JSONResponse(
-            {"title": "Missing campaign", "detail": "campaign_id is required", "field": "campaign_id"},
+            {
+                "title": "Missing campaign",
+                "detail": "campaign_id is required",
+                "field": "campaign_id",
+            },
             status_code=400,
             media_type="application/problem+json",
         )
