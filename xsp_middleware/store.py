@@ -145,8 +145,10 @@ class Store:
     def __init__(self, rules: Rules) -> None:
         self.rules = rules
         self.url = rules.redis_url
-        self.timeout = rules.store_timeout
         self.is_memory = self.url.startswith("memory://")
+        # The timeout guards against a network that stalls. The embedded store has none; its
+        # first script call alone takes tens of ms (Lua start-up), so it gets a floor of 1 s.
+        self.timeout = max(rules.store_timeout, 1.0) if self.is_memory else rules.store_timeout
         self._prefix = rules.settings.key_prefix
         self._secret = rules.secret_key
         if self.is_memory:
