@@ -1,4 +1,5 @@
-"""Frequency caps: ``N/<window>``, rolling, or ``N/lifetime``."""
+"""Frequency caps: ``N/<window>`` (rolling), ``N/day|week|month`` (calendar, in the campaign's
+time zone) or ``N/lifetime``."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from dataclasses import dataclass
 from .errors import ConfigError
 
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-_CAP = re.compile(r"\s*([0-9]{1,9})\s*/\s*(?:([0-9]{1,9})\s*([smhdw])|(lifetime))\s*\Z")
+_CAP = re.compile(
+    r"\s*([0-9]{1,9})\s*/\s*(?:([0-9]{1,9})\s*([smhdw])|(lifetime|day|week|month))\s*\Z"
+)
+CALENDAR_PERIODS = ("day", "week", "month")
 MAX_ROLLING_IMPRESSIONS = 1000
 """A rolling cap keeps one timestamp per impression in the window, so N is bounded."""
 
@@ -18,16 +22,24 @@ MAX_ROLLING_IMPRESSIONS = 1000
 class FrequencyCap:
     """At most ``max_impressions`` in any rolling window of ``window_seconds``.
 
-    ``window_seconds=None`` means a lifetime cap.
+    ``window_seconds=None`` means a lifetime cap, unless ``calendar`` names a calendar period
+    (``day``, ``week`` starting Monday, ``month``) counted in the campaign's time zone.
 
     >>> FrequencyCap.parse("3/1h")
-    FrequencyCap(max_impressions=3, window_seconds=3600)
+    FrequencyCap(max_impressions=3, window_seconds=3600, calendar=None)
     """
 
     max_impressions: int
     window_seconds: int | None
+    calendar: str | None = None
 
     def __post_init__(self) -> None:
+        if self.calendar is not None and (
+            self.calendar not in CALENDAR_PERIODS or self.window_seconds is not None
+        ):
+            raise ConfigError(
+                f"cap: calendar must be one of {', '.join(CALENDAR_PERIODS)}, without a window"
+            )
         if isinstance(self.max_impressions, bool) or not isinstance(self.max_impressions, int):
             raise ConfigError(f"cap: max_impressions must be an int: {self.max_impressions!r}")
         if self.max_impressions < 1:
@@ -43,11 +55,13 @@ class FrequencyCap:
                 raise ConfigError(
                     f"cap: window_seconds must be positive, not {self.window_seconds}"
                 )
-            if self.max_impressions > MAX_ROLLING_IMPRESSIONS:
-                raise ConfigError(
-                    f"cap: a rolling cap allows at most {MAX_ROLLING_IMPRESSIONS} impressions "
-                    f"per window, not {self.max_impressions}"
-                )
+        if (
+            self.window_seconds is not None or self.calendar is not None
+        ) and self.max_impressions > MAX_ROLLING_IMPRESSIONS:
+            raise ConfigError(
+                f"cap: a rolling cap allows at most {MAX_ROLLING_IMPRESSIONS} impressions "
+                f"per window, not {self.max_impressions}"
+            )
 
     @classmethod
     def parse(cls, text: str) -> FrequencyCap:
@@ -56,14 +70,18 @@ class FrequencyCap:
         if match is None:
             raise ConfigError(
                 f"cap: {str(text)[:40]!r} is not N/<window> "
-                "(e.g. 3/1h, 10/30m, 5/1d, 20/1w, 50/lifetime)"
+                "(e.g. 3/1h, 10/30m, 5/1d, 20/1w, 4/day, 10/week, 30/month, 50/lifetime)"
             )
-        count, amount, unit, lifetime = match.groups()
-        if lifetime:
+        count, amount, unit, named = match.groups()
+        if named == "lifetime":
             return cls(int(count), None)
+        if named:
+            return cls(int(count), None, named)
         return cls(int(count), int(amount) * _UNIT_SECONDS[unit])
 
     def __str__(self) -> str:
+        if self.calendar is not None:
+            return f"{self.max_impressions}/{self.calendar}"
         if self.window_seconds is None:
             return f"{self.max_impressions}/lifetime"
         for unit in ("w", "d", "h", "m"):
@@ -81,15 +99,20 @@ def parse_caps(caps: Iterable[str | FrequencyCap] | str) -> tuple[FrequencyCap, 
 
 
 def caps_spec(caps: Iterable[FrequencyCap]) -> str:
-    """The wire form the Lua scripts read: ``"N:window_ms,..."``, window 0 for lifetime."""
-    return ",".join(f"{c.max_impressions}:{(c.window_seconds or 0) * 1000}" for c in caps)
+    """The wire form the Lua scripts read: ``"N:window_ms"`` (rolling), ``"N:0"`` (lifetime),
+    ``"N:day"`` (calendar), comma-separated."""
+    return ",".join(
+        f"{c.max_impressions}:{c.calendar or (c.window_seconds or 0) * 1000}" for c in caps
+    )
 
 
 def caps_from_spec(spec: str) -> tuple[FrequencyCap, ...]:
     """Inverse of :func:`caps_spec`, for what the CLI stored."""
     caps = []
     for part in filter(None, spec.split(",")):
-        count, window_ms = part.split(":")
-        window = int(window_ms) // 1000
-        caps.append(FrequencyCap(int(count), window or None))
+        count, window = part.split(":")
+        if window in CALENDAR_PERIODS:
+            caps.append(FrequencyCap(int(count), None, window))
+        else:
+            caps.append(FrequencyCap(int(count), int(window) // 1000 or None))
     return tuple(caps)

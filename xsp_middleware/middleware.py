@@ -211,7 +211,7 @@ class XSPMiddleware:
         )
         return decision, (r if r.reserved else None)
 
-    def _degraded(self, facts: _Facts, default_cost: str, why: str) -> Decision:
+    def _degraded(self, facts: _Facts, default_cost: int, why: str) -> Decision:
         # Caps fail open by default (a missed cap costs little); the budget fails closed by
         # default (an overspend costs money). Serving needs both checks to allow it.
         allowed = self.settings.budget_fail_open and (
@@ -221,7 +221,7 @@ class XSPMiddleware:
             allowed=allowed,
             reason="served" if allowed else "store_unavailable",
             campaign_id=facts.campaign_id,
-            cost_units=facts.cost_units if facts.cost_units is not None else int(default_cost),
+            cost_units=facts.cost_units if facts.cost_units is not None else default_cost,
             remaining_impressions=None,
             remaining_budget_units=None,
             anonymous=facts.user_key is None,

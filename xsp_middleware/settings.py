@@ -7,15 +7,18 @@ explicit keyword arguments win over the environment, which wins over the default
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from decimal import Decimal
 from typing import Any, Literal
 
-from .caps import FrequencyCap, caps_spec, parse_caps
+from .caps import FrequencyCap, caps_from_spec, caps_spec, parse_caps
+from .clock import parse_instant, zone
 from .errors import ConfigError
 from .money import amount_to_units, cpm_to_cost_units
 
@@ -32,14 +35,25 @@ DEVELOPMENT_SECRET_KEY = "xsp-middleware-development-key-do-not-use-in-productio
 CAMPAIGN_STATUSES = ("active", "paused", "exhausted")
 
 
+PACINGS = ("asap", "even", "frontloaded")
+
+
 @dataclass(frozen=True, slots=True)
 class Campaign:
     """A campaign's rules. Fields left as ``None`` take the settings' defaults.
 
-    The store wins: a campaign written by the CLI overrides these fields in every process.
+    The store wins: a campaign written by the CLI or :meth:`Store.set_campaign` overrides these
+    fields, field by field, in every process.
 
-    >>> Campaign(id="c1", budget="500.00", caps=["5/1d"], cpm="4.00")  # doctest: +ELLIPSIS
-    Campaign(id='c1', budget='500.00', caps=['5/1d'], cpm='4.00', status='active')
+    * ``budget``: lifetime budget; ``daily_budget``: optional, per local day in ``timezone``.
+    * ``start``/``end``: optional flight (ISO 8601; naive values and bare dates are local to
+      ``timezone``; a bare ``end`` date is included). Outside it: ``campaign_inactive``.
+    * ``caps``: rolling (``3/1h``), calendar (``4/day``, ``10/week``, ``30/month``) or lifetime.
+    * ``cpm``: the price when a request carries none.
+    * ``pacing``: ``asap``, ``even`` or ``frontloaded`` (needs a daily budget or a flight).
+
+    >>> Campaign(id="c1", budget="500.00", caps=["5/1d"], cpm="4.00").config(defaults()).caps
+    (FrequencyCap(max_impressions=5, window_seconds=86400, calendar=None),)
     """
 
     id: str
@@ -47,19 +61,150 @@ class Campaign:
     caps: Sequence[CapLike] | None = None
     cpm: Money | None = None
     status: Literal["active", "paused", "exhausted"] = "active"
+    daily_budget: Money | None = None
+    timezone: str | None = None
+    start: str | datetime | None = None
+    end: str | datetime | None = None
+    pacing: Literal["asap", "even", "frontloaded"] | None = None
 
     def __post_init__(self) -> None:
         validate_campaign_id(self.id)
-        if self.budget is not None:
-            amount_to_units(self.budget, f"campaign {self.id} budget")
-        if self.cpm is not None:
-            cpm_to_cost_units(self.cpm, f"campaign {self.id} cpm")
-        if self.caps is not None:
-            parse_caps(self.caps)
+        self.config(defaults())  # validate every field now
+
+    def config(self, base: CampaignConfig) -> CampaignConfig:
+        """This campaign over ``base`` (the settings' defaults)."""
+        what = f"campaign {self.id}"
+        tz = base.timezone if self.timezone is None else self.timezone
+        zone(tz)
+        return CampaignConfig(
+            budget_units=base.budget_units
+            if self.budget is None
+            else amount_to_units(self.budget, f"{what} budget"),
+            cost_units=base.cost_units
+            if self.cpm is None
+            else cpm_to_cost_units(self.cpm, f"{what} cpm"),
+            caps=base.caps if self.caps is None else _caps(self.caps, f"{what} caps"),
+            daily_budget_units=None
+            if self.daily_budget is None
+            else amount_to_units(self.daily_budget, f"{what} daily_budget"),
+            timezone=tz,
+            start_ms=None if self.start is None else instant_ms(self.start, tz),
+            end_ms=None if self.end is None else instant_ms(self.end, tz, end=True),
+            pacing=base.pacing if self.pacing is None else self.pacing,
+            status=self.status,
+        )
+
+
+def instant_ms(value: str | datetime, tz: str, *, end: bool = False) -> int:
+    if isinstance(value, datetime):
+        moment = value if value.tzinfo is not None else value.replace(tzinfo=zone(tz))
+        return int(moment.timestamp() * 1000)
+    if not isinstance(value, str):
+        raise ConfigError(f"start/end: expected an ISO 8601 string or a datetime, not {value!r}")
+    return parse_instant(value, tz, end=end)
+
+
+def _caps(caps: Sequence[CapLike] | str, what: str) -> tuple[FrequencyCap, ...]:
+    if isinstance(caps, str):
+        raise ConfigError(f"{what}: give a list of caps such as ['3/1h'], not one string")
+    return parse_caps(caps)
+
+
+_CONFIG_FIELDS = (
+    "budget",
+    "daily_budget",
+    "cost",
+    "caps",
+    "status",
+    "tz",
+    "start",
+    "end",
+    "pacing",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class CampaignConfig:
+    """A campaign's effective rules in store units: what the scripts enforce.
+
+    ``wire`` is the fallback the reserve script uses for fields the store does not hold, in the
+    order of ``lua/lib.lua``'s ``XSP_FIELDS``.
+    """
+
+    budget_units: int
+    cost_units: int
+    caps: tuple[FrequencyCap, ...]
+    daily_budget_units: int | None = None
+    timezone: str = "UTC"
+    start_ms: int | None = None
+    end_ms: int | None = None
+    pacing: str = "asap"
+    status: str = "active"
+    caps_spec: str = field(init=False, default="")
+    wire: str = field(init=False, default="")
+
+    def __post_init__(self) -> None:
+        if self.pacing not in PACINGS:
+            raise ConfigError(f"pacing: must be one of {', '.join(PACINGS)}, not {self.pacing!r}")
         if self.status not in CAMPAIGN_STATUSES:
+            raise ConfigError(f"status: must be one of {', '.join(CAMPAIGN_STATUSES)}")
+        if (
+            self.pacing != "asap"
+            and self.daily_budget_units is None
+            and (self.start_ms is None or self.end_ms is None)
+        ):
             raise ConfigError(
-                f"campaign {self.id}: status must be one of {', '.join(CAMPAIGN_STATUSES)}"
+                f"pacing {self.pacing}: needs a daily_budget, or a flight with start and end"
             )
+        if self.start_ms is not None and self.end_ms is not None and self.end_ms <= self.start_ms:
+            raise ConfigError("end: must be after start")
+        object.__setattr__(self, "caps_spec", caps_spec(self.caps))
+        object.__setattr__(self, "wire", "|".join(self.fields().values()))
+
+    def fields(self) -> dict[str, str]:
+        """The store's hash fields ('' for unset)."""
+
+        def text(value: int | None) -> str:
+            return "" if value is None else str(value)
+
+        return {
+            "budget": str(self.budget_units),
+            "daily_budget": text(self.daily_budget_units),
+            "cost": str(self.cost_units),
+            "caps": self.caps_spec,
+            "status": self.status,
+            "tz": self.timezone,
+            "start": text(self.start_ms),
+            "end": text(self.end_ms),
+            "pacing": self.pacing,
+        }
+
+    def over(self, stored: Mapping[str, str]) -> CampaignConfig:
+        """Stored hash fields over this config (the store wins, field by field)."""
+        if not stored:
+            return self
+
+        def units(name: str, current: int | None) -> int | None:
+            if name not in stored:
+                return current
+            return int(stored[name]) if stored[name] != "" else None
+
+        return CampaignConfig(
+            budget_units=units("budget", self.budget_units) or 0,
+            cost_units=units("cost", self.cost_units) or 0,
+            caps=caps_from_spec(stored["caps"]) if "caps" in stored else self.caps,
+            daily_budget_units=units("daily_budget", self.daily_budget_units),
+            timezone=stored.get("tz") or self.timezone,
+            start_ms=units("start", self.start_ms),
+            end_ms=units("end", self.end_ms),
+            pacing=stored.get("pacing") or self.pacing,
+            status=stored.get("status") or self.status,
+        )
+
+
+def defaults() -> CampaignConfig:
+    """The tutorial's campaign: 3/1h, 1000.00, CPM 2.00."""
+    return CampaignConfig(budget_units=10_000_000_000, cost_units=20_000, caps=parse_caps(["3/1h"]))
 
 
 def campaign_id_problem(value: object) -> str | None:
@@ -107,6 +252,15 @@ class Settings:
     """Seconds a decision may wait on the store before the failure policy applies."""
     frequency_fail_open: bool = True
     budget_fail_open: bool = False
+    user_caps: Sequence[CapLike] = ()
+    """Caps across all campaigns for one user, e.g. ``["20/1d"]`` (calendar ones in UTC)."""
+    on_budget_exhausted: Callable[[str, str], Any] | None = None
+    """``hook(campaign_id, kind)``, sync or async, ``kind`` being ``lifetime`` or ``daily``.
+    Fires exactly once per exhaustion across all processes; never once per denied request."""
+    pacing_allowance: Money = "0.05"
+    """The burst allowance of ``even`` pacing, a fraction of the period budget."""
+    timezone: str = "UTC"
+    """Default time zone of campaigns (daily budgets, calendar caps, flight dates)."""
 
     def __post_init__(self) -> None:
         # Validate everything now: a bad setting must fail at start-up, never on a request.
@@ -135,7 +289,7 @@ class Settings:
         return cls(**values)
 
 
-_LIST_SETTINGS = {"default_caps", "paths"}
+_LIST_SETTINGS = {"default_caps", "paths", "user_caps"}
 _BOOL_SETTINGS = {"frequency_fail_open", "budget_fail_open"}
 _FLOAT_SETTINGS = {"store_timeout"}
 
@@ -161,6 +315,8 @@ def _from_env_text(name: str, raw: str) -> Any:
             return float(raw)
         except ValueError:
             raise ConfigError(f"{var}: expected a number of seconds, not {raw!r}") from None
+    if name == "on_budget_exhausted":
+        return _import_callable(var, raw)
     if name == "campaigns":
         items = _json(var, raw)
         if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
@@ -172,6 +328,17 @@ def _from_env_text(name: str, raw: str) -> Any:
     return raw
 
 
+def _import_callable(var: str, raw: str) -> Any:
+    module_name, _, attr = raw.partition(":")
+    try:
+        target = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigError(f"{var}: cannot import {raw!r} (module:function): {exc}") from None
+    if not callable(target):
+        raise ConfigError(f"{var}: {raw!r} is not callable")
+    return target
+
+
 def _json(var: str, raw: str) -> Any:
     try:
         return json.loads(raw, parse_float=str)
@@ -180,24 +347,14 @@ def _json(var: str, raw: str) -> Any:
 
 
 @dataclass(frozen=True, slots=True)
-class CampaignRule:
-    """The per-campaign arguments of the reserve script, precomputed once (strings on purpose:
-    money crosses into Lua as decimal integer strings, never as floats)."""
-
-    cost_units: str
-    budget_units: str
-    caps_spec: str
-    caps: tuple[FrequencyCap, ...]
-    status: str = "active"
-
-
-@dataclass(frozen=True, slots=True)
 class Rules:
     """Settings compiled for the per-request path."""
 
     settings: Settings
-    default_rule: CampaignRule
-    campaign_rules: Mapping[str, CampaignRule]
+    default_rule: CampaignConfig
+    campaign_rules: Mapping[str, CampaignConfig]
+    user_caps_spec: str
+    pacing_allowance_bp: int
     max_cpm_cost_units: int
     paths: tuple[str, ...] | None
     secret_key: bytes
@@ -236,31 +393,30 @@ class Rules:
             for p in paths:
                 if not isinstance(p, str) or not p.startswith("/"):
                     raise ConfigError(f"paths: {p!r} must be a path prefix starting with '/'")
-        if isinstance(s.default_caps, str):
-            raise ConfigError("default_caps: give a list of caps such as ['3/1h'], not one string")
-        default_caps = parse_caps(s.default_caps)
         default_cost = cpm_to_cost_units(s.default_cpm, "default_cpm")
         max_cpm_cost = cpm_to_cost_units(s.max_cpm, "max_cpm")
         if default_cost > max_cpm_cost:
             raise ConfigError("default_cpm: is above max_cpm")
-        default_budget = amount_to_units(s.default_budget, "default_budget")
-        default_rule = CampaignRule(
-            str(default_cost), str(default_budget), caps_spec(default_caps), default_caps
+        zone(s.timezone)
+        default_rule = CampaignConfig(
+            budget_units=amount_to_units(s.default_budget, "default_budget"),
+            cost_units=default_cost,
+            caps=_caps(s.default_caps, "default_caps"),
+            timezone=s.timezone,
         )
-        rules: dict[str, CampaignRule] = {}
+        rules: dict[str, CampaignConfig] = {}
         for c in s.campaigns:
             if not isinstance(c, Campaign):
                 raise ConfigError(f"campaigns: expected Campaign objects, got {type(c).__name__}")
             if c.id in rules:
                 raise ConfigError(f"campaigns: campaign {c.id} is defined twice")
-            caps = default_caps if c.caps is None else parse_caps(c.caps)
-            rules[c.id] = CampaignRule(
-                str(default_cost if c.cpm is None else cpm_to_cost_units(c.cpm, "cpm")),
-                str(default_budget if c.budget is None else amount_to_units(c.budget, "budget")),
-                caps_spec(caps),
-                caps,
-                c.status,
-            )
+            rules[c.id] = c.config(default_rule)
+        user_caps = _caps(s.user_caps, "user_caps")
+        allowance = amount_to_units(s.pacing_allowance, "pacing_allowance")
+        if allowance > 10**7 or allowance % 10**3:
+            raise ConfigError("pacing_allowance: a fraction from 0 to 1 with at most 4 decimals")
+        if s.on_budget_exhausted is not None and not callable(s.on_budget_exhausted):
+            raise ConfigError("on_budget_exhausted: must be a callable (campaign_id, kind)")
         secret = s.secret_key
         if secret is not None and (not isinstance(secret, str) or len(secret) < 16):
             raise ConfigError("secret_key: must be a string of at least 16 characters")
@@ -268,6 +424,8 @@ class Rules:
             settings=s,
             default_rule=default_rule,
             campaign_rules=rules,
+            user_caps_spec=caps_spec(user_caps),
+            pacing_allowance_bp=allowance // 10**3,
             max_cpm_cost_units=max_cpm_cost,
             paths=paths,
             secret_key=(secret or DEVELOPMENT_SECRET_KEY).encode(),
@@ -276,5 +434,5 @@ class Rules:
             store_timeout=float(s.store_timeout),
         )
 
-    def rule_for(self, campaign_id: str) -> CampaignRule:
+    def rule_for(self, campaign_id: str) -> CampaignConfig:
         return self.campaign_rules.get(campaign_id, self.default_rule)

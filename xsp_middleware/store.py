@@ -15,11 +15,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import inspect
+import itertools
 import logging
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 from importlib import resources
 from typing import Any
@@ -29,22 +32,30 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from .caps import FrequencyCap, caps_from_spec, caps_spec, parse_caps
+from .caps import CALENDAR_PERIODS, FrequencyCap, parse_caps
+from .clock import Calendars, bounds, wall_ms, zone
 from .errors import ConfigError, StoreUnavailable
 from .money import amount_to_units, cpm_to_cost_units, units_to_decimal
 from .pipeline import AutoPipeline, Script
 from .settings import (
-    CAMPAIGN_STATUSES,
-    CampaignRule,
+    CampaignConfig,
     CapLike,
     Money,
     Rules,
+    instant_ms,
     validate_campaign_id,
 )
 
 logger = logging.getLogger("xsp_middleware")
 
-REASONS = ("served", "frequency_capped", "budget_exhausted", "campaign_paused")
+REASONS = (
+    "served",
+    "frequency_capped",
+    "budget_exhausted",
+    "campaign_paused",
+    "paced",
+    "campaign_inactive",
+)
 
 
 def _load_script(name: str) -> Script:
@@ -98,20 +109,52 @@ class Reservation:
     campaign_id: str
     user_key: str | None
     counts_impression: bool = True
+    day_start_ms: int = 0
+    logs: int = 0
+    """Which user logs the reservation wrote (1: the campaign's, 2: across campaigns)."""
 
 
 @dataclass(frozen=True, slots=True)
 class CampaignView:
-    """A campaign as the store sees it: stored config over the settings' rule, and its spend."""
+    """A campaign as the store sees it: stored config over the settings' rules, and its state."""
 
     id: str
     configured: bool
-    budget_units: int
-    cost_units: int
-    caps: tuple[FrequencyCap, ...]
-    status: str
+    config: CampaignConfig
     spent_units: int
     impressions: int
+    daily_spent_units: int
+    denials: Mapping[str, int]
+    released: int
+    now_ms: int
+    pacing_target_units: int | None
+    """What pacing allows the period's spend to reach right now (None: asap)."""
+
+    @property
+    def recorded(self) -> bool:
+        """Anything stored at all (config or state)."""
+        return (
+            self.configured
+            or self.spent_units > 0
+            or self.impressions > 0
+            or any(self.denials.values())
+        )
+
+    @property
+    def budget_units(self) -> int:
+        return self.config.budget_units
+
+    @property
+    def cost_units(self) -> int:
+        return self.config.cost_units
+
+    @property
+    def caps(self) -> tuple[FrequencyCap, ...]:
+        return self.config.caps
+
+    @property
+    def status(self) -> str:
+        return self.config.status
 
     @property
     def remaining_units(self) -> int:
@@ -153,6 +196,13 @@ class Store:
         self._secret = rules.secret_key
         if self.is_memory:
             _require_lua()
+        self._calendars = Calendars()
+        self._zones: dict[str, str] = {}  # campaigns whose stored time zone differs from rules
+        self._user_caps = rules.user_caps_spec
+        self._allowance = str(rules.pacing_allowance_bp)
+        self._hooks: set[asyncio.Future[Any]] = set()
+        self.clock: Callable[[], int] | None = None
+        """Test-only: epoch ms that the scripts use instead of Redis TIME (simulated days)."""
         self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
             weakref.WeakKeyDictionary()
         )
@@ -207,67 +257,90 @@ class Store:
 
     # -- hot path ---------------------------------------------------------------------------
 
+    def now_ms(self) -> int:
+        """The app-side clock for calendar boundaries (the scripts use Redis TIME)."""
+        return self.clock() if self.clock is not None else wall_ms()
+
     async def reserve(
         self,
         campaign_id: str,
         user_key: str | None,
         cost_units: int | None,
-        rule: CampaignRule,
+        rule: CampaignConfig,
         *,
         counts_impression: bool = True,
-        now_ms: int | None = None,
     ) -> Reservation:
         """Check and reserve in one round trip. Raises StoreUnavailable on failure or timeout."""
         cfg_key, state_key = self.campaign_keys(campaign_id)
-        argv: tuple[str | int, ...]
-        tail = (
-            campaign_id,
-            "" if cost_units is None else str(cost_units),
-            rule.cost_units,
-            rule.budget_units,
-            rule.caps_spec,
-            rule.status,
-            "" if now_ms is None else str(now_ms),
-            "1" if counts_impression else "0",
-        )
-        if user_key is None:
-            argv = (2, cfg_key, state_key, *tail)
+        keys = (2, cfg_key, state_key) if user_key is None else (3, cfg_key, state_key, user_key)
+        tz = self._zones.get(campaign_id, rule.timezone)
+        override = "" if self.clock is None else str(self.clock())
+        pipeline = self._state().pipeline
+        for _ in range(2):
+            now = self.now_ms()
+            argv = (
+                *keys,
+                campaign_id,
+                "" if cost_units is None else str(cost_units),
+                rule.wire,
+                tz,
+                self._calendars.text(tz, now),
+                override,
+                "1" if counts_impression else "0",
+                self._user_caps,
+                self._calendars.text("UTC", now) if self._user_caps else "",
+                self._allowance,
+            )
+            reply = await pipeline.call(RESERVE, argv, self._release_orphan)
+            try:
+                reserved, reason, cost, left_budget, left, at_ms, fired, day, logs = (
+                    int(x) for x in reply[:9]
+                )
+            except (TypeError, ValueError):
+                raise StoreUnavailable(
+                    f"unexpected reply from the reserve script: {reply!r}"
+                ) from None
+            if reason != 9:
+                break
+            # The campaign's time zone changed in the store: learn it, redo with its calendar.
+            tz = _text(reply[9])
+            if len(self._zones) > 100_000:
+                self._zones.clear()
+            self._zones[campaign_id] = tz
         else:
-            argv = (3, cfg_key, state_key, user_key, *tail)
-        reply = await self._state().pipeline.call(RESERVE, argv, self._release_orphan)
-        try:
-            reserved, reason, cost, remaining, left, at_ms = (int(x) for x in reply)
-        except (TypeError, ValueError):
-            raise StoreUnavailable(f"unexpected reply from the reserve script: {reply!r}") from None
+            raise StoreUnavailable(f"campaign {campaign_id}: its time zone keeps changing")
+        if fired:
+            self._exhausted(campaign_id, "lifetime" if fired == 1 else "daily")
         return Reservation(
             reserved=reserved == 1,
             reason=REASONS[reason],
             cost_units=cost,
-            remaining_budget_units=max(0, remaining),
+            remaining_budget_units=max(0, left_budget),
             remaining_impressions=None if left < 0 else left,
             at_ms=at_ms,
             campaign_id=campaign_id,
             user_key=user_key,
             counts_impression=counts_impression,
+            day_start_ms=day,
+            logs=logs,
         )
 
     async def release(self, reservation: Reservation) -> None:
         """Give back a reservation's spend and impression. Raises StoreUnavailable."""
-        await self._state().pipeline.call(RELEASE, self._release_argv(reservation))
-
-    def _release_argv(self, r: Reservation) -> tuple[str | int, ...]:
+        r = reservation
         cfg_key, state_key = self.campaign_keys(r.campaign_id)
-        keys: tuple[str, ...] = (
-            (cfg_key, state_key) if r.user_key is None else (cfg_key, state_key, r.user_key)
-        )
-        return (
+        keys = (cfg_key, state_key) if r.user_key is None else (cfg_key, state_key, r.user_key)
+        argv = (
             len(keys),
             *keys,
             r.campaign_id,
             str(r.cost_units),
             str(r.at_ms),
             "1" if r.counts_impression else "0",
+            str(r.day_start_ms),
+            str(r.logs),
         )
+        await self._state().pipeline.call(RELEASE, argv)
 
     def _release_orphan(self, argv: tuple[str | int, ...], reply: Any) -> None:
         """A reservation whose caller had already given up (timeout, cancellation): undo it, so
@@ -278,27 +351,59 @@ class Store:
             numkeys = int(argv[0])
             keys = argv[1 : 1 + numkeys]
             args = argv[1 + numkeys :]
-            release_argv = (
-                numkeys,
-                *keys,
-                args[0],
-                str(int(reply[2])),
-                str(int(reply[5])),
-                args[7],
-            )
+            cost, at_ms, day, logs = (str(int(reply[i])) for i in (2, 5, 7, 8))
+            release_argv = (numkeys, *keys, args[0], cost, at_ms, args[6], day, logs)
         except (TypeError, ValueError, IndexError):
             logger.error("could not release an orphaned reservation: reply %r", reply)
             return
         future = self._state().pipeline.call(RELEASE, release_argv)
         future.add_done_callback(_log_release_failure)
 
+    def _exhausted(self, campaign_id: str, kind: str) -> None:
+        """This decision flipped the campaign to exhausted (lifetime) or found today's budget
+        spent (daily): exactly one decision across all processes gets here per exhaustion."""
+        logger.info(
+            "campaign %s exhausted its %s budget",
+            campaign_id,
+            kind,
+            extra={"xsp_event": "campaign_exhausted", "campaign_id": campaign_id, "kind": kind},
+        )
+        hook = self.rules.settings.on_budget_exhausted
+        if hook is None:
+            return
+        loop = asyncio.get_running_loop()
+        if inspect.iscoroutinefunction(hook):
+            task: asyncio.Future[Any] = loop.create_task(hook(campaign_id, kind))
+        else:  # a sync hook may block: keep it off the event loop
+            task = loop.run_in_executor(None, hook, campaign_id, kind)
+        self._hooks.add(task)
+        task.add_done_callback(self._hook_done)
+
+    def _hook_done(self, task: asyncio.Future[Any]) -> None:
+        self._hooks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("on_budget_exhausted raised: %r", task.exception())
+
     async def can_serve(
-        self, campaign_id: str, user_key: str, rule: CampaignRule
+        self, campaign_id: str, user_key: str, rule: CampaignConfig
     ) -> tuple[bool, int | None]:
         """Read-only cap check (one round trip): would one more impression pass every cap?"""
         cfg_key, _ = self.campaign_keys(campaign_id)
+        now = self.now_ms()
+        tz = self._zones.get(campaign_id, rule.timezone)
         reply = await self._state().pipeline.call(
-            PEEK, (2, cfg_key, user_key, campaign_id, rule.caps_spec, "")
+            PEEK,
+            (
+                2,
+                cfg_key,
+                user_key,
+                campaign_id,
+                rule.wire,
+                self._calendars.text(tz, now),
+                "" if self.clock is None else str(self.clock()),
+                self._user_caps,
+                self._calendars.text("UTC", now) if self._user_caps else "",
+            ),
         )
         allowed, left = (int(x) for x in reply)
         return allowed == 1, None if left < 0 else left
@@ -310,59 +415,182 @@ class Store:
         campaign_id: str,
         *,
         budget: Money | None = None,
+        daily_budget: Money | None = None,
         cpm: Money | None = None,
         caps: Sequence[CapLike] | None = None,
         status: str | None = None,
-    ) -> None:
+        timezone: str | None = None,
+        start: str | datetime | None = None,
+        end: str | datetime | None = None,
+        pacing: str | None = None,
+    ) -> CampaignView:
         """Create or update a campaign's stored config; fields left as None keep their value.
 
         Money is given as decimal strings (``budget="500.00"``, ``cpm="4.00"``). Every process
         sees the change on its next decision: the reserve script reads the stored config in the
-        same round trip. Raises :class:`ConfigError` for an invalid value.
+        same round trip. Raises :class:`ConfigError` for an invalid value or combination (e.g.
+        even pacing without a daily budget or a flight). Raising the budget of an exhausted
+        campaign makes it active again.
 
         >>> import asyncio
         >>> store = Store(Rules.from_settings(Settings(redis_url="memory://doc")))
-        >>> asyncio.run(store.set_campaign("c1", budget="500.00", caps=["5/1d"], cpm="4.00"))
+        >>> view = asyncio.run(store.set_campaign("c1", budget="500.00", caps=["5/1d"]))
+        >>> view.budget, [str(c) for c in view.caps]
+        (Decimal('500.0000000'), ['5/1d'])
         """
         validate_campaign_id(campaign_id)
-        fields: dict[str, str] = {}
-        if budget is not None:
-            fields["budget"] = str(amount_to_units(budget, "budget"))
-        if cpm is not None:
-            fields["cost"] = str(cpm_to_cost_units(cpm, "cpm"))
-        if caps is not None:
-            fields["caps"] = caps_spec(parse_caps(caps))
-        if status is not None:
-            if status not in CAMPAIGN_STATUSES:
-                raise ConfigError(f"status must be one of {', '.join(CAMPAIGN_STATUSES)}")
-            fields["status"] = status
+        current = await self.get_campaign(campaign_id)
+        old = current.config
+        tz = old.timezone if timezone is None else timezone
+        zone(tz)
+        new_status = old.status if status is None else status
+        new_budget = old.budget_units if budget is None else amount_to_units(budget, "budget")
+        if (
+            budget is not None
+            and old.status == "exhausted"
+            and status is None
+            and new_budget - current.spent_units >= old.cost_units
+        ):
+            new_status = "active"
+        config = CampaignConfig(
+            budget_units=new_budget,
+            cost_units=old.cost_units if cpm is None else cpm_to_cost_units(cpm, "cpm"),
+            caps=old.caps if caps is None else parse_caps(caps),
+            daily_budget_units=old.daily_budget_units
+            if daily_budget is None
+            else amount_to_units(daily_budget, "daily_budget"),
+            timezone=tz,
+            start_ms=old.start_ms if start is None else instant_ms(start, tz),
+            end_ms=old.end_ms if end is None else instant_ms(end, tz, end=True),
+            pacing=old.pacing if pacing is None else pacing,
+            status=new_status,
+        )
+        fields = config.fields()
+        changed = {k: v for k, v in fields.items() if v != old.fields()[k]}
         cfg_key, _ = self.campaign_keys(campaign_id)
         async with self.client.pipeline(transaction=True) as pipe:
-            if fields:
-                pipe.hset(cfg_key, mapping=fields)
-            pipe.hsetnx(cfg_key, "status", "active")
+            pipe.hset(cfg_key, mapping=changed or {"status": new_status})
             await self._admin(pipe.execute())
+        return await self.get_campaign(campaign_id)
 
     async def get_campaign(self, campaign_id: str) -> CampaignView:
-        """The campaign's effective config and spend. Unconfigured campaigns show the defaults."""
+        """The campaign's effective config and state. Unconfigured campaigns show the defaults."""
         cfg_key, state_key = self.campaign_keys(campaign_id)
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.hgetall(cfg_key)
             pipe.hgetall(state_key)
-            cfg_raw, st_raw = await self._admin(pipe.execute())
-        cfg = {_text(k): _text(v) for k, v in cfg_raw.items()}
-        st = {_text(k): _text(v) for k, v in st_raw.items()}
-        rule = self.rules.rule_for(campaign_id)
+            pipe.time()
+            cfg_raw, st_raw, (seconds, micros) = await self._admin(pipe.execute())
+        stored = {_text(k): _text(v) for k, v in cfg_raw.items()}
+        state = {_text(k): _text(v) for k, v in st_raw.items()}
+        now = self.clock() if self.clock is not None else int(seconds) * 1000 + int(micros) // 1000
+        config = self.rules.rule_for(campaign_id).over(stored)
+        day_spent = 0
+        day_start = day_end = 0
+        if config.daily_budget_units is not None:
+            day_start, day_end = day_span(config.timezone, now)
+            day_spent = int(state.get(f"day:{day_start}", "0"))
+        spent = int(state.get("spent", "0"))
         return CampaignView(
             id=campaign_id,
-            configured=bool(cfg) or campaign_id in self.rules.campaign_rules,
-            budget_units=int(cfg.get("budget", rule.budget_units)),
-            cost_units=int(cfg.get("cost", rule.cost_units)),
-            caps=caps_from_spec(cfg["caps"]) if "caps" in cfg else rule.caps,
-            status=cfg.get("status", rule.status),
-            spent_units=int(st.get("spent", "0")),
-            impressions=int(st.get("impressions", "0")),
+            configured=bool(stored) or campaign_id in self.rules.campaign_rules,
+            config=config,
+            spent_units=spent,
+            impressions=int(state.get("impressions", "0")),
+            daily_spent_units=day_spent,
+            denials={
+                reason: int(state.get(f"n:{code}", "0"))
+                for code, reason in enumerate(REASONS)
+                if code
+            },
+            released=int(state.get("n:released", "0")),
+            now_ms=now,
+            pacing_target_units=self._pacing_target(config, now, day_start, day_end),
         )
+
+    def _pacing_target(
+        self, config: CampaignConfig, now: int, day_start: int, day_end: int
+    ) -> int | None:
+        """The period spend pacing allows right now (the script's ceiling, in integers)."""
+        if config.pacing == "asap":
+            return None
+        if config.daily_budget_units is not None:
+            start, end, budget = day_start, day_end, config.daily_budget_units
+        elif config.start_ms is not None and config.end_ms is not None:
+            start, end, budget = config.start_ms, config.end_ms, config.budget_units
+        else:
+            return None
+        elapsed = min(max(now - start, 0), end - start)
+        allowance = self.rules.pacing_allowance_bp
+        if config.pacing == "frontloaded":  # 40% decaying linearly to the allowance
+            allowance = 4000 - (4000 - allowance) * elapsed // (end - start)
+        target: int = budget * elapsed // (end - start) + budget * allowance // 10000
+        return min(budget, target)
+
+    async def delete_campaign(self, campaign_id: str) -> bool:
+        """Forget a campaign's stored config and state (spend, counters). Users' logs expire on
+        their own. Returns whether anything was stored."""
+        validate_campaign_id(campaign_id)
+        deleted = await self._admin(self.client.delete(*self.campaign_keys(campaign_id)))
+        return bool(deleted)
+
+    async def list_campaigns(self) -> list[str]:
+        """Every campaign with stored config or state, and those defined in settings."""
+        ids = set(self.rules.campaign_rules)
+        prefix = f"{self._prefix}:c:{{"
+
+        async def scan() -> None:
+            async for key in self.client.scan_iter(match=f"{prefix}*", count=1000):
+                text = _text(key)
+                ids.add(text[len(prefix) : text.index("}", len(prefix))])
+
+        await self._admin(scan())
+        return sorted(ids)
+
+    async def user_view(
+        self, user_id: str, campaign_id: str | None = None
+    ) -> list[tuple[str, list[tuple[FrequencyCap, int, int | None]]]]:
+        """Per campaign the user has seen (or ``campaign_id``): each cap with the impressions in
+        its current window and when it frees up next (epoch ms; None when not reached)."""
+        key = self.user_key(user_id)
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.hgetall(key)
+            pipe.time()
+            raw, (seconds, micros) = await self._admin(pipe.execute())
+        logs = {_text(k): _text(v) for k, v in raw.items()}
+        now = self.clock() if self.clock is not None else int(seconds) * 1000 + int(micros) // 1000
+        fields = [campaign_id] if campaign_id is not None else sorted(logs)
+        result = []
+        for field in fields:
+            if field == "*":
+                caps, tz = parse_caps(self.rules.settings.user_caps), "UTC"
+            else:
+                config = (await self.get_campaign(field)).config
+                caps, tz = config.caps, config.timezone
+            result.append((field, cap_windows(caps, logs.get(field), now, tz)))
+        return result
+
+    async def reset_user(self, user_id: str, campaign_id: str | None = None) -> bool:
+        """Forget a user's impressions (of one campaign, or all). Returns whether any existed."""
+        key = self.user_key(user_id)
+        if campaign_id is None:
+            return bool(await self._admin(self.client.delete(key)))
+        return bool(await self._admin(self.client.hdel(key, campaign_id)))
+
+    async def server_info(self) -> dict[str, Any]:
+        """INFO and the eviction/persistence settings, for ``doctor``."""
+        info = await self._admin(self.client.info())
+        config = await self._admin(self.client.config_get("maxmemory-policy"))
+        config.update(await self._admin(self.client.config_get("save")))
+        config.update(await self._admin(self.client.config_get("appendonly")))
+        return {"info": info, "config": {_text(k): _text(v) for k, v in config.items()}}
+
+    async def load_scripts(self) -> list[str]:
+        """Load every script; returns their SHA1s (``doctor`` checks they match)."""
+        return [
+            _text(await self._admin(self.client.script_load(script.text)))
+            for script in (RESERVE, RELEASE, PEEK)
+        ]
 
     async def _admin(self, awaitable: Any) -> Any:
         try:
@@ -380,6 +608,50 @@ class Store:
         if state is not None:
             await state.pipeline.aclose()
             await state.client.aclose()
+
+
+def day_span(tz: str, now_ms: int) -> tuple[int, int]:
+    """The local day holding ``now_ms`` in ``tz``, as [start, end) epoch ms."""
+    parts = bounds(zone(tz), now_ms)[0].split("|")[0].split(",")
+    days = [int(p) for p in parts]
+    for start, end in itertools.pairwise(days):
+        if start <= now_ms < end:
+            return start, end
+    return days[1], days[2]
+
+
+def cap_windows(
+    caps: Sequence[FrequencyCap], raw: str | None, now_ms: int, tz: str
+) -> list[tuple[FrequencyCap, int, int | None]]:
+    """For each cap: impressions in its current window, and when it frees up next if reached."""
+    lifetime, times = 0, []
+    if raw and "|" in raw:
+        head, _, tail = raw.partition("|")
+        lifetime = int(head or "0")
+        times = [int(t) for t in tail.split(",") if t]
+    result: list[tuple[FrequencyCap, int, int | None]] = []
+    for cap in caps:
+        if cap.calendar is not None:
+            text = bounds(zone(tz), now_ms)[0].split("|")
+            series = [int(p) for p in text[CALENDAR_PERIODS.index(cap.calendar)].split(",")]
+            start, end = next(
+                ((a, b) for a, b in itertools.pairwise(series) if a <= now_ms < b),
+                (series[1], series[2]),
+            )
+            inside = [t for t in times if t >= start]
+            frees: int | None = end
+        elif cap.window_seconds is not None:
+            window = cap.window_seconds * 1000
+            inside = [t for t in times if t > now_ms - window]
+            # When the oldest impression that keeps the cap full leaves the window.
+            frees = inside[-cap.max_impressions] + window if inside else None
+        else:
+            inside, frees = times, None
+            result.append((cap, lifetime, None))
+            continue
+        count = len(inside)
+        result.append((cap, count, frees if count >= cap.max_impressions else None))
+    return result
 
 
 def _text(value: bytes | str) -> str:

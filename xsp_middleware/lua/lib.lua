@@ -5,23 +5,103 @@
 --   * money leaves as integer array elements, never through cjson or tostring();
 --   * no struct/bit/cmsgpack, no shebang flags: fakeredis runs plain Lua 5.1.
 
--- Impression times are milliseconds on the Redis server's clock, so skewed app servers agree.
+-- Times are milliseconds on the Redis server's clock, so skewed app servers agree.
 local function xsp_now_ms(override)
   if override ~= nil and override ~= '' then return tonumber(override) end
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 
--- "N:window_ms,..." -> {{N, window_ms}, ...}; window 0 is a lifetime cap.
-local function xsp_parse_caps(spec)
-  local caps = {}
-  for n, w in string.gmatch(spec, '(%d+):(%d+)') do
-    caps[#caps + 1] = {tonumber(n), tonumber(w)}
+local function xsp_int(n)
+  return string.format('%d', n)
+end
+
+-- Split on a one-character separator, keeping empty fields.
+local function xsp_split(text, sep)
+  local out, from = {}, 1
+  while true do
+    local at = string.find(text, sep, from, true)
+    if not at then
+      out[#out + 1] = string.sub(text, from)
+      return out
+    end
+    out[#out + 1] = string.sub(text, from, at - 1)
+    from = at + 1
+  end
+end
+
+-- A campaign's config: each field from its stored hash, else from the settings' fallback
+-- (ARGV, "budget|daily_budget|cost|caps|status|tz|start|end|pacing"); '' means unset.
+local XSP_FIELDS = {'budget', 'daily_budget', 'cost', 'caps', 'status', 'tz', 'start', 'end',
+  'pacing'}
+local function xsp_config(key, fallback)
+  local stored = redis.call('HMGET', key, unpack(XSP_FIELDS))
+  local fb = xsp_split(fallback, '|')
+  local c = {}
+  for i = 1, #XSP_FIELDS do
+    local v = stored[i]
+    if not v then v = fb[i] end
+    if v == '' then v = nil end
+    c[XSP_FIELDS[i]] = v
+  end
+  return c
+end
+
+-- Calendar boundaries (ms), computed by the app in the campaign's time zone, so DST is right:
+-- "d0,d1,d2,d3|w0,..|m0,.." are consecutive starts of local days, weeks and months around now.
+local function xsp_bounds(text)
+  local parts = xsp_split(text, '|')
+  local b = {}
+  local names = {'day', 'week', 'month'}
+  for i = 1, 3 do
+    local list = {}
+    for n in string.gmatch(parts[i] or '', '%d+') do list[#list + 1] = tonumber(n) end
+    b[names[i]] = list
+  end
+  return b
+end
+
+-- The [start, end) of the period that holds `now`.
+local function xsp_period(list, now)
+  for i = 1, #list - 1 do
+    if list[i] <= now and now < list[i + 1] then return list[i], list[i + 1] end
+  end
+  return list[#list - 1], list[#list]
+end
+
+local XSP_LIFETIME_TTL_MS = 400 * 86400 * 1000
+
+-- "N:window_ms" (rolling), "N:0" (lifetime), "N:day|week|month" (calendar) -> caps with the
+-- time after which an impression counts (`since`, nil for lifetime) and how long the log must
+-- keep it (`keep_ms`).
+local function xsp_parse_caps(spec, now, bounds_text)
+  local caps, bounds = {}, nil
+  for n, w in string.gmatch(spec, '(%d+):(%w+)') do
+    local cap = {n = tonumber(n)}
+    local window = tonumber(w)
+    if window == 0 then
+      cap.keep_ms = XSP_LIFETIME_TTL_MS
+    elseif window then
+      cap.since = now - window
+      cap.keep_ms = window
+    else
+      bounds = bounds or xsp_bounds(bounds_text)
+      local first, last = xsp_period(bounds[w] or {}, now)
+      if first then
+        cap.since = first - 1
+        cap.keep_ms = last - now
+      else  -- no boundaries given: count nothing rather than fail the request
+        cap.since = now
+        cap.keep_ms = 1
+      end
+    end
+    caps[#caps + 1] = cap
   end
   return caps
 end
 
--- One field of the user's hash per campaign: "<lifetime count>|<t1>,<t2>,..." (oldest first).
+-- One field of the user's hash per campaign ('*' for caps across campaigns):
+-- "<lifetime count>|<t1>,<t2>,..." with impression times oldest first.
 local function xsp_read_log(raw)
   local times = {}
   if not raw then return 0, times end
@@ -35,45 +115,43 @@ end
 
 local function xsp_write_log(lifetime, times)
   local parts = {}
-  for i = 1, #times do parts[i] = string.format('%d', times[i]) end
-  return string.format('%d', lifetime) .. '|' .. table.concat(parts, ',')
+  for i = 1, #times do parts[i] = xsp_int(times[i]) end
+  return xsp_int(lifetime) .. '|' .. table.concat(parts, ',')
 end
 
 -- How many more impressions every cap allows after one more now: -1 if a cap is reached,
--- false if there are no caps. Rolling: count the logged times inside (now - window, now].
-local function xsp_check_caps(caps, lifetime, times, now)
+-- false if there are no caps.
+local function xsp_check_caps(caps, lifetime, times)
   local remaining = false
   for i = 1, #caps do
-    local n, w = caps[i][1], caps[i][2]
+    local cap = caps[i]
     local count = 0
-    if w == 0 then
+    if cap.since == nil then
       count = lifetime
     else
-      local since = now - w
       for j = 1, #times do
-        if times[j] > since then count = count + 1 end
+        if times[j] > cap.since then count = count + 1 end
       end
     end
-    if count >= n then return -1 end
-    local left = n - count - 1
+    if count >= cap.n then return -1 end
+    local left = cap.n - count - 1
     if remaining == false or left < remaining then remaining = left end
   end
   return remaining
 end
 
--- Append `now` and keep only what the rolling caps can still need: the newest max(N) times
--- inside the longest window. The caps guarantee that every window's times are among those.
--- Returns the kept times and how long (ms) the user's hash must live.
-local XSP_LIFETIME_TTL_MS = 400 * 86400 * 1000
+-- Append `now` and keep only what the caps can still need: the newest max(N) times that are
+-- young enough for the longest window. Every window's times are among those, because the caps
+-- allow no more than N in it. Returns the kept times and how long (ms) the log must live.
 local function xsp_record(caps, times, now)
-  local keep, horizon, lifetime_cap = 0, 0, false
+  local keep, horizon, ttl = 0, 0, 0
   for i = 1, #caps do
-    if caps[i][2] == 0 then
-      lifetime_cap = true
-    else
-      if caps[i][1] > keep then keep = caps[i][1] end
-      if caps[i][2] > horizon then horizon = caps[i][2] end
+    local cap = caps[i]
+    if cap.since ~= nil then
+      if cap.n > keep then keep = cap.n end
+      if now - cap.since > horizon then horizon = now - cap.since end
     end
+    if cap.keep_ms > ttl then ttl = cap.keep_ms end
   end
   local kept = {}
   if keep > 0 then
@@ -84,8 +162,7 @@ local function xsp_record(caps, times, now)
       if times[j] > now - horizon then kept[#kept + 1] = times[j] end
     end
   end
-  if lifetime_cap then horizon = XSP_LIFETIME_TTL_MS end
-  return kept, horizon
+  return kept, ttl
 end
 
 -- Extend a key's TTL to at least ttl_ms; never shorten it (campaigns with longer windows
@@ -95,5 +172,40 @@ local function xsp_keep_alive(key, ttl_ms)
   local current = redis.call('PTTL', key)
   if current < 0 or current < ttl_ms then
     redis.call('PEXPIRE', key, ttl_ms)
+  end
+end
+
+-- Check one user log field against its caps; returns (remaining or -1 or false, lifetime,
+-- times, caps).
+local function xsp_user_check(key, field, spec, now, bounds_text)
+  if spec == nil or spec == '' then return false, 0, {}, {} end
+  local caps = xsp_parse_caps(spec, now, bounds_text)
+  local lifetime, times = xsp_read_log(redis.call('HGET', key, field))
+  return xsp_check_caps(caps, lifetime, times), lifetime, times, caps
+end
+
+local function xsp_user_record(key, field, caps, lifetime, times, now)
+  if #caps == 0 then return 0 end
+  local kept, ttl = xsp_record(caps, times, now)
+  redis.call('HSET', key, field, xsp_write_log(lifetime + 1, kept))
+  return ttl
+end
+
+-- Remove one impression at `at` from a user log field (a release).
+local function xsp_user_unrecord(key, field, at)
+  local raw = redis.call('HGET', key, field)
+  if not raw then return end
+  local lifetime, times = xsp_read_log(raw)
+  for j = #times, 1, -1 do
+    if times[j] == at then
+      table.remove(times, j)
+      break
+    end
+  end
+  if lifetime > 0 then lifetime = lifetime - 1 end
+  if lifetime == 0 and #times == 0 then
+    redis.call('HDEL', key, field)
+  else
+    redis.call('HSET', key, field, xsp_write_log(lifetime, times))
   end
 end

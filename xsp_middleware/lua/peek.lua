@@ -1,10 +1,14 @@
 -- Read-only: would one more impression pass the user's caps now? Writes nothing.
--- KEYS[1] campaign config hash, KEYS[2] user hash. ARGV[1] campaign id, ARGV[2] fallback caps
--- spec, ARGV[3] now override ('' = TIME).
+-- KEYS[1] campaign config hash, KEYS[2] user hash. ARGV[1] campaign id, ARGV[2] fallback
+-- config, ARGV[3] campaign calendar bounds, ARGV[4] now override ('' = TIME), ARGV[5] user
+-- caps across campaigns, ARGV[6] their calendar bounds.
 -- Reply: {1 allowed / 0 capped, remaining impressions after one more (-1: no caps)}
-local caps = xsp_parse_caps(redis.call('HGET', KEYS[1], 'caps') or ARGV[2])
-local lifetime, times = xsp_read_log(redis.call('HGET', KEYS[2], ARGV[1]))
-local left = xsp_check_caps(caps, lifetime, times, xsp_now_ms(ARGV[3]))
-if left == -1 then return {0, 0} end
-if left == false then return {1, -1} end
+local c = xsp_config(KEYS[1], ARGV[2])
+local now = xsp_now_ms(ARGV[4])
+local left = -1
+for _, spec in ipairs({{ARGV[1], c.caps, ARGV[3]}, {'*', ARGV[5], ARGV[6]}}) do
+  local l = xsp_user_check(KEYS[2], spec[1], spec[2], now, spec[3])
+  if l == -1 then return {0, 0} end
+  if l ~= false and (left == -1 or l < left) then left = l end
+end
 return {1, left}

@@ -1,43 +1,116 @@
--- Reserve one impression: check status, caps and budget, and write the impression and its
--- spend, all in one atomic step (no check-then-act).
+-- Reserve one impression: check the campaign's status and flight, the user's caps, the budgets
+-- and pacing, then write the impression and its spend, all in one atomic step.
 -- KEYS[1] campaign config hash, KEYS[2] campaign state hash, KEYS[3] user hash (absent when
 -- the request is anonymous: no caps apply).
--- ARGV[1] campaign id (the user hash field)    ARGV[2] request cost in units ('' = campaign's)
--- ARGV[3] fallback cost   ARGV[4] fallback budget   ARGV[5] fallback caps spec
--- ARGV[6] fallback status   ARGV[7] now override in ms ('' = TIME)   ARGV[8] '1' to count
--- an impression ('0': spend only)
+-- ARGV[1] campaign id (the user hash field)     ARGV[2] request cost in units ('' = campaign's)
+-- ARGV[3] fallback config (see xsp_config)      ARGV[4] time zone the bounds were computed in
+-- ARGV[5] campaign calendar bounds              ARGV[6] now override in ms ('' = TIME)
+-- ARGV[7] '1' to count an impression ('0': spend only)
+-- ARGV[8] user caps across campaigns            ARGV[9] their (UTC) calendar bounds
+-- ARGV[10] pacing burst allowance, in parts per 10000 of the period budget
 -- Reply: {reserved 1/0, reason, cost, remaining budget, remaining impressions (-1: no caps),
---         reservation time ms}; reasons: 0 ok, 1 frequency_capped, 2 budget_exhausted,
---         3 campaign_paused.
-local cfg = redis.call('HMGET', KEYS[1], 'status', 'budget', 'cost', 'caps')
-local budget_s = cfg[2] or ARGV[4]
+--   reservation time ms, exhaustion fired (0 none, 1 lifetime, 2 daily), day start ms (0: no
+--   daily budget), logs written (1: the campaign's, 2: the user's across campaigns; a sum),
+--   time zone (reason 9 only)}.
+-- Reasons: 0 served, 1 frequency_capped, 2 budget_exhausted, 3 campaign_paused, 4 paced,
+--   5 campaign_inactive, 9 retry: the config's time zone differs from ARGV[4].
+local cid = ARGV[1]
+local c = xsp_config(KEYS[1], ARGV[3])
+local tz = c.tz or 'UTC'
+if tz ~= ARGV[4] then return {0, 9, 0, 0, -1, 0, 0, 0, 0, tz} end
+
 local cost_s = ARGV[2]
-if cost_s == '' then cost_s = cfg[3] or ARGV[3] end
-local cost, budget = tonumber(cost_s), tonumber(budget_s)
-local status = cfg[1] or ARGV[6]
-if status == 'paused' then return {0, 3, cost, 0, -1, 0} end
-
+if cost_s == '' then cost_s = c.cost or '0' end
+local cost = tonumber(cost_s)
+local budget = tonumber(c.budget) or 0
+local now = xsp_now_ms(ARGV[6])
 local spent = tonumber(redis.call('HGET', KEYS[2], 'spent') or '0')
-local now = xsp_now_ms(ARGV[7])
-local remaining = -1
-local caps, lifetime, times
+local remaining = budget - spent
+
+local function deny(reason, left, fired, day)
+  redis.call('HINCRBY', KEYS[2], 'n:' .. reason, 1)
+  return {0, reason, cost, remaining, left or -1, now, fired or 0, day or 0, 0}
+end
+
+if c.status == 'paused' then return deny(3) end
+if (c.start and now < tonumber(c.start)) or (c['end'] and now >= tonumber(c['end'])) then
+  return deny(5)
+end
+
+-- Caps: the campaign's (field = campaign id) and the user's across campaigns (field '*').
+local left = -1
+local camp_left, camp_life, camp_times, camp_caps
+local user_left, user_life, user_times, user_caps
 if KEYS[3] then
-  caps = xsp_parse_caps(cfg[4] or ARGV[5])
-  lifetime, times = xsp_read_log(redis.call('HGET', KEYS[3], ARGV[1]))
-  local left = xsp_check_caps(caps, lifetime, times, now)
-  if left == -1 then return {0, 1, cost, budget - spent, 0, now} end
-  if left then remaining = left end
+  camp_left, camp_life, camp_times, camp_caps =
+    xsp_user_check(KEYS[3], cid, c.caps, now, ARGV[5])
+  if camp_left == -1 then return deny(1, 0) end
+  user_left, user_life, user_times, user_caps =
+    xsp_user_check(KEYS[3], '*', ARGV[8], now, ARGV[9])
+  if user_left == -1 then return deny(1, 0) end
+  for _, l in ipairs({camp_left, user_left}) do
+    if l ~= false and (left == -1 or l < left) then left = l end
+  end
 end
 
-if status == 'exhausted' or spent + cost > budget then
-  return {0, 2, cost, budget - spent, remaining, now}
+-- Budgets: lifetime, then the local day's.
+local daily = tonumber(c.daily_budget)
+local day_start, day_end, day_field, day_spent = 0, 0, nil, 0
+if daily then
+  day_start, day_end = xsp_period(xsp_bounds(ARGV[5]).day, now)
+  day_field = 'day:' .. xsp_int(day_start)
+  day_spent = tonumber(redis.call('HGET', KEYS[2], day_field) or '0')
+  if daily - day_spent < remaining then remaining = daily - day_spent end
 end
+if c.status == 'exhausted' then return deny(2, left) end
+if spent + cost > budget then
+  -- Exhausted once what is left cannot pay for the campaign's own price: flip the status once,
+  -- so exactly one decision (in any process) fires the hook.
+  if budget - spent < (tonumber(c.cost) or 1) or budget - spent <= 0 then
+    redis.call('HSET', KEYS[1], 'status', 'exhausted')
+    return deny(2, left, 1)
+  end
+  return deny(2, left)
+end
+if daily and day_spent + cost > daily then
+  local fired = 0
+  if daily - day_spent < (tonumber(c.cost) or 1) or daily - day_spent <= 0 then
+    if redis.call('HSETNX', KEYS[2], 'dx:' .. xsp_int(day_start), 1) == 1 then fired = 2 end
+  end
+  return deny(2, left, fired, day_start)
+end
+
+-- Pacing: spend in the period may not pass the ideal linear curve plus a burst allowance.
+-- The ceiling is a threshold, not an amount: computing it in floating point is fine.
+if c.pacing == 'even' or c.pacing == 'frontloaded' then
+  local p_start, p_end, p_budget, p_spent
+  if daily then
+    p_start, p_end, p_budget, p_spent = day_start, day_end, daily, day_spent
+  elseif c.start and c['end'] then
+    p_start, p_end, p_budget, p_spent = tonumber(c.start), tonumber(c['end']), budget, spent
+  end
+  if p_start and p_end > p_start then
+    local f = (now - p_start) / (p_end - p_start)
+    local allowance = tonumber(ARGV[10]) / 10000
+    if c.pacing == 'frontloaded' then allowance = 0.40 - (0.40 - allowance) * f end
+    if p_spent + cost > p_budget * (f + allowance) then return deny(4, left) end
+  end
+end
+
 if cost > 0 then redis.call('HINCRBY', KEYS[2], 'spent', cost_s) end
-if ARGV[8] == '1' then redis.call('HINCRBY', KEYS[2], 'impressions', 1) end
-
-if KEYS[3] and #caps > 0 then
-  local kept, ttl = xsp_record(caps, times, now)
-  redis.call('HSET', KEYS[3], ARGV[1], xsp_write_log(lifetime + 1, kept))
+if ARGV[7] == '1' then redis.call('HINCRBY', KEYS[2], 'impressions', 1) end
+if day_field then
+  if cost > 0 then redis.call('HINCRBY', KEYS[2], day_field, cost_s) end
+  -- Keep only today's and yesterday's day fields.
+  redis.call('HDEL', KEYS[2], 'day:' .. xsp_int(day_start - 2 * 86400000))
+end
+local logs = 0
+if KEYS[3] then
+  local ttl = xsp_user_record(KEYS[3], cid, camp_caps, camp_life, camp_times, now)
+  local user_ttl = xsp_user_record(KEYS[3], '*', user_caps, user_life, user_times, now)
+  if #camp_caps > 0 then logs = logs + 1 end
+  if #user_caps > 0 then logs = logs + 2 end
+  if user_ttl > ttl then ttl = user_ttl end
   xsp_keep_alive(KEYS[3], ttl)
 end
-return {1, 0, cost, budget - spent - cost, remaining, now}
+return {1, 0, cost, remaining - cost, left, now, 0, day_start, logs}
