@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -30,6 +31,14 @@ def show(redis_url: str, campaign: str) -> dict[str, Any]:
     return data
 
 
+CORE_FIELDS = ("id", "budget", "spent", "remaining", "impressions", "caps", "cpm", "status")
+
+
+def core(data: dict[str, Any]) -> dict[str, Any]:
+    """The fields the core contract names (show prints more: daily budget, pacing...)."""
+    return {k: data[k] for k in CORE_FIELDS}
+
+
 def test_set_then_show_prints_exact_amounts(redis_url: str) -> None:
     result = cli(
         "campaign",
@@ -46,7 +55,7 @@ def test_set_then_show_prints_exact_amounts(redis_url: str) -> None:
         redis_url=redis_url,
     )
     assert result.returncode == 0, result.stderr
-    assert show(redis_url, "c1") == {
+    assert core(show(redis_url, "c1")) == {
         "id": "c1",
         "budget": "500.00",
         "spent": "0.00",
@@ -86,7 +95,7 @@ async def test_show_works_for_a_campaign_that_only_ever_served_with_defaults(
         for i in range(400):
             r = await c.get("/ad?campaign_id=fresh&cpm=1.2345", headers=as_user(f"u{i}"))
             assert r.status_code == 200
-    data = show(redis_url, "fresh")
+    data = core(show(redis_url, "fresh"))
     assert data == {
         "id": "fresh",
         "budget": "1000.00",
@@ -98,7 +107,7 @@ async def test_show_works_for_a_campaign_that_only_ever_served_with_defaults(
         "status": "active",
     }
     text = cli("campaign", "show", "fresh", redis_url=redis_url).stdout
-    assert "spent        0.4938" in text
+    assert re.search(r"^spent\s+0\.4938$", text, re.MULTILINE)
 
 
 async def test_a_cli_change_is_seen_by_a_running_app_within_one_second(

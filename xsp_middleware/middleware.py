@@ -253,7 +253,7 @@ class XSPMiddleware:
                 status = message["status"]
                 trailers = message.get("trailers", False)
             await send(message)  # raises (OSError) when the client has gone away
-            if kind == "http.response.body":
+            if kind == "http.response.body" or kind == "http.response.zerocopysend":
                 if not message.get("more_body", False) and not trailers:
                     completed = True
             elif kind == "http.response.pathsend" or (

@@ -31,11 +31,13 @@ Orphan = Callable[[tuple[str | int, ...], Any], None]
 class Script:
     """A Lua script, sent by SHA; re-sent whole when the server answers NOSCRIPT."""
 
-    __slots__ = ("eval", "evalsha", "name", "sha", "text")
+    __slots__ = ("eval", "evalsha", "name", "retry_safe", "sha", "text")
 
-    def __init__(self, name: str, text: str) -> None:
+    def __init__(self, name: str, text: str, *, retry_safe: bool) -> None:
         import hashlib
 
+        self.retry_safe = retry_safe
+        """Running it twice errs toward under-delivery (never an overspend)."""
         self.name = name
         self.text = text
         self.sha = hashlib.sha1(text.encode()).hexdigest()
@@ -114,6 +116,7 @@ class AutoPipeline:
         # SCRIPT LOADs ride in the first write of every new connection (no extra round trip),
         # so a fresh or restarted server never answers our first EVALSHA with NOSCRIPT.
         self._preload = [b"*3\r\n" + _pack_args(("SCRIPT", "LOAD", s.text)) for s in preload]
+        self._preload.append(b"*3\r\n" + _pack_args(("CLIENT", "SETNAME", "xsp-middleware")))
         self._idle = [make_connection() for _ in range(slots)]
         self._all = list(self._idle)
         self._queue: list[_Call] = []
@@ -149,18 +152,21 @@ class AutoPipeline:
         task.add_done_callback(self._tasks.discard)
 
     async def _send(self, conn: AbstractConnection, batch: Sequence[_Call]) -> None:
+        replies: list[Any] = []
         try:
-            commands = [c.command(True) for c in batch]
-            reused = conn.is_connected
-            replies: list[Any] = []
             try:
-                replies = await self._round_trip(conn, commands, reused)
+                await self._round_trip(conn, [c.command(True) for c in batch], replies)
             except _StaleConnection:
                 # An idle connection goes stale when Redis restarts or fails over: reconnect
-                # once. Should the server have run the scripts before the connection broke,
-                # the retry counts them twice: under-delivery, never an overspend.
+                # once. The server may have run the batch before the connection broke, so only
+                # scripts whose repetition errs toward under-delivery are sent again (a reserve
+                # counted twice); a release run twice would refund twice, an overspend.
                 await _discard(conn)
-                replies = await self._round_trip(conn, commands, False)
+                gone = [c for c in batch if not c.script.retry_safe]
+                for call in gone:
+                    call.resolve(StoreUnavailable("connection lost; not retried (not idempotent)"))
+                batch = [c for c in batch if c.script.retry_safe]
+                await self._round_trip(conn, [c.command(True) for c in batch], replies)
             retry = [c for c, r in zip(batch, replies, strict=True) if isinstance(r, NoScriptError)]
             for call, reply in zip(batch, replies, strict=True):
                 if not isinstance(reply, NoScriptError):
@@ -172,52 +178,59 @@ class AutoPipeline:
                     "script cache miss; reloading scripts",
                     extra={"xsp_event": "script_reloaded", "scripts": len(retry)},
                 )
-                reloaded = await self._round_trip(conn, [c.command(False) for c in retry], True)
-                for call, reply in zip(retry, reloaded, strict=True):
+                batch, replies = retry, []
+                await self._round_trip(conn, [c.command(False) for c in retry], replies)
+                for call, reply in zip(retry, replies, strict=True):
                     call.resolve(reply)
         except (TimeoutError, RedisError, OSError) as exc:
             await _discard(conn)
+            # Replies that did arrive still count (a late reservation is released as an
+            # orphan); the rest never will: their outcome is unknown, so their spend stays
+            # counted if they ran (under-delivery, never an overspend).
             error = StoreUnavailable(f"{type(exc).__name__}: {exc}")
-            for call in batch:
-                call.resolve(error)
-        except BaseException:
-            # Cancellation (the loop is shutting down): the connection may hold unread replies.
+            for i, call in enumerate(batch):
+                call.resolve(replies[i] if i < len(replies) else error)
+        except asyncio.CancelledError:
+            # The loop is shutting down: the connection may hold unread replies.
             await _discard(conn)
             for call in batch:
                 call.resolve(StoreUnavailable("the store call was cancelled"))
             raise
         finally:
             self._idle.append(conn)
-            if self._queue and not self._flush_scheduled:
+            if self._queue and not self._flush_scheduled and not self._loop.is_closed():
                 self._flush_scheduled = True
                 self._loop.call_soon(self._flush)
 
     async def _round_trip(
-        self, conn: AbstractConnection, commands: list[bytes], reused: bool
-    ) -> list[Any]:
-        """One write, then the replies in order (errors as values). Raises _StaleConnection if a
-        reused connection broke before any reply came back."""
+        self, conn: AbstractConnection, commands: list[bytes], replies: list[Any]
+    ) -> None:
+        """One write, then the replies in order, appended to ``replies`` (script errors as
+        StoreUnavailable values). Raises _StaleConnection if a reused connection broke before
+        any reply came back."""
+        reused = conn.is_connected
         if not reused:
             await conn.connect()  # type: ignore[no-untyped-call]
             commands = self._preload + commands
-        replies: list[Any] = []
+        preloaded = len(self._preload) if not reused else 0
         try:
             await conn.send_packed_command(b"".join(commands))
-            for _ in commands:
+            for i in range(len(commands)):
                 try:
-                    replies.append(await conn.read_response())
+                    reply = await conn.read_response()
+                except NoScriptError as exc:
+                    reply = exc
                 except ResponseError as exc:
-                    replies.append(exc)
+                    reply = StoreUnavailable(f"the store answered an error: {exc}")
+                if i < preloaded:
+                    if isinstance(reply, BaseException):
+                        logger.error("loading the xsp Lua scripts failed: %s", reply)
+                else:
+                    replies.append(reply)
         except (ConnectionError, OSError) as exc:
             if reused and not replies:
                 raise _StaleConnection from exc
             raise
-        if not reused:
-            for reply in replies[: len(self._preload)]:
-                if isinstance(reply, ResponseError):
-                    logger.error("loading the xsp Lua scripts failed: %s", reply)
-            replies = replies[len(self._preload) :]
-        return replies
 
     async def aclose(self) -> None:
         for conn in self._all:

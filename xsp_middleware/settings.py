@@ -411,6 +411,8 @@ class Rules:
             if c.id in rules:
                 raise ConfigError(f"campaigns: campaign {c.id} is defined twice")
             rules[c.id] = c.config(default_rule)
+            if rules[c.id].cost_units > max_cpm_cost:
+                raise ConfigError(f"campaign {c.id} cpm: is above max_cpm")
         user_caps = _caps(s.user_caps, "user_caps")
         allowance = amount_to_units(s.pacing_allowance, "pacing_allowance")
         if allowance > 10**7 or allowance % 10**3:

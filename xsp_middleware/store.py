@@ -19,7 +19,6 @@ import inspect
 import itertools
 import logging
 import threading
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -31,6 +30,11 @@ import redis.asyncio as aredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+
+try:
+    from redis.driver_info import DriverInfo
+except ImportError:  # redis-py before 7.1
+    DriverInfo = None  # type: ignore[assignment,misc]
 
 from .caps import CALENDAR_PERIODS, FrequencyCap, parse_caps
 from .clock import Calendars, bounds, wall_ms, zone
@@ -58,18 +62,24 @@ REASONS = (
 )
 
 
-def _load_script(name: str) -> Script:
+def _load_script(name: str, *, retry_safe: bool) -> Script:
     lua = resources.files("xsp_middleware") / "lua"
     text = (lua / "lib.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
-    return Script(name, text)
+    return Script(name, text, retry_safe=retry_safe)
 
 
-RESERVE = _load_script("reserve")
-RELEASE = _load_script("release")
-PEEK = _load_script("peek")
+RESERVE = _load_script("reserve", retry_safe=True)
+RELEASE = _load_script("release", retry_safe=False)
+PEEK = _load_script("peek", retry_safe=True)
 
 _PIPELINE_SLOTS = 8
 """Connections per event loop. Batching makes a few enough; more only add server contention."""
+
+_NO_DRIVER_INFO: dict[str, Any] = (
+    {"driver_info": DriverInfo(name=None, lib_version=None)}
+    if DriverInfo is not None
+    else {"lib_name": None, "lib_version": None}
+)
 
 _memory_servers: dict[str, Any] = {}
 _memory_lock = threading.Lock()
@@ -203,9 +213,7 @@ class Store:
         self._hooks: set[asyncio.Future[Any]] = set()
         self.clock: Callable[[], int] | None = None
         """Test-only: epoch ms that the scripts use instead of Redis TIME (simulated days)."""
-        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
-            weakref.WeakKeyDictionary()
-        )
+        self._loops: dict[asyncio.AbstractEventLoop, _LoopState] = {}
 
     # -- keys -------------------------------------------------------------------------------
 
@@ -225,6 +233,10 @@ class Store:
         loop = asyncio.get_running_loop()
         state = self._loops.get(loop)
         if state is None:
+            # Forget the connections of loops that have closed (pytest, asyncio.run per call);
+            # their sockets are freed with them.
+            for old in [old for old in self._loops if old.is_closed()]:
+                del self._loops[old]
             client = self._make_client()
             pipeline = AutoPipeline(
                 client.connection_pool.make_connection,
@@ -248,6 +260,10 @@ class Store:
             socket_timeout=max(1.0, self.timeout * 10),
             retry=Retry(NoBackoff(), 0),
             health_check_interval=0,
+            # RESP2 and no CLIENT SETINFO: a new connection sends nothing before our first
+            # write, which carries SCRIPT LOADs and CLIENT SETNAME with the first decisions.
+            protocol=2,
+            **_NO_DRIVER_INFO,
         )
 
     @property
@@ -291,7 +307,15 @@ class Store:
                 self._calendars.text("UTC", now) if self._user_caps else "",
                 self._allowance,
             )
-            reply = await pipeline.call(RESERVE, argv, self._release_orphan)
+            future = pipeline.call(RESERVE, argv, self._release_orphan)
+            try:
+                reply = await future
+            except asyncio.CancelledError:
+                # Cancelled after the reply arrived but before this task resumed: the
+                # reservation exists and nobody will release it but us.
+                if future.done() and not future.cancelled() and future.exception() is None:
+                    self._release_orphan(argv, future.result())
+                raise
             try:
                 reserved, reason, cost, left_budget, left, at_ms, fired, day, logs = (
                     int(x) for x in reply[:9]
@@ -454,7 +478,7 @@ class Store:
             new_status = "active"
         config = CampaignConfig(
             budget_units=new_budget,
-            cost_units=old.cost_units if cpm is None else cpm_to_cost_units(cpm, "cpm"),
+            cost_units=old.cost_units if cpm is None else self._cpm(cpm),
             caps=old.caps if caps is None else parse_caps(caps),
             daily_budget_units=old.daily_budget_units
             if daily_budget is None
@@ -472,6 +496,12 @@ class Store:
             pipe.hset(cfg_key, mapping=changed or {"status": new_status})
             await self._admin(pipe.execute())
         return await self.get_campaign(campaign_id)
+
+    def _cpm(self, cpm: Money) -> int:
+        cost = cpm_to_cost_units(cpm, "cpm")
+        if cost > self.rules.max_cpm_cost_units:
+            raise ConfigError(f"cpm: {cpm} is above max_cpm ({self.rules.settings.max_cpm})")
+        return cost
 
     async def get_campaign(self, campaign_id: str) -> CampaignView:
         """The campaign's effective config and state. Unconfigured campaigns show the defaults."""
@@ -644,7 +674,8 @@ def cap_windows(
             window = cap.window_seconds * 1000
             inside = [t for t in times if t > now_ms - window]
             # When the oldest impression that keeps the cap full leaves the window.
-            frees = inside[-cap.max_impressions] + window if inside else None
+            full = len(inside) >= cap.max_impressions
+            frees = inside[-cap.max_impressions] + window if full else None
         else:
             inside, frees = times, None
             result.append((cap, lifetime, None))

@@ -34,15 +34,20 @@ end
 -- (ARGV, "budget|daily_budget|cost|caps|status|tz|start|end|pacing"); '' means unset.
 local XSP_FIELDS = {'budget', 'daily_budget', 'cost', 'caps', 'status', 'tz', 'start', 'end',
   'pacing'}
+-- Stored amounts and times must be plain integers: anything else (a hand-edited hash) falls
+-- back to the settings' value rather than failing, or worse, parsing as inf.
+local XSP_INTEGER = {budget = true, daily_budget = true, cost = true, start = true}
+XSP_INTEGER['end'] = true
 local function xsp_config(key, fallback)
   local stored = redis.call('HMGET', key, unpack(XSP_FIELDS))
   local fb = xsp_split(fallback, '|')
   local c = {}
   for i = 1, #XSP_FIELDS do
-    local v = stored[i]
+    local name, v = XSP_FIELDS[i], stored[i]
+    if v and v ~= '' and XSP_INTEGER[name] and not string.match(v, '^%d+$') then v = false end
     if not v then v = fb[i] end
     if v == '' then v = nil end
-    c[XSP_FIELDS[i]] = v
+    c[name] = v
   end
   return c
 end
