@@ -92,8 +92,8 @@ async def test_a_reply_that_lands_as_the_request_is_cancelled_is_released(
     original = pipeline_module.AutoPipeline.call
     holder: dict[str, asyncio.Task[Any]] = {}
 
-    def call(self: Any, script: Any, argv: Any, on_orphan: Any = None) -> Any:
-        future = original(self, script, argv, on_orphan)
+    def call(self: Any, script: Any, *args: Any, **kwargs: Any) -> Any:
+        future = original(self, script, *args, **kwargs)
         if script.name == "reserve":
             # The cancellation lands in the same loop iteration as the reply.
             future.add_done_callback(lambda _: holder["task"].cancel())

@@ -24,8 +24,8 @@ from .errors import StoreUnavailable
 
 logger = logging.getLogger("xsp_middleware")
 
-Orphan = Callable[[tuple[str | int, ...], Any], None]
-"""Called with (script argv, reply) when a reply arrives after its caller gave up."""
+Orphan = Callable[[Any, Any], None]
+"""Called with (the call's context, reply) when a reply arrives after its caller gave up."""
 
 
 class Script:
@@ -41,12 +41,13 @@ class Script:
         self.name = name
         self.text = text
         self.sha = hashlib.sha1(text.encode()).hexdigest()
-        self.evalsha = _pack_args(("EVALSHA", self.sha))
-        self.eval = _pack_args(("EVAL", text))
+        self.evalsha = pack_args(("EVALSHA", self.sha))
+        self.eval = pack_args(("EVAL", text))
 
 
-def _pack_args(args: Sequence[str | int]) -> bytes:
-    """RESP-encode command arguments (no array header)."""
+def pack_args(args: Sequence[str | int]) -> bytes:
+    """RESP-encode command arguments (no array header). Callers pack the parts of a script
+    call that do not change per request once, and reuse the bytes."""
     out = []
     for arg in args:
         data = arg.encode() if isinstance(arg, str) else str(arg).encode()
@@ -54,31 +55,32 @@ def _pack_args(args: Sequence[str | int]) -> bytes:
     return b"".join(out)
 
 
-def _pack(head: bytes, argv: Sequence[str | int]) -> bytes:
-    """One RESP command: a pre-encoded head (EVALSHA sha) plus the argv. Cheaper than redis-py's
-    general packer, which was a fifth of the per-decision CPU."""
-    return b"*%d\r\n" % (len(argv) + 2) + head + _pack_args(argv)
-
-
 class _Call:
-    __slots__ = ("argv", "future", "on_orphan", "script", "timer")
+    __slots__ = ("body", "context", "future", "nargs", "on_orphan", "script", "timer")
 
     def __init__(
         self,
         script: Script,
-        argv: tuple[str | int, ...],
+        nargs: int,
+        body: bytes,
         future: asyncio.Future[Any],
         on_orphan: Orphan | None,
+        context: Any,
     ) -> None:
         self.script = script
-        self.argv = argv
+        self.nargs = nargs
+        self.body = body
+        self.context = context
         self.future = future
         self.on_orphan = on_orphan
         self.timer: asyncio.TimerHandle | None = None
 
     def command(self, by_sha: bool) -> bytes:
         script = self.script
-        return _pack(script.evalsha if by_sha else script.eval, self.argv)
+        # One RESP command: EVALSHA sha (or EVAL text) and the packed arguments. Cheaper than
+        # redis-py's general packer, which was a fifth of the per-decision CPU.
+        head = script.evalsha if by_sha else script.eval
+        return b"*%d\r\n" % (self.nargs + 2) + head + self.body
 
     def resolve(self, reply: Any) -> None:
         if self.timer is not None:
@@ -89,7 +91,7 @@ class _Call:
             else:
                 self.future.set_result(reply)
         elif self.on_orphan is not None and not isinstance(reply, BaseException):
-            self.on_orphan(self.argv, reply)
+            self.on_orphan(self.context, reply)
 
 
 class _StaleConnection(ConnectionError):
@@ -115,8 +117,8 @@ class AutoPipeline:
         self._loop = asyncio.get_running_loop()
         # SCRIPT LOADs ride in the first write of every new connection (no extra round trip),
         # so a fresh or restarted server never answers our first EVALSHA with NOSCRIPT.
-        self._preload = [b"*3\r\n" + _pack_args(("SCRIPT", "LOAD", s.text)) for s in preload]
-        self._preload.append(b"*3\r\n" + _pack_args(("CLIENT", "SETNAME", "xsp-middleware")))
+        self._preload = [b"*3\r\n" + pack_args(("SCRIPT", "LOAD", s.text)) for s in preload]
+        self._preload.append(b"*3\r\n" + pack_args(("CLIENT", "SETNAME", "xsp-middleware")))
         self._idle = [make_connection() for _ in range(slots)]
         self._all = list(self._idle)
         self._queue: list[_Call] = []
@@ -125,11 +127,18 @@ class AutoPipeline:
         self._tasks: set[asyncio.Task[None]] = set()
 
     def call(
-        self, script: Script, argv: tuple[str | int, ...], on_orphan: Orphan | None = None
+        self,
+        script: Script,
+        nargs: int,
+        body: bytes,
+        on_orphan: Orphan | None = None,
+        context: Any = None,
     ) -> asyncio.Future[Any]:
-        """Queue one script call; the future fails with StoreUnavailable after the timeout."""
+        """Queue one script call: ``body`` is the packed numkeys, keys and argv (``nargs`` of
+        them). The future fails with StoreUnavailable after the timeout; a reply that comes
+        later goes to ``on_orphan(context, reply)``."""
         loop = self._loop
-        call = _Call(script, argv, loop.create_future(), on_orphan)
+        call = _Call(script, nargs, body, loop.create_future(), on_orphan, context)
         call.timer = loop.call_later(self._timeout, _expire, call.future, self._timeout)
         self._queue.append(call)
         if not self._flush_scheduled:

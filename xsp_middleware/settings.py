@@ -127,8 +127,8 @@ _CONFIG_FIELDS = (
 class CampaignConfig:
     """A campaign's effective rules in store units: what the scripts enforce.
 
-    ``wire`` is the fallback the reserve script uses for fields the store does not hold, in the
-    order of ``lua/lib.lua``'s ``XSP_FIELDS``.
+    ``wire`` is the fallback the scripts use for fields the store does not hold: one argument
+    per field, in the order of ``lua/lib.lua``'s ``XSP_FIELDS``.
     """
 
     budget_units: int
@@ -141,7 +141,7 @@ class CampaignConfig:
     pacing: str = "asap"
     status: str = "active"
     caps_spec: str = field(init=False, default="")
-    wire: str = field(init=False, default="")
+    wire: tuple[str, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
         if self.pacing not in PACINGS:
@@ -159,7 +159,7 @@ class CampaignConfig:
         if self.start_ms is not None and self.end_ms is not None and self.end_ms <= self.start_ms:
             raise ConfigError("end: must be after start")
         object.__setattr__(self, "caps_spec", caps_spec(self.caps))
-        object.__setattr__(self, "wire", "|".join(self.fields().values()))
+        object.__setattr__(self, "wire", tuple(self.fields().values()))
 
     def fields(self) -> dict[str, str]:
         """The store's hash fields ('' for unset)."""

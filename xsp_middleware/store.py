@@ -40,7 +40,7 @@ from .caps import CALENDAR_PERIODS, FrequencyCap, parse_caps
 from .clock import Calendars, bounds, wall_ms, zone
 from .errors import ConfigError, StoreUnavailable
 from .money import amount_to_units, cpm_to_cost_units, units_to_decimal
-from .pipeline import AutoPipeline, Script
+from .pipeline import AutoPipeline, Script, pack_args
 from .settings import (
     CampaignConfig,
     CapLike,
@@ -183,6 +183,38 @@ class CampaignView:
         return units_to_decimal(self.remaining_units)
 
 
+@dataclass(frozen=True, slots=True)
+class _Static:
+    tz: str
+    bounds: str
+    user_bounds: str
+    rule: CampaignConfig
+    keys: bytes
+    argv: bytes
+
+
+def _reservation(context: tuple[str, str | None, bool], reply: Any) -> Reservation:
+    """A reserve script reply (integers; see reserve.lua) as a Reservation."""
+    campaign_id, user_key, counts_impression = context
+    try:
+        reserved, reason, cost, left_budget, left, at_ms, _, day, logs = reply[:9]
+        return Reservation(
+            reserved=reserved == 1,
+            reason=REASONS[reason],
+            cost_units=cost,
+            remaining_budget_units=max(0, left_budget),
+            remaining_impressions=None if left < 0 else left,
+            at_ms=at_ms,
+            campaign_id=campaign_id,
+            user_key=user_key,
+            counts_impression=counts_impression,
+            day_start_ms=day,
+            logs=logs,
+        )
+    except (TypeError, ValueError, IndexError):
+        raise StoreUnavailable(f"unexpected reply from the reserve script: {reply!r}") from None
+
+
 class _LoopState:
     __slots__ = ("client", "pipeline")
 
@@ -207,7 +239,10 @@ class Store:
         if self.is_memory:
             _require_lua()
         self._calendars = Calendars()
-        self._zones: dict[str, str] = {}  # campaigns whose stored time zone differs from rules
+        self._zones: dict[str, str] = {}
+        self._statics: dict[
+            str, _Static
+        ] = {}  # campaigns whose stored time zone differs from rules
         self._user_caps = rules.user_caps_spec
         self._allowance = str(rules.pacing_allowance_bp)
         self._hooks: set[asyncio.Future[Any]] = set()
@@ -277,6 +312,36 @@ class Store:
         """The app-side clock for calendar boundaries (the scripts use Redis TIME)."""
         return self.clock() if self.clock is not None else wall_ms()
 
+    def _static_part(self, campaign_id: str, rule: CampaignConfig, tz: str) -> _Static:
+        """The packed keys and per-campaign arguments of a reserve call. They change only with
+        the local day (the calendar) or the campaign's zone, so they are packed once."""
+        now = self.now_ms()
+        bounds = self._calendars.text(tz, now)
+        user_bounds = self._calendars.text("UTC", now) if self._user_caps else ""
+        static = self._statics.get(campaign_id)
+        if (
+            static is not None
+            and static.bounds == bounds
+            and static.user_bounds == user_bounds
+            and static.tz == tz
+            and static.rule is rule
+        ):
+            return static
+        if len(self._statics) > 10_000:
+            self._statics.clear()
+        cfg_key, state_key = self.campaign_keys(campaign_id)
+        static = self._statics[campaign_id] = _Static(
+            tz=tz,
+            bounds=bounds,
+            user_bounds=user_bounds,
+            rule=rule,
+            keys=pack_args((cfg_key, state_key)),
+            argv=pack_args(
+                (campaign_id, *rule.wire, tz, bounds, self._user_caps, user_bounds, self._allowance)
+            ),
+        )
+        return static
+
     async def reserve(
         self,
         campaign_id: str,
@@ -287,44 +352,44 @@ class Store:
         counts_impression: bool = True,
     ) -> Reservation:
         """Check and reserve in one round trip. Raises StoreUnavailable on failure or timeout."""
-        cfg_key, state_key = self.campaign_keys(campaign_id)
-        keys = (2, cfg_key, state_key) if user_key is None else (3, cfg_key, state_key, user_key)
         tz = self._zones.get(campaign_id, rule.timezone)
-        override = "" if self.clock is None else str(self.clock())
+        tail = pack_args(
+            (
+                "" if cost_units is None else str(cost_units),
+                "" if self.clock is None else str(self.clock()),
+                "1" if counts_impression else "0",
+            )
+        )
+        context = (campaign_id, user_key, counts_impression)
         pipeline = self._state().pipeline
         for _ in range(2):
-            now = self.now_ms()
-            argv = (
-                *keys,
-                campaign_id,
-                "" if cost_units is None else str(cost_units),
-                rule.wire,
-                tz,
-                self._calendars.text(tz, now),
-                override,
-                "1" if counts_impression else "0",
-                self._user_caps,
-                self._calendars.text("UTC", now) if self._user_caps else "",
-                self._allowance,
-            )
-            future = pipeline.call(RESERVE, argv, self._release_orphan)
+            static = self._static_part(campaign_id, rule, tz)
+            if user_key is None:
+                nargs, body = 21, b"$1\r\n2\r\n" + static.keys + static.argv + tail
+            else:
+                user = user_key.encode()
+                nargs = 22
+                body = b"".join(
+                    (
+                        b"$1\r\n3\r\n",
+                        static.keys,
+                        b"$%d\r\n" % len(user),
+                        user,
+                        b"\r\n",
+                        static.argv,
+                        tail,
+                    )
+                )
+            future = pipeline.call(RESERVE, nargs, body, self._release_orphan, context)
             try:
                 reply = await future
             except asyncio.CancelledError:
                 # Cancelled after the reply arrived but before this task resumed: the
                 # reservation exists and nobody will release it but us.
                 if future.done() and not future.cancelled() and future.exception() is None:
-                    self._release_orphan(argv, future.result())
+                    self._release_orphan(context, future.result())
                 raise
-            try:
-                reserved, reason, cost, left_budget, left, at_ms, fired, day, logs = (
-                    int(x) for x in reply[:9]
-                )
-            except (TypeError, ValueError):
-                raise StoreUnavailable(
-                    f"unexpected reply from the reserve script: {reply!r}"
-                ) from None
-            if reason != 9:
+            if reply[1] != 9:
                 break
             # The campaign's time zone changed in the store: learn it, redo with its calendar.
             tz = _text(reply[9])
@@ -333,55 +398,41 @@ class Store:
             self._zones[campaign_id] = tz
         else:
             raise StoreUnavailable(f"campaign {campaign_id}: its time zone keeps changing")
-        if fired:
-            self._exhausted(campaign_id, "lifetime" if fired == 1 else "daily")
-        return Reservation(
-            reserved=reserved == 1,
-            reason=REASONS[reason],
-            cost_units=cost,
-            remaining_budget_units=max(0, left_budget),
-            remaining_impressions=None if left < 0 else left,
-            at_ms=at_ms,
-            campaign_id=campaign_id,
-            user_key=user_key,
-            counts_impression=counts_impression,
-            day_start_ms=day,
-            logs=logs,
-        )
+        reservation = _reservation(context, reply)
+        if reply[6]:
+            self._exhausted(campaign_id, "lifetime" if reply[6] == 1 else "daily")
+        return reservation
 
     async def release(self, reservation: Reservation) -> None:
         """Give back a reservation's spend and impression. Raises StoreUnavailable."""
-        r = reservation
+        await self._state().pipeline.call(RELEASE, *self._release_body(reservation))
+
+    def _release_body(self, r: Reservation) -> tuple[int, bytes]:
         cfg_key, state_key = self.campaign_keys(r.campaign_id)
         keys = (cfg_key, state_key) if r.user_key is None else (cfg_key, state_key, r.user_key)
-        argv = (
+        args = (
             len(keys),
             *keys,
             r.campaign_id,
-            str(r.cost_units),
-            str(r.at_ms),
+            r.cost_units,
+            r.at_ms,
             "1" if r.counts_impression else "0",
-            str(r.day_start_ms),
-            str(r.logs),
+            r.day_start_ms,
+            r.logs,
         )
-        await self._state().pipeline.call(RELEASE, argv)
+        return len(args), pack_args(args)
 
-    def _release_orphan(self, argv: tuple[str | int, ...], reply: Any) -> None:
+    def _release_orphan(self, context: Any, reply: Any) -> None:
         """A reservation whose caller had already given up (timeout, cancellation): undo it, so
         a late reply never leaves spend or a cap slot behind."""
         try:
-            if int(reply[0]) != 1:
-                return
-            numkeys = int(argv[0])
-            keys = argv[1 : 1 + numkeys]
-            args = argv[1 + numkeys :]
-            cost, at_ms, day, logs = (str(int(reply[i])) for i in (2, 5, 7, 8))
-            release_argv = (numkeys, *keys, args[0], cost, at_ms, args[6], day, logs)
-        except (TypeError, ValueError, IndexError):
+            reservation = _reservation(context, reply)
+        except StoreUnavailable:
             logger.error("could not release an orphaned reservation: reply %r", reply)
             return
-        future = self._state().pipeline.call(RELEASE, release_argv)
-        future.add_done_callback(_log_release_failure)
+        if reservation.reserved:
+            future = self._state().pipeline.call(RELEASE, *self._release_body(reservation))
+            future.add_done_callback(_log_release_failure)
 
     def _exhausted(self, campaign_id: str, kind: str) -> None:
         """This decision flipped the campaign to exhausted (lifetime) or found today's budget
@@ -415,20 +466,18 @@ class Store:
         cfg_key, _ = self.campaign_keys(campaign_id)
         now = self.now_ms()
         tz = self._zones.get(campaign_id, rule.timezone)
-        reply = await self._state().pipeline.call(
-            PEEK,
-            (
-                2,
-                cfg_key,
-                user_key,
-                campaign_id,
-                rule.wire,
-                self._calendars.text(tz, now),
-                "" if self.clock is None else str(self.clock()),
-                self._user_caps,
-                self._calendars.text("UTC", now) if self._user_caps else "",
-            ),
+        args: tuple[str | int, ...] = (
+            2,
+            cfg_key,
+            user_key,
+            campaign_id,
+            *rule.wire,
+            self._calendars.text(tz, now),
+            "" if self.clock is None else str(self.clock()),
+            self._user_caps,
+            self._calendars.text("UTC", now) if self._user_caps else "",
         )
+        reply = await self._state().pipeline.call(PEEK, len(args), pack_args(args))
         allowed, left = (int(x) for x in reply)
         return allowed == 1, None if left < 0 else left
 

@@ -30,22 +30,21 @@ local function xsp_split(text, sep)
   end
 end
 
--- A campaign's config: each field from its stored hash, else from the settings' fallback
--- (ARGV, "budget|daily_budget|cost|caps|status|tz|start|end|pacing"); '' means unset.
+-- A campaign's config: each field from its stored hash, else from the settings' fallback,
+-- nine ARGV from `at` in the order of XSP_FIELDS; '' means unset.
 local XSP_FIELDS = {'budget', 'daily_budget', 'cost', 'caps', 'status', 'tz', 'start', 'end',
   'pacing'}
 -- Stored amounts and times must be plain integers: anything else (a hand-edited hash) falls
 -- back to the settings' value rather than failing, or worse, parsing as inf.
 local XSP_INTEGER = {budget = true, daily_budget = true, cost = true, start = true}
 XSP_INTEGER['end'] = true
-local function xsp_config(key, fallback)
+local function xsp_config(key, at)
   local stored = redis.call('HMGET', key, unpack(XSP_FIELDS))
-  local fb = xsp_split(fallback, '|')
   local c = {}
   for i = 1, #XSP_FIELDS do
     local name, v = XSP_FIELDS[i], stored[i]
     if v and v ~= '' and XSP_INTEGER[name] and not string.match(v, '^%d+$') then v = false end
-    if not v then v = fb[i] end
+    if not v then v = ARGV[at + i - 1] end
     if v == '' then v = nil end
     c[name] = v
   end

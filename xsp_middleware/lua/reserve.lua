@@ -2,12 +2,13 @@
 -- and pacing, then write the impression and its spend, all in one atomic step.
 -- KEYS[1] campaign config hash, KEYS[2] campaign state hash, KEYS[3] user hash (absent when
 -- the request is anonymous: no caps apply).
--- ARGV[1] campaign id (the user hash field)     ARGV[2] request cost in units ('' = campaign's)
--- ARGV[3] fallback config (see xsp_config)      ARGV[4] time zone the bounds were computed in
--- ARGV[5] campaign calendar bounds              ARGV[6] now override in ms ('' = TIME)
--- ARGV[7] '1' to count an impression ('0': spend only)
--- ARGV[8] user caps across campaigns            ARGV[9] their (UTC) calendar bounds
--- ARGV[10] pacing burst allowance, in parts per 10000 of the period budget
+-- ARGV[1] campaign id (the user hash field)   ARGV[2..10] fallback config (see xsp_config)
+-- ARGV[11] time zone the bounds were computed in   ARGV[12] campaign calendar bounds
+-- ARGV[13] user caps across campaigns          ARGV[14] their (UTC) calendar bounds
+-- ARGV[15] pacing burst allowance, in parts per 10000 of the period budget
+-- ARGV[16] request cost in units ('' = the campaign's)   ARGV[17] now override ms ('' = TIME)
+-- ARGV[18] '1' to count an impression ('0': spend only)
+-- (The first fifteen change only per campaign and day: the app packs them once.)
 -- Reply: {reserved 1/0, reason, cost, remaining budget, remaining impressions (-1: no caps),
 --   reservation time ms, exhaustion fired (0 none, 1 lifetime, 2 daily), day start ms (0: no
 --   daily budget), logs written (1: the campaign's, 2: the user's across campaigns; a sum),
@@ -15,15 +16,15 @@
 -- Reasons: 0 served, 1 frequency_capped, 2 budget_exhausted, 3 campaign_paused, 4 paced,
 --   5 campaign_inactive, 9 retry: the config's time zone differs from ARGV[4].
 local cid = ARGV[1]
-local c = xsp_config(KEYS[1], ARGV[3])
+local c = xsp_config(KEYS[1], 2)
 local tz = c.tz or 'UTC'
-if tz ~= ARGV[4] then return {0, 9, 0, 0, -1, 0, 0, 0, 0, tz} end
+if tz ~= ARGV[11] then return {0, 9, 0, 0, -1, 0, 0, 0, 0, tz} end
 
-local cost_s = ARGV[2]
+local cost_s = ARGV[16]
 if cost_s == '' then cost_s = c.cost or '0' end
 local cost = tonumber(cost_s)
 local budget = tonumber(c.budget) or 0
-local now = xsp_now_ms(ARGV[6])
+local now = xsp_now_ms(ARGV[17])
 local spent = tonumber(redis.call('HGET', KEYS[2], 'spent') or '0')
 local remaining = budget - spent
 
@@ -43,10 +44,10 @@ local camp_left, camp_life, camp_times, camp_caps
 local user_left, user_life, user_times, user_caps
 if KEYS[3] then
   camp_left, camp_life, camp_times, camp_caps =
-    xsp_user_check(KEYS[3], cid, c.caps, now, ARGV[5])
+    xsp_user_check(KEYS[3], cid, c.caps, now, ARGV[12])
   if camp_left == -1 then return deny(1, 0) end
   user_left, user_life, user_times, user_caps =
-    xsp_user_check(KEYS[3], '*', ARGV[8], now, ARGV[9])
+    xsp_user_check(KEYS[3], '*', ARGV[13], now, ARGV[14])
   if user_left == -1 then return deny(1, 0) end
   for _, l in ipairs({camp_left, user_left}) do
     if l ~= false and (left == -1 or l < left) then left = l end
@@ -57,7 +58,7 @@ end
 local daily = tonumber(c.daily_budget)
 local day_start, day_end, day_field, day_spent = 0, 0, nil, 0
 if daily then
-  day_start, day_end = xsp_period(xsp_bounds(ARGV[5]).day, now)
+  day_start, day_end = xsp_period(xsp_bounds(ARGV[12]).day, now)
   day_field = 'day:' .. xsp_int(day_start)
   day_spent = tonumber(redis.call('HGET', KEYS[2], day_field) or '0')
   if daily - day_spent < remaining then remaining = daily - day_spent end
@@ -91,14 +92,14 @@ if c.pacing == 'even' or c.pacing == 'frontloaded' then
   end
   if p_start and p_end > p_start then
     local f = (now - p_start) / (p_end - p_start)
-    local allowance = tonumber(ARGV[10]) / 10000
+    local allowance = tonumber(ARGV[15]) / 10000
     if c.pacing == 'frontloaded' then allowance = 0.40 - (0.40 - allowance) * f end
     if p_spent + cost > p_budget * (f + allowance) then return deny(4, left) end
   end
 end
 
 if cost > 0 then redis.call('HINCRBY', KEYS[2], 'spent', cost_s) end
-if ARGV[7] == '1' then redis.call('HINCRBY', KEYS[2], 'impressions', 1) end
+if ARGV[18] == '1' then redis.call('HINCRBY', KEYS[2], 'impressions', 1) end
 if day_field then
   if cost > 0 then redis.call('HINCRBY', KEYS[2], day_field, cost_s) end
   -- Keep only today's and yesterday's day fields.
