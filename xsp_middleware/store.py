@@ -538,12 +538,23 @@ class Store:
             pacing=old.pacing if pacing is None else pacing,
             status=new_status,
         )
+        # Store what was given, even where it equals this process's settings: another process
+        # may have other settings, and the store must win there too.
+        given = {
+            "budget": budget,
+            "daily_budget": daily_budget,
+            "cost": cpm,
+            "caps": caps,
+            "tz": timezone,
+            "start": start,
+            "end": end,
+            "pacing": pacing,
+        }
         fields = config.fields()
-        changed = {k: v for k, v in fields.items() if v != old.fields()[k]}
+        write = {k: fields[k] for k, value in given.items() if value is not None}
+        write["status"] = new_status
         cfg_key, _ = self.campaign_keys(campaign_id)
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.hset(cfg_key, mapping=changed or {"status": new_status})
-            await self._admin(pipe.execute())
+        await self._admin(self.client.hset(cfg_key, mapping=write))
         return await self.get_campaign(campaign_id)
 
     def _cpm(self, cpm: Money) -> int:

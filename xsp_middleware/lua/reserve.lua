@@ -65,11 +65,17 @@ if daily then
 end
 if c.status == 'exhausted' then return deny(2, left) end
 if spent + cost > budget then
-  -- Exhausted once what is left cannot pay for the campaign's own price: flip the status once,
-  -- so exactly one decision (in any process) fires the hook.
+  -- Exhausted once what is left cannot pay for the campaign's own price. The hook fires once
+  -- per exhaustion: a marker keeps the budget that ran out, so pausing and resuming never
+  -- fires it again, while a raised budget that runs out again does.
   if budget - spent < (tonumber(c.cost) or 1) or budget - spent <= 0 then
     redis.call('HSET', KEYS[1], 'status', 'exhausted')
-    return deny(2, left, 1)
+    local fired = 0
+    if redis.call('HGET', KEYS[2], 'lx') ~= c.budget then
+      redis.call('HSET', KEYS[2], 'lx', c.budget)
+      fired = 1
+    end
+    return deny(2, left, fired)
   end
   return deny(2, left)
 end
