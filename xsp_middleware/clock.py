@@ -56,14 +56,18 @@ class Calendars:
         self._zones: dict[str, ZoneInfo] = {}
 
     def text(self, tz_name: str, now_ms: int) -> str:
+        return self.span(tz_name, now_ms)[0]
+
+    def span(self, tz_name: str, now_ms: int) -> tuple[str, int, int]:
+        """The boundary text for ``now_ms``, and the [from, until) span in which it holds."""
         cached = self._cache.get(tz_name)
         if cached is not None and cached[1] <= now_ms < cached[2]:
-            return cached[0]
+            return cached
         tz = self._zones.get(tz_name)
         if tz is None:
             tz = self._zones[tz_name] = zone(tz_name)
         cached = self._cache[tz_name] = bounds(tz, now_ms)
-        return cached[0]
+        return cached
 
 
 def wall_ms() -> int:

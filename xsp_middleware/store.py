@@ -106,7 +106,7 @@ def _require_lua() -> None:
         ) from None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is built per decision, and frozen init is slow
 class Reservation:
     """What the reserve script answered, plus what a release needs."""
 
@@ -186,8 +186,9 @@ class CampaignView:
 @dataclass(frozen=True, slots=True)
 class _Static:
     tz: str
-    bounds: str
-    user_bounds: str
+    since: int
+    until: int
+    """The packed calendar holds from ``since`` until ``until`` (the next local midnight)."""
     rule: CampaignConfig
     keys: bytes
     argv: bytes
@@ -316,24 +317,26 @@ class Store:
         """The packed keys and per-campaign arguments of a reserve call. They change only with
         the local day (the calendar) or the campaign's zone, so they are packed once."""
         now = self.now_ms()
-        bounds = self._calendars.text(tz, now)
-        user_bounds = self._calendars.text("UTC", now) if self._user_caps else ""
         static = self._statics.get(campaign_id)
         if (
             static is not None
-            and static.bounds == bounds
-            and static.user_bounds == user_bounds
+            and static.since <= now < static.until
             and static.tz == tz
             and static.rule is rule
         ):
             return static
+        bounds, since, until = self._calendars.span(tz, now)
+        user_bounds = ""
+        if self._user_caps:
+            user_bounds, user_since, user_until = self._calendars.span("UTC", now)
+            since, until = max(since, user_since), min(until, user_until)
         if len(self._statics) > 10_000:
             self._statics.clear()
         cfg_key, state_key = self.campaign_keys(campaign_id)
         static = self._statics[campaign_id] = _Static(
             tz=tz,
-            bounds=bounds,
-            user_bounds=user_bounds,
+            since=since,
+            until=until,
             rule=rule,
             keys=pack_args((cfg_key, state_key)),
             argv=pack_args(
@@ -353,13 +356,17 @@ class Store:
     ) -> Reservation:
         """Check and reserve in one round trip. Raises StoreUnavailable on failure or timeout."""
         tz = self._zones.get(campaign_id, rule.timezone)
-        tail = pack_args(
-            (
-                "" if cost_units is None else str(cost_units),
-                "" if self.clock is None else str(self.clock()),
-                "1" if counts_impression else "0",
+        cost = b"" if cost_units is None else b"%d" % cost_units
+        if self.clock is None and counts_impression:
+            tail = b"$%d\r\n%b\r\n$0\r\n\r\n$1\r\n1\r\n" % (len(cost), cost)
+        else:
+            tail = pack_args(
+                (
+                    cost.decode(),
+                    "" if self.clock is None else str(self.clock()),
+                    "1" if counts_impression else "0",
+                )
             )
-        )
         context = (campaign_id, user_key, counts_impression)
         pipeline = self._state().pipeline
         for _ in range(2):
