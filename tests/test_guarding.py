@@ -30,21 +30,49 @@ class CountingStore:
     ("path", "guarded"),
     [
         ("/ad?campaign_id=c1", True),
-        ("/ad/?campaign_id=c1", True),
-        ("/ad/sub?campaign_id=c1", True),
-        ("/vast?campaign_id=c1", True),
-        ("/admin?campaign_id=c1", False),  # a prefix matches whole path segments only
+        ("/status/200?campaign_id=c1", True),  # /status guards the segments below it
         ("/other?campaign_id=c1", False),
         ("/ad", False),
         ("/ad?cpm=2.00", False),
         ("/ad?xcampaign_id=c1", False),
         ("/ad?campaign%5Fid=c1", True),  # percent-encoded name is the same parameter
+        # No route handles these (a redirect, a 404): no handler runs, so no store call.
+        ("/ad/?campaign_id=c1", False),
+        ("/status/200/x?campaign_id=c1", False),
     ],
 )
 async def test_only_listed_paths_with_a_campaign_parameter_are_guarded(
     store_url: str, make_app: Any, path: str, guarded: bool
 ) -> None:
-    app = make_app(redis_url=store_url, paths=["/ad", "/vast"])
+    app = make_app(redis_url=store_url, paths=["/ad", "/status"])
+    counter = CountingStore(app)
+    async with client(app) as c:
+        await c.get(path, headers=as_user("u1"))
+    assert counter.calls == (1 if guarded else 0)
+
+
+@pytest.mark.parametrize(
+    ("path", "guarded"),
+    [
+        ("/ad?campaign_id=c1", True),
+        ("/ad/sub?campaign_id=c1", True),
+        ("/vast?campaign_id=c1", True),
+        ("/admin?campaign_id=c1", False),  # a prefix matches whole path segments only
+        ("/other?campaign_id=c1", False),
+        ("/ad", False),
+        ("/ad?xcampaign_id=c1", False),
+    ],
+)
+async def test_a_plain_asgi_app_is_guarded_before_it_runs(
+    store_url: str, path: str, guarded: bool
+) -> None:
+    """Without a Starlette router to hook, the middleware decides before calling the app."""
+
+    async def plain(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    app = XSPMiddleware(plain, redis_url=store_url, secret_key="x" * 16, paths=["/ad", "/vast"])
     counter = CountingStore(app)
     async with client(app) as c:
         await c.get(path, headers=as_user("u1"))

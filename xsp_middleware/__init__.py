@@ -15,6 +15,7 @@ from .errors import (
     XSPError,
 )
 from .middleware import XSPMiddleware
+from .routing import ad_route, xsp_decision
 from .session import UpstreamSession
 from .settings import Campaign, Settings
 from .store import Store
@@ -34,5 +35,7 @@ __all__ = [
     "UpstreamSession",
     "XSPError",
     "XSPMiddleware",
+    "ad_route",
+    "xsp_decision",
 ]
 __version__ = "0.1.0"

@@ -1,20 +1,25 @@
 """``XSPMiddleware``: pure ASGI. request -> facts -> reserve (one round trip) -> handler ->
-confirm (a 2xx response that completed) or release (anything else)."""
+confirm (a 2xx response that completed) or release (anything else).
+
+With a Starlette or FastAPI app, the decision is taken once the route is known: on the first
+request the middleware wraps each route's ASGI app once (never a per-request route scan), so
+``@ad_route`` rules and path parameters apply, and a 404 costs no store call. With any other
+ASGI app it decides before calling the app.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
-from urllib.parse import unquote
 
-from .decision import Decision
-from .errors import InvalidParameter, StoreUnavailable
-from .money import parse_cpm
-from .settings import Rules, Settings, campaign_id_problem
-from .store import Reservation, Store
+from .errors import InvalidParameter
+from .guard import Guard, Reply, RouteRules, cookie_value, query_values
+from .settings import Settings
+from .store import Reservation
+
+__all__ = ["XSPMiddleware", "cookie_value", "query_values"]
 
 logger = logging.getLogger("xsp_middleware")
 
@@ -24,69 +29,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-MAX_USER_ID_BYTES = 256
-"""Longer user ids count as anonymous: no real id is that long, and it bounds HMAC work."""
-
-_warned: set[str] = set()
-
-
-def warn_once(key: str, message: str, *args: object) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        logger.warning(message, *args)
-
-
-def cookie_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
-    """The first non-empty value of cookie ``name`` across every Cookie header, or None.
-
-    Duplicates: the first occurrence wins (browsers send the most specific path first).
-    Surrounding double quotes are removed. Never raises on hostile input.
-    """
-    for key, value in headers:
-        if key != b"cookie":
-            continue
-        for part in value.split(b";"):
-            k, sep, v = part.partition(b"=")
-            if sep and k.strip() == name:
-                v = v.strip()
-                if len(v) >= 2 and v[0] == 34 and v[-1] == 34:  # '"'
-                    v = v[1:-1]
-                if v:
-                    return v
-    return None
-
-
-def query_values(query: bytes, first: str, second: str) -> tuple[set[str], set[str]]:
-    """The distinct values of two parameters, decoded exactly as ``urllib.parse.parse_qsl``
-    (which Starlette uses) decodes them, so the handler's ``query_params`` agree with ours.
-    Only the two wanted names are decoded: most of an ad request's query is never touched."""
-    firsts: set[str] = set()
-    seconds: set[str] = set()
-    for pair in query.decode("latin-1").split("&"):
-        if not pair:
-            continue
-        name, _, value = pair.partition("=")
-        if "%" in name or "+" in name:
-            name = unquote(name.replace("+", " "))
-        if name == first:
-            target = firsts
-        elif name == second:
-            target = seconds
-        else:
-            continue
-        if "%" in value or "+" in value:
-            value = unquote(value.replace("+", " "))
-        target.add(value)
-    return firsts, seconds
-
-
-class _Facts:
-    __slots__ = ("campaign_id", "cost_units", "user_key")
-
-    def __init__(self, campaign_id: str, cost_units: int | None, user_key: str | None) -> None:
-        self.campaign_id = campaign_id
-        self.cost_units = cost_units
-        self.user_key = user_key
+RULES_ATTRIBUTE = "__xsp_rules__"
 
 
 class XSPMiddleware:
@@ -106,212 +49,165 @@ class XSPMiddleware:
             settings = settings.replace(**options)
         self.app = app
         self.settings = settings
-        self.rules = Rules.from_settings(settings)
-        self.store = Store(self.rules)
-        self._paths = self.rules.paths
-        self._campaign_param = settings.campaign_param
-        self._campaign_needle = settings.campaign_param.encode()
-        self._price_param = settings.price_param
-        self._cookie = settings.user_cookie.encode()
-        self._pass_denied = settings.on_denied == "pass"
-        if self.rules.uses_development_key:
-            warn_once(
-                "dev-key",
-                "xsp_middleware: secret_key is unset; user ids are hashed with the fixed "
-                "development key. Set XSP_SECRET_KEY in production.",
-            )
-        if self.store.is_memory:
-            warn_once(
-                "memory",
-                "xsp_middleware: using the embedded in-memory store; its state is per process, "
-                "so several workers each enforce caps and budgets on their own. Set "
-                "XSP_REDIS_URL to share state.",
-            )
-
-    # -- which requests are guarded --------------------------------------------------------
-
-    def _guards_path(self, path: str) -> bool:
-        for prefix in self._paths or ():
-            if path == prefix or path.startswith(prefix if prefix.endswith("/") else prefix + "/"):
-                return True
-        return False
+        self.guard = Guard(settings)
+        self.rules = self.guard.rules
+        self.store = self.guard.store
+        self._routes: list[Any] | None = None  # the router's routes, once found
+        self._route_count = -1
+        self._installed = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or (
-            self._paths is not None and not self._guards_path(scope["path"])
-        ):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        query: bytes = scope.get("query_string", b"")
-        if self._campaign_needle not in query and b"%" not in query:
-            await self.app(scope, receive, send)
+        routes = self._routes
+        if not self._installed or (routes is not None and len(routes) != self._route_count):
+            self._install_route_guards()
+            routes = self._routes
+        if routes is not None:
+            await self.app(scope, receive, send)  # the route guards decide
             return
-        campaign_values, prices = query_values(query, self._campaign_param, self._price_param)
-        if not campaign_values:
-            await self.app(scope, receive, send)
+        await guard_request(self.guard, None, self.app, scope, receive, send)
+
+    def _install_route_guards(self) -> None:
+        """Find the app's router (through its middleware stack) and wrap every HTTP route's
+        app, once. Routes added later are wrapped when the route count changes."""
+        self._installed = True
+        router = _find_router(self.app)
+        if router is None:
             return
-        try:
-            facts = self._facts(scope, campaign_values, prices)
-        except InvalidParameter as exc:
-            await _send_problem(send, exc)
-            return
-        decision, reservation = await self._decide(facts)
-        if not decision.allowed and not self._pass_denied:
-            await _send_denied(send, decision.reason)
-            return
-        scope.setdefault("state", {})["xsp"] = decision
-        if reservation is None:
-            await self.app(scope, receive, send)
-            return
-        await self._run_reserved(scope, receive, send, reservation)
+        _wrap_routes(router.routes, self.guard, set())
+        self._routes = router.routes
+        self._route_count = len(router.routes)
 
-    # -- request -> facts -------------------------------------------------------------------
 
-    def _facts(self, scope: Scope, campaigns: set[str], prices: set[str]) -> _Facts:
-        field = self._campaign_param
-        if len(campaigns) > 1:
-            raise InvalidParameter(field, "given more than once with different values")
-        (campaign_id,) = campaigns
-        problem = campaign_id_problem(campaign_id)
-        if problem is not None:
-            raise InvalidParameter(field, problem)
-        cost_units: int | None = None
-        if len(prices) > 1:
-            raise InvalidParameter(self._price_param, "given more than once with different values")
-        if prices:
-            (price,) = prices
-            cost_units = parse_cpm(
-                price, field=self._price_param, max_cpm_units=self.rules.max_cpm_cost_units
-            )
-        user_id = cookie_value(scope.get("headers", ()), self._cookie)
-        user_key = None
-        if user_id is not None and len(user_id) <= MAX_USER_ID_BYTES:
-            user_key = self.store.user_key(user_id)
-        return _Facts(campaign_id, cost_units, user_key)
+def _find_router(app: Any) -> Any:
+    try:
+        from starlette.routing import Router
+    except ImportError:
+        return None
+    for _ in range(32):  # down the middleware chain: each holds the next in ``.app``
+        if isinstance(app, Router):
+            return app
+        router = getattr(app, "router", None)
+        if isinstance(router, Router):
+            return router
+        app = getattr(app, "app", None)
+        if app is None:
+            return None
+    return None
 
-    # -- facts -> decision (one round trip) ------------------------------------------------
 
-    async def _decide(self, facts: _Facts) -> tuple[Decision, Reservation | None]:
-        rule = self.rules.rule_for(facts.campaign_id)
-        try:
-            r = await self.store.reserve(facts.campaign_id, facts.user_key, facts.cost_units, rule)
-        except StoreUnavailable as exc:
-            return self._degraded(facts, rule.cost_units, str(exc)), None
-        except Exception as exc:  # our bug must not become a 500: log it, apply the policy
-            logger.exception("xsp_middleware: unexpected error while deciding")
-            return self._degraded(facts, rule.cost_units, f"internal error: {exc!r}"), None
-        decision = Decision(
-            allowed=r.reserved,
-            reason=r.reason,
-            campaign_id=facts.campaign_id,
-            cost_units=r.cost_units,
-            remaining_impressions=r.remaining_impressions,
-            remaining_budget_units=r.remaining_budget_units,
-            anonymous=facts.user_key is None,
-        )
-        return decision, (r if r.reserved else None)
+def _wrap_routes(routes: list[Any], guard: Guard, seen: set[int]) -> None:
+    from starlette.routing import Host, Mount, Route
 
-    def _degraded(self, facts: _Facts, default_cost: int, why: str) -> Decision:
-        # Caps fail open by default (a missed cap costs little); the budget fails closed by
-        # default (an overspend costs money). Serving needs both checks to allow it.
-        allowed = self.settings.budget_fail_open and (
-            self.settings.frequency_fail_open or facts.user_key is None
-        )
-        return Decision(
-            allowed=allowed,
-            reason="served" if allowed else "store_unavailable",
-            campaign_id=facts.campaign_id,
-            cost_units=facts.cost_units if facts.cost_units is not None else default_cost,
-            remaining_impressions=None,
-            remaining_budget_units=None,
-            anonymous=facts.user_key is None,
-            degraded=True,
-            degraded_reason=why,
-        )
+    for route in routes:
+        if id(route) in seen:
+            continue
+        seen.add(id(route))
+        if isinstance(route, Route):
+            if not isinstance(route.app, _RouteGuard):
+                rules = getattr(route.endpoint, RULES_ATTRIBUTE, None)
+                view_class = getattr(route.endpoint, "view_class", None)
+                if rules is None and view_class is not None:
+                    rules = getattr(view_class, RULES_ATTRIBUTE, None)
+                route.app = _RouteGuard(route.app, guard, rules)
+        elif isinstance(route, Mount | Host):
+            inner = _find_router(route.app)
+            if inner is not None:
+                _wrap_routes(inner.routes, guard, seen)
 
-    # -- handler -> confirm or release -----------------------------------------------------
 
-    async def _run_reserved(
-        self, scope: Scope, receive: Receive, send: Send, reservation: Reservation
-    ) -> None:
-        status = 0
-        completed = False
-        disconnected = False
-        trailers = False
+class _RouteGuard:
+    """A route's app, guarded: the decision is taken here, after routing."""
 
-        async def observe_receive() -> Message:
-            nonlocal disconnected
-            message = await receive()
-            if message["type"] == "http.disconnect" and not completed:
-                disconnected = True
-            return message
+    __slots__ = ("app", "guard", "rules")
 
-        async def observe_send(message: Message) -> None:
-            nonlocal status, completed, trailers
-            kind = message["type"]
-            if kind == "http.response.start":
-                status = message["status"]
-                trailers = message.get("trailers", False)
-            await send(message)  # raises (OSError) when the client has gone away
-            if kind == "http.response.body" or kind == "http.response.zerocopysend":
-                if not message.get("more_body", False) and not trailers:
-                    completed = True
-            elif kind == "http.response.pathsend" or (
-                kind == "http.response.trailers" and not message.get("more_trailers", False)
-            ):
+    def __init__(self, app: ASGIApp, guard: Guard, rules: RouteRules | None) -> None:
+        self.app = app
+        self.guard = guard
+        self.rules = rules
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await guard_request(self.guard, self.rules, self.app, scope, receive, send)
+
+
+async def guard_request(
+    guard: Guard,
+    route: RouteRules | None,
+    app: ASGIApp,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+) -> None:
+    """Decide for one HTTP request, then run ``app`` and confirm or release."""
+    query: bytes = scope.get("query_string", b"")
+    if route is None and (
+        not guard.guards_path(scope["path"])
+        or (guard.campaign_needle not in query and b"%" not in query)
+    ):
+        await app(scope, receive, send)
+        return
+    try:
+        facts = guard.facts(query, scope.get("headers", ()), route, scope.get("path_params"))
+        if facts is None and route is not None:  # a decorated ad route needs its campaign
+            raise InvalidParameter(route.campaign_param or guard.campaign_param, "is required")
+    except InvalidParameter as exc:
+        await _send_reply(send, guard.problem(exc))
+        return
+    if facts is None:
+        await app(scope, receive, send)
+        return
+    decision, reservation = await guard.decide(facts)
+    if not decision.allowed and not guard.pass_denied:
+        await _send_reply(send, guard.denied(decision.reason))
+        return
+    scope.setdefault("state", {})["xsp"] = decision
+    if reservation is None:
+        await app(scope, receive, send)
+        return
+    await _run_reserved(guard, app, scope, receive, send, reservation)
+
+
+async def _run_reserved(
+    guard: Guard, app: ASGIApp, scope: Scope, receive: Receive, send: Send, reservation: Reservation
+) -> None:
+    status = 0
+    completed = False
+    disconnected = False
+    trailers = False
+
+    async def observe_receive() -> Message:
+        nonlocal disconnected
+        message = await receive()
+        if message["type"] == "http.disconnect" and not completed:
+            disconnected = True
+        return message
+
+    async def observe_send(message: Message) -> None:
+        nonlocal status, completed, trailers
+        kind = message["type"]
+        if kind == "http.response.start":
+            status = message["status"]
+            trailers = message.get("trailers", False)
+        await send(message)  # raises (OSError) when the client has gone away
+        if kind == "http.response.body" or kind == "http.response.zerocopysend":
+            if not message.get("more_body", False) and not trailers:
                 completed = True
+        elif kind == "http.response.pathsend" or (
+            kind == "http.response.trailers" and not message.get("more_trailers", False)
+        ):
+            completed = True
 
-        try:
-            await self.app(scope, observe_receive, observe_send)
-        finally:
-            # Confirming costs nothing: the reservation already stands. Anything but a completed
-            # 2xx gives it back. Shielded, so a cancelled request still releases.
-            if not (completed and 200 <= status < 300 and not disconnected):
-                await asyncio.shield(self._release(reservation))
-
-    async def _release(self, reservation: Reservation) -> None:
-        try:
-            await self.store.release(reservation)
-        except StoreUnavailable as exc:
-            # The spend stays counted: under-delivery, never overspend.
-            logger.warning(
-                "xsp_middleware: could not release a reservation of campaign %s: %s",
-                reservation.campaign_id,
-                exc,
-            )
+    try:
+        await app(scope, observe_receive, observe_send)
+    finally:
+        # Confirming costs nothing: the reservation already stands. Anything but a completed
+        # 2xx gives it back. Shielded, so a cancelled request still releases.
+        if not (completed and 200 <= status < 300 and not disconnected):
+            await asyncio.shield(guard.release(reservation))
 
 
-async def _send_denied(send: Send, reason: str) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 204,
-            "headers": [(b"x-xsp-decision", reason.encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": b""})
-
-
-_PROBLEM_TYPE = "urn:xsp-middleware:problem:invalid-parameter"
-
-
-async def _send_problem(send: Send, exc: InvalidParameter) -> None:
-    body = json.dumps(
-        {
-            "type": _PROBLEM_TYPE,
-            "title": "Invalid ad request parameter",
-            "detail": exc.detail,
-            "field": exc.field,
-        }
-    ).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 400,
-            "headers": [
-                (b"content-type", b"application/problem+json"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+async def _send_reply(send: Send, reply: Reply) -> None:
+    await send({"type": "http.response.start", "status": reply.status, "headers": reply.headers})
+    await send({"type": "http.response.body", "body": reply.body})

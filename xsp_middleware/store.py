@@ -194,7 +194,7 @@ class _Static:
     argv: bytes
 
 
-def _reservation(context: tuple[str, str | None, bool], reply: Any) -> Reservation:
+def reservation_from(context: tuple[str, str | None, bool], reply: Any) -> Reservation:
     """A reserve script reply (integers; see reserve.lua) as a Reservation."""
     campaign_id, user_key, counts_impression = context
     try:
@@ -345,17 +345,16 @@ class Store:
         )
         return static
 
-    async def reserve(
+    def reserve_call(
         self,
         campaign_id: str,
         user_key: str | None,
         cost_units: int | None,
         rule: CampaignConfig,
-        *,
-        counts_impression: bool = True,
-    ) -> Reservation:
-        """Check and reserve in one round trip. Raises StoreUnavailable on failure or timeout."""
-        tz = self._zones.get(campaign_id, rule.timezone)
+        counts_impression: bool,
+        tz: str,
+    ) -> tuple[int, bytes]:
+        """The packed arguments (and their count) of one reserve script call."""
         cost = b"" if cost_units is None else b"%d" % cost_units
         if self.clock is None and counts_impression:
             tail = b"$%d\r\n%b\r\n$0\r\n\r\n$1\r\n1\r\n" % (len(cost), cost)
@@ -367,26 +366,40 @@ class Store:
                     "1" if counts_impression else "0",
                 )
             )
+        static = self._static_part(campaign_id, rule, tz)
+        if user_key is None:
+            return 21, b"$1\r\n2\r\n" + static.keys + static.argv + tail
+        user = user_key.encode()
+        body = b"".join(
+            (b"$1\r\n3\r\n", static.keys, b"$%d\r\n" % len(user), user, b"\r\n", static.argv, tail)
+        )
+        return 22, body
+
+    def learn_zone(self, campaign_id: str, reply: Any) -> str:
+        """The reserve script answered "retry": the campaign's zone changed in the store."""
+        tz = _text(reply[9])
+        if len(self._zones) > 100_000:
+            self._zones.clear()
+        self._zones[campaign_id] = tz
+        return tz
+
+    async def reserve(
+        self,
+        campaign_id: str,
+        user_key: str | None,
+        cost_units: int | None,
+        rule: CampaignConfig,
+        *,
+        counts_impression: bool = True,
+    ) -> Reservation:
+        """Check and reserve in one round trip. Raises StoreUnavailable on failure or timeout."""
+        tz = self._zones.get(campaign_id, rule.timezone)
         context = (campaign_id, user_key, counts_impression)
         pipeline = self._state().pipeline
         for _ in range(2):
-            static = self._static_part(campaign_id, rule, tz)
-            if user_key is None:
-                nargs, body = 21, b"$1\r\n2\r\n" + static.keys + static.argv + tail
-            else:
-                user = user_key.encode()
-                nargs = 22
-                body = b"".join(
-                    (
-                        b"$1\r\n3\r\n",
-                        static.keys,
-                        b"$%d\r\n" % len(user),
-                        user,
-                        b"\r\n",
-                        static.argv,
-                        tail,
-                    )
-                )
+            nargs, body = self.reserve_call(
+                campaign_id, user_key, cost_units, rule, counts_impression, tz
+            )
             future = pipeline.call(RESERVE, nargs, body, self._release_orphan, context)
             try:
                 reply = await future
@@ -398,23 +411,19 @@ class Store:
                 raise
             if reply[1] != 9:
                 break
-            # The campaign's time zone changed in the store: learn it, redo with its calendar.
-            tz = _text(reply[9])
-            if len(self._zones) > 100_000:
-                self._zones.clear()
-            self._zones[campaign_id] = tz
+            tz = self.learn_zone(campaign_id, reply)
         else:
             raise StoreUnavailable(f"campaign {campaign_id}: its time zone keeps changing")
-        reservation = _reservation(context, reply)
+        reservation = reservation_from(context, reply)
         if reply[6]:
             self._exhausted(campaign_id, "lifetime" if reply[6] == 1 else "daily")
         return reservation
 
     async def release(self, reservation: Reservation) -> None:
         """Give back a reservation's spend and impression. Raises StoreUnavailable."""
-        await self._state().pipeline.call(RELEASE, *self._release_body(reservation))
+        await self._state().pipeline.call(RELEASE, *self.release_call(reservation))
 
-    def _release_body(self, r: Reservation) -> tuple[int, bytes]:
+    def release_call(self, r: Reservation) -> tuple[int, bytes]:
         cfg_key, state_key = self.campaign_keys(r.campaign_id)
         keys = (cfg_key, state_key) if r.user_key is None else (cfg_key, state_key, r.user_key)
         args = (
@@ -433,12 +442,12 @@ class Store:
         """A reservation whose caller had already given up (timeout, cancellation): undo it, so
         a late reply never leaves spend or a cap slot behind."""
         try:
-            reservation = _reservation(context, reply)
+            reservation = reservation_from(context, reply)
         except StoreUnavailable:
             logger.error("could not release an orphaned reservation: reply %r", reply)
             return
         if reservation.reserved:
-            future = self._state().pipeline.call(RELEASE, *self._release_body(reservation))
+            future = self._state().pipeline.call(RELEASE, *self.release_call(reservation))
             future.add_done_callback(_log_release_failure)
 
     def _exhausted(self, campaign_id: str, kind: str) -> None:
@@ -453,7 +462,16 @@ class Store:
         hook = self.rules.settings.on_budget_exhausted
         if hook is None:
             return
-        loop = asyncio.get_running_loop()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # a sync caller (WSGI, Django under WSGI): run it on a thread
+            target = (
+                (lambda: asyncio.run(hook(campaign_id, kind)))
+                if inspect.iscoroutinefunction(hook)
+                else (lambda: hook(campaign_id, kind))
+            )
+            threading.Thread(target=_run_hook, args=(target,), daemon=True).start()
+            return
         if inspect.iscoroutinefunction(hook):
             task: asyncio.Future[Any] = loop.create_task(hook(campaign_id, kind))
         else:  # a sync hook may block: keep it off the event loop
@@ -754,6 +772,13 @@ def cap_windows(
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _run_hook(target: Callable[[], Any]) -> None:
+    try:
+        target()
+    except Exception as exc:  # the user's hook: report it, never let it kill a worker
+        logger.error("on_budget_exhausted raised: %r", exc)
 
 
 def _log_release_failure(future: asyncio.Future[Any]) -> None:

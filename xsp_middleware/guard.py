@@ -1,0 +1,363 @@
+"""The decision core every integration shares (ASGI, WSGI, Django): request facts ->
+validated campaign, price and user -> one reserve call -> a :class:`Decision`.
+
+Integrations only translate their request and response objects; the rules, the validation, the
+failure policy and the responses for denials and bad input live here once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote
+
+from .caps import FrequencyCap, parse_caps
+from .decision import Decision
+from .errors import ConfigError, InvalidParameter, StoreUnavailable
+from .money import cpm_to_cost_units, parse_cpm
+from .settings import CampaignConfig, Money, Rules, Settings, campaign_id_problem
+from .store import Reservation, Store
+
+logger = logging.getLogger("xsp_middleware")
+
+MAX_USER_ID_BYTES = 256
+"""Longer user ids count as anonymous: no real id is that long, and it bounds HMAC work."""
+
+PROBLEM_TYPE = "urn:xsp-middleware:problem:invalid-parameter"
+Headers = list[tuple[bytes, bytes]]
+
+_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str, *args: object) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning(message, *args)
+
+
+def cookie_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """The first non-empty value of cookie ``name`` across every Cookie header, or None.
+
+    Duplicates: the first occurrence wins (browsers send the most specific path first).
+    Surrounding double quotes are removed. Never raises on hostile input.
+    """
+    for key, value in headers:
+        if key != b"cookie":
+            continue
+        for part in value.split(b";"):
+            k, sep, v = part.partition(b"=")
+            if sep and k.strip() == name:
+                v = v.strip()
+                if len(v) >= 2 and v[0] == 34 and v[-1] == 34:  # '"'
+                    v = v[1:-1]
+                if v:
+                    return v
+    return None
+
+
+def query_values(query: bytes, first: str, second: str) -> tuple[set[str], set[str]]:
+    """The distinct values of two parameters, decoded exactly as ``urllib.parse.parse_qsl``
+    (which Starlette uses) decodes them, so the handler's ``query_params`` agree with ours.
+    Only the two wanted names are decoded: most of an ad request's query is never touched."""
+    firsts: set[str] = set()
+    seconds: set[str] = set()
+    for pair in query.decode("latin-1").split("&"):
+        if not pair:
+            continue
+        name, _, value = pair.partition("=")
+        if "%" in name or "+" in name:
+            name = unquote(name.replace("+", " "))
+        if name == first:
+            target = firsts
+        elif name == second:
+            target = seconds
+        else:
+            continue
+        if "%" in value or "+" in value:
+            value = unquote(value.replace("+", " "))
+        target.add(value)
+    return firsts, seconds
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRules:
+    """Per-route rules (``@ad_route``, ``@ad_view``); fields left None keep the settings'.
+
+    Route rules beat the settings (the global defaults and ``campaigns``); what the store holds
+    for a campaign still wins over both, as everywhere.
+    """
+
+    caps: tuple[FrequencyCap, ...] | None = None
+    campaign_param: str | None = None
+    price_param: str | None = None
+    cost_units: int | None = None
+    campaign: str | None = None
+    _configs: dict[str, CampaignConfig] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        caps: Sequence[str | FrequencyCap] | None = None,
+        campaign_param: str | None = None,
+        price_param: str | None = None,
+        cpm: Money | None = None,
+        campaign: str | None = None,
+    ) -> RouteRules:
+        """Validate a decorator's arguments (at import time, not per request)."""
+        if isinstance(caps, str):
+            raise ConfigError("caps: give a list of caps such as ['3/1h'], not one string")
+        if campaign is not None and campaign_id_problem(campaign) is not None:
+            raise ConfigError(f"campaign: {campaign_id_problem(campaign)}")
+        for name, value in (("campaign_param", campaign_param), ("price_param", price_param)):
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(f"{name}: must be a non-empty string")
+        return cls(
+            caps=None if caps is None else parse_caps(caps),
+            campaign_param=campaign_param,
+            price_param=price_param,
+            cost_units=None if cpm is None else cpm_to_cost_units(cpm, "cpm"),
+            campaign=campaign,
+        )
+
+    def config(self, base: CampaignConfig, campaign_id: str) -> CampaignConfig:
+        """``base`` (the settings' rules for the campaign) with this route's caps and price."""
+        if self.caps is None and self.cost_units is None:
+            return base
+        cached = self._configs.get(campaign_id)
+        if cached is None:
+            cached = dataclasses.replace(
+                base,
+                cost_units=base.cost_units if self.cost_units is None else self.cost_units,
+                caps=base.caps if self.caps is None else self.caps,
+            )
+            if len(self._configs) > 10_000:
+                self._configs.clear()
+            self._configs[campaign_id] = cached
+        return cached
+
+
+class Facts:
+    """A validated ad request."""
+
+    __slots__ = ("campaign_id", "cost_units", "rule", "user_key")
+
+    def __init__(
+        self, campaign_id: str, cost_units: int | None, user_key: str | None, rule: CampaignConfig
+    ) -> None:
+        self.campaign_id = campaign_id
+        self.cost_units = cost_units
+        self.user_key = user_key
+        self.rule = rule
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An HTTP answer the integration sends instead of running the handler."""
+
+    status: int
+    headers: Headers
+    body: bytes
+
+
+class Guard:
+    """Settings compiled once; facts and decisions per request."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.rules = Rules.from_settings(settings)
+        self.store = Store(self.rules)
+        self._sync_store: Any = None
+        self.paths = self.rules.paths
+        self.campaign_param = settings.campaign_param
+        self.campaign_needle = settings.campaign_param.encode()
+        self.price_param = settings.price_param
+        self.cookie = settings.user_cookie.encode()
+        self.pass_denied = settings.on_denied == "pass"
+        if self.rules.uses_development_key:
+            warn_once(
+                "dev-key",
+                "xsp_middleware: secret_key is unset; user ids are hashed with the fixed "
+                "development key. Set XSP_SECRET_KEY in production.",
+            )
+        if self.store.is_memory:
+            warn_once(
+                "memory",
+                "xsp_middleware: using the embedded in-memory store; its state is per process, "
+                "so several workers each enforce caps and budgets on their own. Set "
+                "XSP_REDIS_URL to share state.",
+            )
+
+    @property
+    def sync_store(self) -> Any:
+        """The blocking twin of ``store`` (created on first use)."""
+        if self._sync_store is None:
+            from .sync_store import SyncStore
+
+            self._sync_store = SyncStore(self.store)
+        return self._sync_store
+
+    def guards_path(self, path: str) -> bool:
+        if self.paths is None:
+            return True
+        for prefix in self.paths:
+            if path == prefix or path.startswith(prefix if prefix.endswith("/") else prefix + "/"):
+                return True
+        return False
+
+    # -- request -> facts -------------------------------------------------------------------
+
+    def facts(
+        self,
+        query: bytes,
+        headers: Iterable[tuple[bytes, bytes]],
+        route: RouteRules | None = None,
+        path_params: Mapping[str, Any] | None = None,
+    ) -> Facts | None:
+        """The validated facts of an ad request, or None if it is not one (no campaign).
+        Raises :class:`InvalidParameter` for bad input."""
+        campaign_param = self.campaign_param
+        price_param = self.price_param
+        fixed = None
+        if route is not None:
+            campaign_param = route.campaign_param or campaign_param
+            price_param = route.price_param or price_param
+            fixed = route.campaign
+        campaigns, prices = query_values(query, campaign_param, price_param)
+        if fixed is not None:
+            campaigns = {fixed}
+        elif path_params and campaign_param in path_params:
+            campaigns = {str(path_params[campaign_param])}
+        if not campaigns:
+            return None
+        if len(campaigns) > 1:
+            raise InvalidParameter(campaign_param, "given more than once with different values")
+        (campaign_id,) = campaigns
+        problem = campaign_id_problem(campaign_id)
+        if problem is not None:
+            raise InvalidParameter(campaign_param, problem)
+        cost_units: int | None = None
+        if len(prices) > 1:
+            raise InvalidParameter(price_param, "given more than once with different values")
+        if prices:
+            (price,) = prices
+            cost_units = parse_cpm(
+                price, field=price_param, max_cpm_units=self.rules.max_cpm_cost_units
+            )
+        user_id = cookie_value(headers, self.cookie)
+        user_key = None
+        if user_id is not None and len(user_id) <= MAX_USER_ID_BYTES:
+            user_key = self.store.user_key(user_id)
+        rule = self.rules.rule_for(campaign_id)
+        if route is not None:
+            rule = route.config(rule, campaign_id)
+        return Facts(campaign_id, cost_units, user_key, rule)
+
+    # -- facts -> decision (one round trip) ------------------------------------------------
+
+    async def decide(self, facts: Facts) -> tuple[Decision, Reservation | None]:
+        try:
+            r = await self.store.reserve(
+                facts.campaign_id, facts.user_key, facts.cost_units, facts.rule
+            )
+        except StoreUnavailable as exc:
+            return self.degraded(facts, str(exc)), None
+        except Exception as exc:  # our bug must not become a 500: log it, apply the policy
+            logger.exception("xsp_middleware: unexpected error while deciding")
+            return self.degraded(facts, f"internal error: {exc!r}"), None
+        return self.decision(facts, r)
+
+    def decide_sync(self, facts: Facts) -> tuple[Decision, Reservation | None]:
+        try:
+            r = self.sync_store.reserve(
+                facts.campaign_id, facts.user_key, facts.cost_units, facts.rule
+            )
+        except StoreUnavailable as exc:
+            return self.degraded(facts, str(exc)), None
+        except Exception as exc:  # our bug must not become a 500: log it, apply the policy
+            logger.exception("xsp_middleware: unexpected error while deciding")
+            return self.degraded(facts, f"internal error: {exc!r}"), None
+        return self.decision(facts, r)
+
+    @staticmethod
+    def decision(facts: Facts, r: Reservation) -> tuple[Decision, Reservation | None]:
+        decision = Decision(
+            allowed=r.reserved,
+            reason=r.reason,
+            campaign_id=facts.campaign_id,
+            cost_units=r.cost_units,
+            remaining_impressions=r.remaining_impressions,
+            remaining_budget_units=r.remaining_budget_units,
+            anonymous=facts.user_key is None,
+        )
+        return decision, (r if r.reserved else None)
+
+    def degraded(self, facts: Facts, why: str) -> Decision:
+        # Caps fail open by default (a missed cap costs little); the budget fails closed by
+        # default (an overspend costs money). Serving needs both checks to allow it.
+        allowed = self.settings.budget_fail_open and (
+            self.settings.frequency_fail_open or facts.user_key is None
+        )
+        return Decision(
+            allowed=allowed,
+            reason="served" if allowed else "store_unavailable",
+            campaign_id=facts.campaign_id,
+            cost_units=facts.cost_units if facts.cost_units is not None else facts.rule.cost_units,
+            remaining_impressions=None,
+            remaining_budget_units=None,
+            anonymous=facts.user_key is None,
+            degraded=True,
+            degraded_reason=why,
+        )
+
+    # -- confirm or release ----------------------------------------------------------------
+
+    async def release(self, reservation: Reservation) -> None:
+        try:
+            await self.store.release(reservation)
+        except StoreUnavailable as exc:
+            _release_failed(reservation, exc)
+
+    def release_sync(self, reservation: Reservation) -> None:
+        try:
+            self.sync_store.release(reservation)
+        except StoreUnavailable as exc:
+            _release_failed(reservation, exc)
+
+    # -- answers instead of the handler ----------------------------------------------------
+
+    @staticmethod
+    def denied(reason: str) -> Reply:
+        return Reply(204, [(b"x-xsp-decision", reason.encode())], b"")
+
+    @staticmethod
+    def problem(exc: InvalidParameter) -> Reply:
+        body = json.dumps(
+            {
+                "type": PROBLEM_TYPE,
+                "title": "Invalid ad request parameter",
+                "detail": exc.detail,
+                "field": exc.field,
+            }
+        ).encode()
+        return Reply(
+            400,
+            [
+                (b"content-type", b"application/problem+json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+            body,
+        )
+
+
+def _release_failed(reservation: Reservation, exc: Exception) -> None:
+    # The spend stays counted: under-delivery, never overspend.
+    logger.warning(
+        "xsp_middleware: could not release a reservation of campaign %s: %s",
+        reservation.campaign_id,
+        exc,
+    )

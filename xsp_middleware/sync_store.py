@@ -1,0 +1,105 @@
+"""The store for sync callers (WSGI, Django under WSGI): the same scripts, keys and arguments as
+:class:`~xsp_middleware.store.Store`, over redis-py's thread-safe sync connection pool. One
+decision is one EVALSHA: no event loop per request, no ``async_to_sync``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import redis
+from redis.exceptions import ConnectionError, NoScriptError, RedisError, ResponseError
+from redis.retry import Retry
+
+from .errors import StoreUnavailable
+from .pipeline import Script
+from .settings import CampaignConfig
+from .store import (
+    _NO_DRIVER_INFO,
+    RELEASE,
+    RESERVE,
+    Reservation,
+    Store,
+    _memory_server,
+    reservation_from,
+)
+
+logger = logging.getLogger("xsp_middleware")
+
+
+class SyncStore:
+    """Blocking reserve and release on the same store as an async :class:`Store`."""
+
+    def __init__(self, store: Store) -> None:
+        from redis.backoff import NoBackoff
+
+        self.store = store
+        if store.is_memory:
+            import fakeredis
+
+            client: Any = fakeredis.FakeRedis(server=_memory_server(store.url))
+        else:
+            client = redis.Redis.from_url(
+                store.url,
+                socket_connect_timeout=store.timeout,
+                socket_timeout=store.timeout,
+                retry=Retry(NoBackoff(), 0),
+                health_check_interval=0,
+                protocol=2,
+                **_NO_DRIVER_INFO,
+            )
+        self.client = client
+        self._pool = client.connection_pool
+
+    def _call(self, script: Script, nargs: int, body: bytes) -> Any:
+        try:
+            conn = self._pool.get_connection()
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        try:
+            conn.send_packed_command(b"*%d\r\n" % (nargs + 2) + script.evalsha + body)
+            try:
+                return conn.read_response()
+            except NoScriptError:
+                # A restarted or flushed script cache: NOSCRIPT means it did not run.
+                conn.send_packed_command(b"*%d\r\n" % (nargs + 2) + script.eval + body)
+                return conn.read_response()
+        except ResponseError as exc:
+            raise StoreUnavailable(f"the store answered an error: {exc}") from exc
+        except (ConnectionError, RedisError, OSError) as exc:
+            # Unknown outcome: the connection may hold a late reply, so it is not reused.
+            conn.disconnect()
+            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            self._pool.release(conn)
+
+    def reserve(
+        self,
+        campaign_id: str,
+        user_key: str | None,
+        cost_units: int | None,
+        rule: CampaignConfig,
+        *,
+        counts_impression: bool = True,
+    ) -> Reservation:
+        """Check and reserve in one round trip. Raises StoreUnavailable on failure or timeout."""
+        store = self.store
+        tz = store._zones.get(campaign_id, rule.timezone)
+        for _ in range(2):
+            nargs, body = store.reserve_call(
+                campaign_id, user_key, cost_units, rule, counts_impression, tz
+            )
+            reply = self._call(RESERVE, nargs, body)
+            if reply[1] != 9:
+                break
+            tz = store.learn_zone(campaign_id, reply)
+        else:
+            raise StoreUnavailable(f"campaign {campaign_id}: its time zone keeps changing")
+        reservation = reservation_from((campaign_id, user_key, counts_impression), reply)
+        if reply[6]:
+            store._exhausted(campaign_id, "lifetime" if reply[6] == 1 else "daily")
+        return reservation
+
+    def release(self, reservation: Reservation) -> None:
+        """Give back a reservation's spend and impression. Raises StoreUnavailable."""
+        self._call(RELEASE, *self.store.release_call(reservation))
