@@ -2,52 +2,34 @@
 
 ``GET /ad?campaign_id=c1&cpm=2.50`` with cookie ``user_id=u1`` returns a small VAST 4.2 ad,
 guarded by XSPMiddleware: frequency caps and the campaign budget are checked and reserved in one
-Redis round trip before this handler runs. Configure it from the environment: ``XSP_REDIS_URL``
-(unset: the embedded in-memory store), ``XSP_SECRET_KEY``, ``XSP_DEFAULT_CAPS`` and so on.
+Redis round trip before the handler runs. ``GET /ad/{campaign_id}`` is the same ad on a route
+with its own rules (``@ad_route``). Configure it from the environment: ``XSP_REDIS_URL`` (unset:
+the embedded in-memory store), ``XSP_SECRET_KEY``, ``XSP_DEFAULT_CAPS`` and so on.
 """
 
 from __future__ import annotations
 
-from xml.sax.saxutils import escape
+from typing import Annotated
 
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
-from xsp_middleware import Decision, XSPMiddleware
+from xsp_middleware import Decision, XSPMiddleware, ad_route, xsp_decision
+from xsp_middleware.demo import vast_xml
 
 app = FastAPI(title="xsp-middleware example ad server")
 # Settings come from XSP_* environment variables; keyword arguments here would win over them.
 app.add_middleware(XSPMiddleware, paths=["/ad"])
 
-VAST_TEMPLATE = """<?xml version="1.0" encoding="UTF-8"?>
-<VAST version="4.2" xmlns="http://www.iab.com/VAST">
-  <Ad id="{campaign}">
-    <InLine>
-      <AdSystem version="0.1">xsp-middleware</AdSystem>
-      <AdTitle>Campaign {campaign}</AdTitle>
-      <Pricing model="CPM" currency="USD"><![CDATA[{cpm}]]></Pricing>
-      <Impression id="imp"><![CDATA[https://ads.example.com/imp?c={campaign}]]></Impression>
-      <Creatives>
-        <Creative id="{campaign}-video" sequence="1">
-          <Linear>
-            <Duration>00:00:15</Duration>
-            <MediaFiles>
-              <MediaFile delivery="progressive" type="video/mp4" width="640" height="360">
-                <![CDATA[https://cdn.example.com/{campaign}.mp4]]>
-              </MediaFile>
-            </MediaFiles>
-          </Linear>
-        </Creative>
-      </Creatives>
-    </InLine>
-  </Ad>
-</VAST>
-"""
+
+def vast(decision: Decision) -> Response:
+    return Response(vast_xml(decision.campaign_id, decision.cpm), media_type="application/xml")
 
 
 @app.get("/ad")
 async def serve_ad(request: Request) -> Response:
-    """Reached only when the middleware reserved the impression (denials are 204 no-fills)."""
+    """Guarded by ``paths``: reached only when the middleware reserved the impression
+    (denials are 204 no-fills)."""
     decision: Decision | None = getattr(request.state, "xsp", None)
     if decision is None:  # no campaign_id: not an ad request, so the middleware let it by
         return JSONResponse(
@@ -59,8 +41,17 @@ async def serve_ad(request: Request) -> Response:
             status_code=400,
             media_type="application/problem+json",
         )
-    body = VAST_TEMPLATE.format(campaign=escape(decision.campaign_id), cpm=decision.cpm)
-    return Response(body, media_type="application/xml")
+    return vast(decision)
+
+
+@app.get("/ad/{campaign_id}")
+@ad_route(caps=["2/1h"])
+async def serve_campaign_ad(
+    campaign_id: str, decision: Annotated[Decision | None, Depends(xsp_decision)]
+) -> Response:
+    """The same ad, the campaign in the path, at most 2 an hour per user (this route's rule)."""
+    assert decision is not None  # an ad route: the middleware always decided
+    return vast(decision)
 
 
 @app.get("/health")

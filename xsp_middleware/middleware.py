@@ -2,7 +2,7 @@
 confirm (a 2xx response that completed) or release (anything else).
 
 With a Starlette or FastAPI app, the decision is taken once the route is known: on the first
-request the middleware wraps each route's ASGI app once (never a per-request route scan), so
+request the middleware wraps each route's handler once (never a per-request route scan), so
 ``@ad_route`` rules and path parameters apply, and a 404 costs no store call. With any other
 ASGI app it decides before calling the app.
 """
@@ -99,6 +99,9 @@ def _find_router(app: Any) -> Any:
 
 
 def _wrap_routes(routes: list[Any], guard: Guard, seen: set[int]) -> None:
+    """Guard each HTTP route's ``handle`` (what routers call once a route matched), once.
+    ``handle`` rather than ``app``: FastAPI's included routers run a route through its
+    ``handle`` with a handler of their own."""
     from starlette.routing import Host, Mount, Route
 
     for route in routes:
@@ -106,30 +109,40 @@ def _wrap_routes(routes: list[Any], guard: Guard, seen: set[int]) -> None:
             continue
         seen.add(id(route))
         if isinstance(route, Route):
-            if not isinstance(route.app, _RouteGuard):
+            if not isinstance(route.handle, _GuardedHandle):
                 rules = getattr(route.endpoint, RULES_ATTRIBUTE, None)
                 view_class = getattr(route.endpoint, "view_class", None)
                 if rules is None and view_class is not None:
                     rules = getattr(view_class, RULES_ATTRIBUTE, None)
-                route.app = _RouteGuard(route.app, guard, rules)
+                route.handle = _GuardedHandle(route.handle, guard, rules, route.methods)  # type: ignore[method-assign]
         elif isinstance(route, Mount | Host):
             inner = _find_router(route.app)
             if inner is not None:
                 _wrap_routes(inner.routes, guard, seen)
+        else:  # FastAPI keeps an included APIRouter's routes in its original router
+            original = getattr(route, "original_router", None)
+            if original is not None:
+                _wrap_routes(original.routes, guard, seen)
 
 
-class _RouteGuard:
-    """A route's app, guarded: the decision is taken here, after routing."""
+class _GuardedHandle:
+    """A route's ``handle``, guarded: the decision is taken here, after routing."""
 
-    __slots__ = ("app", "guard", "rules")
+    __slots__ = ("guard", "handle", "methods", "rules")
 
-    def __init__(self, app: ASGIApp, guard: Guard, rules: RouteRules | None) -> None:
-        self.app = app
+    def __init__(
+        self, handle: ASGIApp, guard: Guard, rules: RouteRules | None, methods: set[str] | None
+    ) -> None:
+        self.handle = handle
         self.guard = guard
         self.rules = rules
+        self.methods = methods
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await guard_request(self.guard, self.rules, self.app, scope, receive, send)
+        if scope["type"] != "http" or (self.methods and scope["method"] not in self.methods):
+            await self.handle(scope, receive, send)  # the route answers 405 itself
+            return
+        await guard_request(self.guard, self.rules, self.handle, scope, receive, send)
 
 
 async def guard_request(
