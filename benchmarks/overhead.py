@@ -50,6 +50,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from xsp_middleware import XSPMiddleware
+from xsp_middleware.demo import vast_xml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -62,34 +63,9 @@ SECRET_KEY = "bench-secret-key-0123456789"
 BUDGET = "900000000.00"
 VARIANTS = ("bare", "xsp", "tutorial")
 
-VAST = """<?xml version="1.0" encoding="UTF-8"?>
-<VAST version="4.2" xmlns="http://www.iab.com/VAST">
-  <Ad id="{campaign}">
-    <InLine>
-      <AdSystem version="1.0">bench</AdSystem>
-      <AdTitle>Campaign {campaign}</AdTitle>
-      <Impression id="imp"><![CDATA[https://ads.example.com/imp?c={campaign}]]></Impression>
-      <Creatives>
-        <Creative id="{campaign}-video" sequence="1">
-          <Linear>
-            <Duration>00:00:15</Duration>
-            <MediaFiles>
-              <MediaFile delivery="progressive" type="video/mp4" width="640" height="360">
-                <![CDATA[https://cdn.example.com/{campaign}.mp4]]>
-              </MediaFile>
-            </MediaFiles>
-          </Linear>
-        </Creative>
-      </Creatives>
-    </InLine>
-  </Ad>
-</VAST>
-"""
-
-
 async def ad(request: Request) -> Response:
     campaign = request.query_params.get("campaign_id", "none")
-    return Response(VAST.format(campaign=campaign), media_type="application/xml")
+    return Response(vast_xml(campaign, "2.50"), media_type="application/xml")
 
 
 def make_app() -> Starlette:
