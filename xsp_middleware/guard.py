@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -172,6 +173,7 @@ class Guard:
         self.rules = Rules.from_settings(settings)
         self.store = Store(self.rules)
         self._sync_store: Any = None
+        self._lock = threading.Lock()
         self.paths = self.rules.paths
         self.campaign_param = settings.campaign_param
         self.campaign_needle = settings.campaign_param.encode()
@@ -194,11 +196,13 @@ class Guard:
 
     @property
     def sync_store(self) -> Any:
-        """The blocking twin of ``store`` (created on first use)."""
+        """The blocking twin of ``store``, created on first use (once, whatever the threads)."""
         if self._sync_store is None:
             from .sync_store import SyncStore
 
-            self._sync_store = SyncStore(self.store)
+            with self._lock:
+                if self._sync_store is None:
+                    self._sync_store = SyncStore(self.store)
         return self._sync_store
 
     def guards_path(self, path: str) -> bool:

@@ -56,13 +56,15 @@ class SyncStore:
             conn = self._pool.get_connection()
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        head = b"*%d\r\n" % (nargs + 2)
         try:
-            conn.send_packed_command(b"*%d\r\n" % (nargs + 2) + script.evalsha + body)
+            # A list of chunks: redis-py would iterate a bare bytes object into ints.
+            conn.send_packed_command([head + script.evalsha + body])
             try:
                 return conn.read_response()
             except NoScriptError:
                 # A restarted or flushed script cache: NOSCRIPT means it did not run.
-                conn.send_packed_command(b"*%d\r\n" % (nargs + 2) + script.eval + body)
+                conn.send_packed_command([head + script.eval + body])
                 return conn.read_response()
         except ResponseError as exc:
             raise StoreUnavailable(f"the store answered an error: {exc}") from exc
