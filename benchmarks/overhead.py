@@ -63,6 +63,7 @@ SECRET_KEY = "bench-secret-key-0123456789"
 BUDGET = "900000000.00"
 VARIANTS = ("bare", "xsp", "tutorial")
 
+
 async def ad(request: Request) -> Response:
     campaign = request.query_params.get("campaign_id", "none")
     return Response(vast_xml(campaign, "2.50"), media_type="application/xml")

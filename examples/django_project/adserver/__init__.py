@@ -1,0 +1,1 @@
+"""The example Django ad server (see ``examples/django_project/README.md``)."""
