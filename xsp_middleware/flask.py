@@ -27,8 +27,7 @@ from flask import Flask, Response, request
 
 from .caps import FrequencyCap
 from .decision import Decision
-from .guard import Guard, Reply, RouteRules
-from .middleware import RULES_ATTRIBUTE
+from .guard import Guard, Reply, rules_marker, rules_of
 from .settings import Money
 from .wsgi import STATE_KEY, RequestState, decision_of, wsgi_headers
 
@@ -61,7 +60,7 @@ def ad_route(
     also marks a class-based view's class. The XSPWSGIMiddleware wrapping the app applies the
     rules once Flask has chosen the view, before the view runs.
     """
-    rules = RouteRules.build(
+    return rules_marker(
         caps=caps,
         campaign_param=campaign_param,
         price_param=price_param,
@@ -69,25 +68,11 @@ def ad_route(
         campaign=campaign,
     )
 
-    def mark(view: F) -> F:
-        setattr(view, RULES_ATTRIBUTE, rules)
-        return view
-
-    return mark
-
 
 def xsp_decision() -> Decision | None:
     """The Decision for the current request (``request.environ["xsp.decision"]``), or None
     when it is not an ad request."""
     return decision_of(request.environ)
-
-
-def route_rules(view: object) -> RouteRules | None:
-    """The ``@ad_route`` rules of a view function (or of its class-based view's class)."""
-    rules = getattr(view, RULES_ATTRIBUTE, None)
-    if rules is None:
-        rules = getattr(getattr(view, "view_class", None), RULES_ATTRIBUTE, None)
-    return rules if isinstance(rules, RouteRules) else None
 
 
 def install_guard(app: Flask, guard: Guard) -> None:
@@ -103,7 +88,7 @@ def install_guard(app: Flask, guard: Guard) -> None:
         if request.method == "OPTIONS" and getattr(rule, "provide_automatic_options", False):
             return None  # Flask answers it without the view
         view = app.view_functions.get(rule.endpoint)
-        reply = state.decide(request.environ, route_rules(view), request.path, request.view_args)
+        reply = state.decide(request.environ, rules_of(view), request.path, request.view_args)
         return None if reply is None else _response(app, reply)
 
     app.before_request(xsp_before_request)

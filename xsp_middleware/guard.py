@@ -11,9 +11,9 @@ import dataclasses
 import json
 import logging
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote
 
 from .caps import FrequencyCap, parse_caps
@@ -140,6 +140,32 @@ class RouteRules:
                 self._configs.clear()
             self._configs[campaign_id] = cached
         return cached
+
+
+RULES_ATTRIBUTE = "__xsp_rules__"
+
+E = TypeVar("E")
+
+
+def rules_marker(**arguments: Any) -> Callable[[E], E]:
+    """What ``ad_route`` (Starlette, FastAPI, Flask) and ``ad_view`` (Django) return: validate
+    the rules now, at import time, and mark the endpoint with them. The endpoint is returned
+    unchanged, so frameworks still inspect its own signature."""
+    rules = RouteRules.build(**arguments)
+
+    def mark(endpoint: E) -> E:
+        setattr(endpoint, RULES_ATTRIBUTE, rules)
+        return endpoint
+
+    return mark
+
+
+def rules_of(endpoint: object) -> RouteRules | None:
+    """The rules marked on an endpoint, or on its class-based view's class (``view_class``)."""
+    rules = getattr(endpoint, RULES_ATTRIBUTE, None)
+    if rules is None:
+        rules = getattr(getattr(endpoint, "view_class", None), RULES_ATTRIBUTE, None)
+    return rules if isinstance(rules, RouteRules) else None
 
 
 class Facts:

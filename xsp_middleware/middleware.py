@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from .errors import InvalidParameter
-from .guard import Guard, Reply, RouteRules, cookie_value, query_values
+from .guard import Guard, Reply, RouteRules, cookie_value, query_values, rules_of
 from .settings import Settings
 from .store import Reservation
 
@@ -28,8 +28,6 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-RULES_ATTRIBUTE = "__xsp_rules__"
 
 
 class XSPMiddleware:
@@ -110,10 +108,7 @@ def _wrap_routes(routes: list[Any], guard: Guard, seen: set[int]) -> None:
         seen.add(id(route))
         if isinstance(route, Route):
             if not isinstance(route.handle, _GuardedHandle):
-                rules = getattr(route.endpoint, RULES_ATTRIBUTE, None)
-                view_class = getattr(route.endpoint, "view_class", None)
-                if rules is None and view_class is not None:
-                    rules = getattr(view_class, RULES_ATTRIBUTE, None)
+                rules = rules_of(route.endpoint)
                 route.handle = _GuardedHandle(route.handle, guard, rules, route.methods)  # type: ignore[method-assign]
         elif isinstance(route, Mount | Host):
             inner = _find_router(route.app)

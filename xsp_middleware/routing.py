@@ -7,8 +7,7 @@ from typing import Any, TypeVar
 
 from .caps import FrequencyCap
 from .decision import Decision
-from .guard import RouteRules
-from .middleware import RULES_ATTRIBUTE
+from .guard import rules_marker
 from .settings import Money
 
 try:  # FastAPI injects the request by this annotation
@@ -41,19 +40,13 @@ def ad_route(
     XSPMiddleware in front of the app applies the rules once the router has chosen the route,
     before the handler runs.
     """
-    rules = RouteRules.build(
+    return rules_marker(
         caps=caps,
         campaign_param=campaign_param,
         price_param=price_param,
         cpm=cpm,
         campaign=campaign,
     )
-
-    def mark(endpoint: F) -> F:
-        setattr(endpoint, RULES_ATTRIBUTE, rules)
-        return endpoint
-
-    return mark
 
 
 def xsp_decision(request: Request) -> Decision | None:

@@ -19,8 +19,7 @@ from django.http import HttpResponse  # type: ignore[import-untyped,unused-ignor
 from ..caps import FrequencyCap
 from ..decision import Decision
 from ..errors import ConfigError, InvalidParameter
-from ..guard import Facts, Guard, Reply, RouteRules
-from ..middleware import RULES_ATTRIBUTE
+from ..guard import Facts, Guard, Reply, rules_marker, rules_of
 from ..settings import Money, Settings
 from ..store import Reservation
 from .conf import XSPImproperlyConfigured, settings_from_django
@@ -57,19 +56,13 @@ def ad_view(
     On a class-based view, decorate the class (``as_view()`` keeps it as ``view_class``). The
     view itself is returned unchanged; ``XSPMiddleware`` applies the rules in ``process_view``.
     """
-    rules = RouteRules.build(
+    return rules_marker(
         caps=caps,
         campaign_param=campaign_param,
         price_param=price_param,
         cpm=cpm,
         campaign=campaign,
     )
-
-    def mark(view: T) -> T:
-        setattr(view, RULES_ATTRIBUTE, rules)
-        return view
-
-    return mark
 
 
 class XSPMiddleware:
@@ -135,11 +128,7 @@ class XSPMiddleware:
     ) -> Facts | HttpResponse | None:
         """The request's facts; None when it is not an ad request; a 400 for bad input."""
         guard = self.guard
-        rules: RouteRules | None = getattr(view_func, RULES_ATTRIBUTE, None)
-        if rules is None:
-            view_class = getattr(view_func, "view_class", None)
-            if view_class is not None:
-                rules = getattr(view_class, RULES_ATTRIBUTE, None)
+        rules = rules_of(view_func)
         meta = request.META
         query = meta.get("QUERY_STRING", "")
         if rules is None and (
