@@ -29,7 +29,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from overhead import drive  # noqa: E402
+from overhead import drive, request_once  # noqa: E402
 
 from xsp_middleware.demo import vast_xml  # noqa: E402
 
@@ -92,6 +92,43 @@ def flask_app(guarded_url: str | None) -> Any:
             app.wsgi_app, redis_url=guarded_url, secret_key=SECRET, default_budget=BUDGET
         )
     return app
+
+
+def django_handlers(redis_url: str) -> tuple[Any, Any, Any, Any]:
+    """(bare WSGI, guarded WSGI, bare ASGI, guarded ASGI) handlers of one Django ad view."""
+    import types
+
+    import django
+    from django.conf import settings
+    from django.http import HttpResponse
+    from django.test.utils import override_settings
+    from django.urls import path
+
+    def ad(request: Any) -> HttpResponse:
+        return HttpResponse(
+            vast_xml(request.GET["campaign_id"], "2.50"), content_type="application/xml"
+        )
+
+    urls = types.ModuleType("xsp_bench_urls")
+    urls.urlpatterns = [path("ad", ad)]  # type: ignore[attr-defined]
+    sys.modules["xsp_bench_urls"] = urls
+    settings.configure(
+        DEBUG=False,
+        SECRET_KEY="bench",
+        ALLOWED_HOSTS=["*"],
+        ROOT_URLCONF="xsp_bench_urls",
+        MIDDLEWARE=[],
+        DATABASES={},
+        XSP_MIDDLEWARE={"REDIS_URL": redis_url, "SECRET_KEY": SECRET, "DEFAULT_BUDGET": BUDGET},
+    )
+    django.setup()
+    from django.core.handlers.asgi import ASGIHandler
+    from django.core.handlers.wsgi import WSGIHandler
+
+    bare_wsgi, bare_asgi = WSGIHandler(), ASGIHandler()
+    with override_settings(MIDDLEWARE=["xsp_middleware.django.XSPMiddleware"]):
+        guarded_wsgi, guarded_asgi = WSGIHandler(), ASGIHandler()
+    return bare_wsgi, guarded_wsgi, bare_asgi, guarded_asgi
 
 
 # -- WSGI driving -------------------------------------------------------------------------------
@@ -186,6 +223,7 @@ def run(args: argparse.Namespace, redis_url: str) -> dict[str, Any]:
     from xsp_middleware import XSPMiddleware
 
     users = itertools.count()
+    django_wsgi_bare, django_wsgi, django_asgi_bare, django_asgi = django_handlers(redis_url)
     asgi: dict[str, tuple[Any, Any]] = {
         "starlette": (
             starlette_app(),
@@ -194,8 +232,12 @@ def run(args: argparse.Namespace, redis_url: str) -> dict[str, Any]:
             ),
         ),
         "fastapi": (fastapi_app(None), fastapi_app(redis_url)),
+        "django-asgi": (django_asgi_bare, django_asgi),
     }
-    wsgi: dict[str, tuple[Any, Any]] = {"flask": (flask_app(None), flask_app(redis_url))}
+    wsgi: dict[str, tuple[Any, Any]] = {
+        "flask": (flask_app(None), flask_app(redis_url)),
+        "django-wsgi": (django_wsgi_bare, django_wsgi),
+    }
     results: dict[str, dict[str, list[float]]] = {
         name: {"bare": [], "guarded": []} for name in [*asgi, *wsgi]
     }
@@ -203,9 +245,10 @@ def run(args: argparse.Namespace, redis_url: str) -> dict[str, Any]:
 
     async def asgi_round() -> None:
         for name, (bare, guarded) in asgi.items():
+            receive = request_once if name.startswith("django") else None
             for variant, app in (("bare", bare), ("guarded", guarded)):
-                await drive(app, 0.3, users)
-                phase = await drive(app, args.seconds, users)
+                await drive(app, 0.3, users, receive)
+                phase = await drive(app, args.seconds, users, receive)
                 results[name][variant].append(phase.ok / phase.elapsed)
 
     for _ in range(args.rounds):

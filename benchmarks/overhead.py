@@ -110,7 +110,28 @@ class Phase:
         self.elapsed = 0.0
 
 
-async def drive(app: Any, seconds: float, users: itertools.count[int]) -> Phase:
+def request_once() -> Callable[[], Any]:
+    """A receive for servers that keep listening after the body (Django's ASGI handler): the
+    request once, then nothing until the app stops listening."""
+    sent = False
+
+    async def receive_once() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return REQUEST_MESSAGE
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    return receive_once
+
+
+async def drive(
+    app: Any,
+    seconds: float,
+    users: itertools.count[int],
+    make_receive: Callable[[], Any] | None = None,
+) -> Phase:
     """``CONCURRENCY`` workers send requests back to back until ``seconds`` have passed."""
     phase = Phase()
     clock = time.perf_counter
@@ -129,7 +150,7 @@ async def drive(app: Any, seconds: float, users: itertools.count[int]) -> Phase:
             scope = make_scope(next(users))
             t0 = clock()
             try:
-                await app(scope, receive, send)
+                await app(scope, receive if make_receive is None else make_receive(), send)
             except Exception as exc:
                 key = f"error:{type(exc).__name__}"
                 statuses[key] = statuses.get(key, 0) + 1
