@@ -281,3 +281,27 @@ async def test_route_rules_apply_with_settings_campaigns(store_url: str) -> None
             for i in range(3)
         ]
     assert codes == [200, 200, 204]  # the campaign's budget buys two at its CPM
+
+
+async def test_an_app_reached_without_the_middleware_is_not_guarded(store_url: str) -> None:
+    """The middleware wraps the routes of the app it guards; the same app object served
+    another way (directly, or under a middleware with other settings) keeps to that way."""
+
+    async def ad(request: StarletteRequest) -> Response:
+        return PlainTextResponse("ok")
+
+    inner = Starlette(routes=[Route("/ad", ad)])
+    strict = XSPMiddleware(inner, redis_url=store_url, secret_key=SECRET, default_caps=["1/1h"])
+    loose = XSPMiddleware(inner, redis_url=store_url, secret_key=SECRET, default_caps=["3/1h"])
+    async with client(strict) as s, client(loose) as lo, client(inner) as bare:
+        assert [
+            (await s.get("/ad?campaign_id=c1", headers=as_user("a"))).status_code for _ in range(2)
+        ] == [200, 204]
+        assert [
+            (await lo.get("/ad?campaign_id=c2", headers=as_user("b"))).status_code for _ in range(4)
+        ] == [200, 200, 200, 204]
+        assert [
+            (await bare.get("/ad?campaign_id=c3", headers=as_user("c"))).status_code
+            for _ in range(5)
+        ] == [200] * 5
+    assert (await strict.store.get_campaign("c3")).impressions == 0

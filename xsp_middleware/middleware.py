@@ -21,6 +21,9 @@ from .store import Reservation
 
 __all__ = ["XSPMiddleware", "cookie_value", "query_values"]
 
+GUARD_KEY = "xsp.guard"
+"""The scope key by which the middleware hands its guard to the route guards."""
+
 logger = logging.getLogger("xsp_middleware")
 
 Scope = MutableMapping[str, Any]
@@ -63,7 +66,10 @@ class XSPMiddleware:
             self._install_route_guards()
             routes = self._routes
         if routes is not None:
-            await self.app(scope, receive, send)  # the route guards decide
+            # The route guards decide, with this middleware's guard: routes of an app that is
+            # also reached another way (unguarded, or under other settings) act accordingly.
+            scope[GUARD_KEY] = self.guard
+            await self.app(scope, receive, send)
             return
         await guard_request(self.guard, None, self.app, scope, receive, send)
 
@@ -74,7 +80,7 @@ class XSPMiddleware:
         router = _find_router(self.app)
         if router is None:
             return
-        _wrap_routes(router.routes, self.guard, set())
+        _wrap_routes(router.routes, set())
         self._routes = router.routes
         self._route_count = len(router.routes)
 
@@ -96,7 +102,7 @@ def _find_router(app: Any) -> Any:
     return None
 
 
-def _wrap_routes(routes: list[Any], guard: Guard, seen: set[int]) -> None:
+def _wrap_routes(routes: list[Any], seen: set[int]) -> None:
     """Guard each HTTP route's ``handle`` (what routers call once a route matched), once.
     ``handle`` rather than ``app``: FastAPI's included routers run a route through its
     ``handle`` with a handler of their own."""
@@ -109,35 +115,37 @@ def _wrap_routes(routes: list[Any], guard: Guard, seen: set[int]) -> None:
         if isinstance(route, Route):
             if not isinstance(route.handle, _GuardedHandle):
                 rules = rules_of(route.endpoint)
-                route.handle = _GuardedHandle(route.handle, guard, rules, route.methods)  # type: ignore[method-assign]
+                route.handle = _GuardedHandle(route.handle, rules, route.methods)  # type: ignore[method-assign]
         elif isinstance(route, Mount | Host):
             inner = _find_router(route.app)
             if inner is not None:
-                _wrap_routes(inner.routes, guard, seen)
+                _wrap_routes(inner.routes, seen)
         else:  # FastAPI keeps an included APIRouter's routes in its original router
             original = getattr(route, "original_router", None)
             if original is not None:
-                _wrap_routes(original.routes, guard, seen)
+                _wrap_routes(original.routes, seen)
 
 
 class _GuardedHandle:
     """A route's ``handle``, guarded: the decision is taken here, after routing."""
 
-    __slots__ = ("guard", "handle", "methods", "rules")
+    __slots__ = ("handle", "methods", "rules")
 
-    def __init__(
-        self, handle: ASGIApp, guard: Guard, rules: RouteRules | None, methods: set[str] | None
-    ) -> None:
+    def __init__(self, handle: ASGIApp, rules: RouteRules | None, methods: set[str] | None) -> None:
         self.handle = handle
-        self.guard = guard
         self.rules = rules
         self.methods = methods
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or (self.methods and scope["method"] not in self.methods):
-            await self.handle(scope, receive, send)  # the route answers 405 itself
+        guard: Guard | None = scope.get(GUARD_KEY)
+        if (
+            guard is None  # not reached through an XSPMiddleware
+            or scope["type"] != "http"
+            or (self.methods and scope["method"] not in self.methods)  # the route answers 405
+        ):
+            await self.handle(scope, receive, send)
             return
-        await guard_request(self.guard, self.rules, self.handle, scope, receive, send)
+        await guard_request(guard, self.rules, self.handle, scope, receive, send)
 
 
 async def guard_request(
