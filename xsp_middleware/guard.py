@@ -231,6 +231,11 @@ class Guard:
                     self._sync_store = SyncStore(self.store)
         return self._sync_store
 
+    @staticmethod
+    def guards_method(method: str) -> bool:
+        """HEAD and OPTIONS deliver no ad: they never reserve one."""
+        return method != "HEAD" and method != "OPTIONS"
+
     def guards_path(self, path: str) -> bool:
         if self.paths is None:
             return True

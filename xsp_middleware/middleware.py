@@ -22,7 +22,9 @@ from .store import Reservation
 __all__ = ["XSPMiddleware", "cookie_value", "query_values"]
 
 GUARD_KEY = "xsp.guard"
-"""The scope key by which the middleware hands its guard to the route guards."""
+"""The scope key by which the middleware hands its guard and response watch to route guards."""
+DECIDED_KEY = "xsp.decided"
+"""Set once a request has been decided, so nested guarded apps never decide it twice."""
 
 logger = logging.getLogger("xsp_middleware")
 
@@ -53,36 +55,47 @@ class XSPMiddleware:
         self.guard = Guard(settings)
         self.rules = self.guard.rules
         self.store = self.guard.store
-        self._routes: list[Any] | None = None  # the router's routes, once found
-        self._route_count = -1
+        # Every route list wrapped (the router's, mounted routers'), with its length then:
+        # a route added later changes a length, and the lists are walked again.
+        self._route_lists: list[tuple[list[Any], int]] | None = None
         self._installed = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        routes = self._routes
-        if not self._installed or (routes is not None and len(routes) != self._route_count):
+        if not self._installed or self._routes_changed():
             self._install_route_guards()
-            routes = self._routes
-        if routes is not None:
-            # The route guards decide, with this middleware's guard: routes of an app that is
-            # also reached another way (unguarded, or under other settings) act accordingly.
-            scope[GUARD_KEY] = self.guard
+        if self._route_lists is None:
+            await guard_request(self.guard, None, self.app, scope, receive, send)
+            return
+        if GUARD_KEY in scope:  # an outer XSPMiddleware decides for this request
             await self.app(scope, receive, send)
             return
-        await guard_request(self.guard, None, self.app, scope, receive, send)
+        # The route guards decide, with this middleware's guard (so an app also reached another
+        # way acts accordingly); the response is observed here, outside every inner middleware.
+        outcome = Outcome(receive, send)
+        scope[GUARD_KEY] = (self.guard, outcome)
+        try:
+            await self.app(scope, outcome.receive, outcome.send)
+        finally:
+            if outcome.reservation is not None and not outcome.kept:
+                await asyncio.shield(self.guard.release(outcome.reservation))
+
+    def _routes_changed(self) -> bool:
+        lists = self._route_lists
+        return lists is not None and any(len(routes) != n for routes, n in lists)
 
     def _install_route_guards(self) -> None:
         """Find the app's router (through its middleware stack) and wrap every HTTP route's
-        app, once. Routes added later are wrapped when the route count changes."""
+        handler, once. Routes added later are wrapped when a route list's length changes."""
         self._installed = True
         router = _find_router(self.app)
         if router is None:
             return
-        _wrap_routes(router.routes, set())
-        self._routes = router.routes
-        self._route_count = len(router.routes)
+        lists: list[list[Any]] = []
+        _wrap_routes(router.routes, set(), lists)
+        self._route_lists = [(routes, len(routes)) for routes in lists]
 
 
 def _find_router(app: Any) -> Any:
@@ -102,28 +115,36 @@ def _find_router(app: Any) -> Any:
     return None
 
 
-def _wrap_routes(routes: list[Any], seen: set[int]) -> None:
+def _wrap_routes(routes: list[Any], seen: set[int], lists: list[list[Any]]) -> None:
     """Guard each HTTP route's ``handle`` (what routers call once a route matched), once.
     ``handle`` rather than ``app``: FastAPI's included routers run a route through its
-    ``handle`` with a handler of their own."""
-    from starlette.routing import Host, Mount, Route
+    ``handle`` with a handler of their own. A mounted app without a router of its own is
+    guarded by the core rule, at its mount."""
+    from starlette.routing import Host, Mount, Route, WebSocketRoute
 
+    lists.append(routes)
     for route in routes:
         if id(route) in seen:
             continue
         seen.add(id(route))
         if isinstance(route, Route):
             if not isinstance(route.handle, _GuardedHandle):
-                rules = rules_of(route.endpoint)
-                route.handle = _GuardedHandle(route.handle, rules, route.methods)  # type: ignore[method-assign]
+                route.handle = _GuardedHandle(route.handle, rules_of(route.endpoint), route.methods)  # type: ignore[method-assign]
         elif isinstance(route, Mount | Host):
             inner = _find_router(route.app)
             if inner is not None:
-                _wrap_routes(inner.routes, seen)
-        else:  # FastAPI keeps an included APIRouter's routes in its original router
-            original = getattr(route, "original_router", None)
-            if original is not None:
-                _wrap_routes(original.routes, seen)
+                _wrap_routes(inner.routes, seen, lists)
+            elif not isinstance(route.handle, _GuardedHandle):
+                route.handle = _GuardedHandle(route.handle, None, None)  # type: ignore[method-assign]
+        elif getattr(route, "original_router", None) is not None:
+            # FastAPI keeps an included APIRouter's routes in its original router.
+            _wrap_routes(route.original_router.routes, seen, lists)
+        elif (
+            not isinstance(route, WebSocketRoute)
+            and callable(getattr(route, "handle", None))
+            and not isinstance(route.handle, _GuardedHandle)
+        ):
+            route.handle = _GuardedHandle(route.handle, None, None)
 
 
 class _GuardedHandle:
@@ -137,15 +158,16 @@ class _GuardedHandle:
         self.methods = methods
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        guard: Guard | None = scope.get(GUARD_KEY)
+        owner: tuple[Guard, Outcome] | None = scope.get(GUARD_KEY)
         if (
-            guard is None  # not reached through an XSPMiddleware
+            owner is None  # not reached through an XSPMiddleware
             or scope["type"] != "http"
             or (self.methods and scope["method"] not in self.methods)  # the route answers 405
         ):
             await self.handle(scope, receive, send)
             return
-        await guard_request(guard, self.rules, self.handle, scope, receive, send)
+        guard, outcome = owner
+        await guard_request(guard, self.rules, self.handle, scope, receive, send, outcome)
 
 
 async def guard_request(
@@ -155,15 +177,25 @@ async def guard_request(
     scope: Scope,
     receive: Receive,
     send: Send,
+    outcome: Outcome | None = None,
 ) -> None:
-    """Decide for one HTTP request, then run ``app`` and confirm or release."""
+    """Decide for one HTTP request, then run ``app``. The reservation is confirmed or released
+    by whoever observes the response: ``outcome`` (the middleware, in route mode), or here."""
     query: bytes = scope.get("query_string", b"")
-    if route is None and (
-        not guard.guards_path(scope["path"])
-        or (guard.campaign_needle not in query and b"%" not in query)
+    if (
+        scope.get(DECIDED_KEY)  # decided once already (nested apps, each with a guard)
+        or not guard.guards_method(scope["method"])
+        or (
+            route is None
+            and (
+                not guard.guards_path(scope["path"])
+                or (guard.campaign_needle not in query and b"%" not in query)
+            )
+        )
     ):
         await app(scope, receive, send)
         return
+    scope[DECIDED_KEY] = True
     try:
         facts = guard.facts(query, scope.get("headers", ()), route, scope.get("path_params"))
         if facts is None and route is not None:  # a decorated ad route needs its campaign
@@ -182,46 +214,65 @@ async def guard_request(
     if reservation is None:
         await app(scope, receive, send)
         return
-    await _run_reserved(guard, app, scope, receive, send, reservation)
+    if outcome is not None:
+        outcome.reservation = reservation
+        await app(scope, receive, send)
+        return
+    outcome = Outcome(receive, send)
+    try:
+        await app(scope, outcome.receive, outcome.send)
+    finally:
+        if not outcome.kept:
+            await asyncio.shield(guard.release(reservation))
 
 
-async def _run_reserved(
-    guard: Guard, app: ASGIApp, scope: Scope, receive: Receive, send: Send, reservation: Reservation
-) -> None:
-    status = 0
-    completed = False
-    disconnected = False
-    trailers = False
+class Outcome:
+    """Watches one response: its status, whether its last body message was sent, whether the
+    client went away first. Confirming costs nothing (the reservation already stands); anything
+    but a completed 2xx is released, shielded, so a cancelled request still releases."""
 
-    async def observe_receive() -> Message:
-        nonlocal disconnected
-        message = await receive()
-        if message["type"] == "http.disconnect" and not completed:
-            disconnected = True
+    __slots__ = (
+        "_receive",
+        "_send",
+        "completed",
+        "disconnected",
+        "reservation",
+        "status",
+        "trailers",
+    )
+
+    def __init__(self, receive: Receive, send: Send) -> None:
+        self._receive = receive
+        self._send = send
+        self.status = 0
+        self.completed = False
+        self.disconnected = False
+        self.trailers = False
+        self.reservation: Reservation | None = None
+
+    @property
+    def kept(self) -> bool:
+        return self.completed and 200 <= self.status < 300 and not self.disconnected
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        if message["type"] == "http.disconnect" and not self.completed:
+            self.disconnected = True
         return message
 
-    async def observe_send(message: Message) -> None:
-        nonlocal status, completed, trailers
+    async def send(self, message: Message) -> None:
         kind = message["type"]
         if kind == "http.response.start":
-            status = message["status"]
-            trailers = message.get("trailers", False)
-        await send(message)  # raises (OSError) when the client has gone away
+            self.status = message["status"]
+            self.trailers = message.get("trailers", False)
+        await self._send(message)  # raises (OSError) when the client has gone away
         if kind == "http.response.body" or kind == "http.response.zerocopysend":
-            if not message.get("more_body", False) and not trailers:
-                completed = True
+            if not message.get("more_body", False) and not self.trailers:
+                self.completed = True
         elif kind == "http.response.pathsend" or (
             kind == "http.response.trailers" and not message.get("more_trailers", False)
         ):
-            completed = True
-
-    try:
-        await app(scope, observe_receive, observe_send)
-    finally:
-        # Confirming costs nothing: the reservation already stands. Anything but a completed
-        # 2xx gives it back. Shielded, so a cancelled request still releases.
-        if not (completed and 200 <= status < 300 and not disconnected):
-            await asyncio.shield(guard.release(reservation))
+            self.completed = True
 
 
 async def _send_reply(send: Send, reply: Reply) -> None:

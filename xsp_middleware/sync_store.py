@@ -5,10 +5,17 @@ decision is one EVALSHA: no event loop per request, no ``async_to_sync``."""
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import redis
-from redis.exceptions import ConnectionError, NoScriptError, RedisError, ResponseError
+from redis.exceptions import (
+    ConnectionError,
+    NoScriptError,
+    RedisError,
+    ResponseError,
+    TimeoutError,
+)
 from redis.retry import Retry
 
 from .errors import StoreUnavailable
@@ -25,6 +32,9 @@ from .store import (
 )
 
 logger = logging.getLogger("xsp_middleware")
+
+LATE_REPLY_SECONDS = 5.0
+"""How long a timed-out reserve's reply is still awaited (on a thread) to release it."""
 
 
 class SyncStore:
@@ -51,27 +61,62 @@ class SyncStore:
         self.client = client
         self._pool = client.connection_pool
 
-    def _call(self, script: Script, nargs: int, body: bytes) -> Any:
+    def _call(self, script: Script, nargs: int, body: bytes, context: Any = None) -> Any:
+        """One script call. With ``context`` (a reserve), a reply that comes after the timeout
+        is still read, on a thread, and released: a late reservation never stays behind."""
         try:
             conn = self._pool.get_connection()
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
         head = b"*%d\r\n" % (nargs + 2)
+        handed_off = False
         try:
             # A list of chunks: redis-py would iterate a bare bytes object into ints.
             conn.send_packed_command([head + script.evalsha + body])
             try:
-                return conn.read_response()
+                return conn.read_response(disconnect_on_error=False)
             except NoScriptError:
                 # A restarted or flushed script cache: NOSCRIPT means it did not run.
                 conn.send_packed_command([head + script.eval + body])
-                return conn.read_response()
+                return conn.read_response(disconnect_on_error=False)
+            except TimeoutError:
+                if context is None:
+                    raise
+                # The script may yet run, or have run: its reply decides, on a thread.
+                handed_off = True
+                threading.Thread(
+                    target=self._drain_late_reply, args=(conn, context), daemon=True
+                ).start()
+                raise
         except ResponseError as exc:
             raise StoreUnavailable(f"the store answered an error: {exc}") from exc
         except (ConnectionError, RedisError, OSError) as exc:
             # Unknown outcome: the connection may hold a late reply, so it is not reused.
-            conn.disconnect()
+            if not handed_off:
+                conn.disconnect()
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            if not handed_off:
+                self._pool.release(conn)
+
+    def _drain_late_reply(self, conn: Any, context: Any) -> None:
+        try:
+            reply = conn.read_response(timeout=LATE_REPLY_SECONDS)
+            reservation = reservation_from(context, reply)
+            if reservation.reserved:
+                # On this connection, with the same patience: the store is slow right now.
+                nargs, body = self.store.release_call(reservation)
+                head = b"*%d\r\n" % (nargs + 2)
+                conn.send_packed_command([head + RELEASE.evalsha + body])
+                try:
+                    conn.read_response(timeout=LATE_REPLY_SECONDS)
+                except NoScriptError:
+                    conn.send_packed_command([head + RELEASE.eval + body])
+                    conn.read_response(timeout=LATE_REPLY_SECONDS)
+        except (RedisError, OSError, StoreUnavailable) as exc:
+            # No reply, or no release: the spend stays counted (under-delivery, not overspend).
+            logger.warning("a late reservation could not be released: %s", exc)
+            conn.disconnect()
         finally:
             self._pool.release(conn)
 
@@ -91,7 +136,7 @@ class SyncStore:
             nargs, body = store.reserve_call(
                 campaign_id, user_key, cost_units, rule, counts_impression, tz
             )
-            reply = self._call(RESERVE, nargs, body)
+            reply = self._call(RESERVE, nargs, body, (campaign_id, user_key, counts_impression))
             if reply[1] != 9:
                 break
             tz = store.learn_zone(campaign_id, reply)

@@ -122,6 +122,8 @@ class XSPWSGIMiddleware:
             install_guard(self.flask_app, self.guard)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if STATE_KEY in environ:  # an outer XSPWSGIMiddleware decides for this request
+            return self.app(environ, start_response)
         if self.flask_app is not None:
             # The Flask hook decides after routing and leaves the reservation in ``state``.
             state = RequestState(self.guard)
@@ -146,6 +148,8 @@ def decide(
     reservation to keep or release, or None). Sets ``environ["xsp.decision"]`` when the app
     is to run with a decision. A ``route`` (decorated view) is always guarded; otherwise the
     core rule applies: ``paths`` and the campaign parameter in the query."""
+    if not guard.guards_method(environ.get("REQUEST_METHOD", "GET")):
+        return None, None
     query = _wire_bytes(environ.get("QUERY_STRING", ""))
     if route is None and (
         not guard.guards_path(path) or (guard.campaign_needle not in query and b"%" not in query)
@@ -285,14 +289,19 @@ def _path(environ: WSGIEnvironment) -> str:
 
 
 def _flask_app_of(app: object) -> Any:
-    """The Flask app when ``app`` is one, or its bound ``wsgi_app``; else None. Flask is not
-    imported for a non-Flask app (if it were in use, it would already be imported)."""
+    """The Flask app when ``app`` is one, or its bound ``wsgi_app``, possibly under other WSGI
+    middleware (``ProxyFix`` and the like keep the next app in ``.app``); else None. Flask is
+    not imported for a non-Flask app (if it were in use, it would already be imported)."""
     flask_class = getattr(sys.modules.get("flask"), "Flask", None)
     if not isinstance(flask_class, type):
         return None
-    if isinstance(app, flask_class):
-        return app
-    owner = getattr(app, "__self__", None)
-    if isinstance(owner, flask_class) and getattr(app, "__name__", None) == "wsgi_app":
-        return owner
+    for _ in range(32):
+        if isinstance(app, flask_class):
+            return app
+        owner = getattr(app, "__self__", None)
+        if isinstance(owner, flask_class) and getattr(app, "__name__", None) == "wsgi_app":
+            return owner
+        app = getattr(app, "app", None)
+        if app is None:
+            return None
     return None

@@ -128,6 +128,8 @@ class XSPMiddleware:
     ) -> Facts | HttpResponse | None:
         """The request's facts; None when it is not an ad request; a 400 for bad input."""
         guard = self.guard
+        if "xsp" in request.__dict__ or not guard.guards_method(request.method):
+            return None  # decided already (the middleware twice in MIDDLEWARE), or HEAD/OPTIONS
         rules = rules_of(view_func)
         meta = request.META
         query = meta.get("QUERY_STRING", "")
