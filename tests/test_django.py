@@ -826,3 +826,20 @@ def test_example_serves_under_runserver_and_uvicorn(redis_url: str, server: str)
 def _remove_payload() -> Iterator[None]:
     yield
     _payload_file().unlink(missing_ok=True)
+
+
+async def test_the_middleware_listed_twice_decides_once(site: Site) -> None:
+    site.start(middleware=(MIDDLEWARE, MIDDLEWARE))
+    assert (await site.get(AD)).status_code == 200
+    assert await site.recorded() == (COST_UNITS, 1)
+
+
+async def test_head_requests_never_reserve(site: Site) -> None:
+    site.start()
+    for _ in range(3):
+        if site.mode == "wsgi":
+            await asyncio.to_thread(site.client.head, AD, headers={"cookie": "user_id=u1"})
+        else:
+            await site.client.head(AD, headers={"cookie": "user_id=u1"})
+    assert await site.recorded() == (0, 0)
+    assert (await site.get(AD)).status_code == 200
