@@ -28,6 +28,8 @@ class Decision:
     """Budget left after this impression, in units; None when unknown (store unavailable)."""
     anonymous: bool
     """No usable user cookie: the budget was enforced, frequency caps were not."""
+    personalized: bool = True
+    """False when consent (GPC, an opt-out, TCF) made it serve without the user's state."""
     degraded: bool = False
     """The store failed, so the failure policy decided (see ``degraded_reason``)."""
     degraded_reason: str | None = None

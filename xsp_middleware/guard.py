@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import secrets
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -169,17 +170,63 @@ def rules_of(endpoint: object) -> RouteRules | None:
 
 
 class Facts:
-    """A validated ad request."""
+    """A validated ad request, with what identity and consent allow for it."""
 
-    __slots__ = ("campaign_id", "cost_units", "rule", "user_key")
+    __slots__ = (
+        "anonymous",
+        "assigned",
+        "campaign_id",
+        "cost_units",
+        "personalized",
+        "refusal",
+        "rule",
+        "user_key",
+    )
 
     def __init__(
-        self, campaign_id: str, cost_units: int | None, user_key: str | None, rule: CampaignConfig
+        self,
+        campaign_id: str,
+        cost_units: int | None,
+        user_key: str | None,
+        rule: CampaignConfig,
+        *,
+        anonymous: bool = False,
+        personalized: bool = True,
+        refusal: str | None = None,
+        assigned: str | None = None,
     ) -> None:
         self.campaign_id = campaign_id
         self.cost_units = cost_units
         self.user_key = user_key
         self.rule = rule
+        self.anonymous = anonymous
+        """No usable user cookie (with ``shared``, the single anonymous bucket caps it)."""
+        self.personalized = personalized
+        """False when a consent signal says: serve without touching the user's state."""
+        self.refusal = refusal
+        """``anonymous`` or ``no_consent``: denied before any store call."""
+        self.assigned = assigned
+        """A fresh user id to set in the user cookie (``anonymous="assign"``)."""
+
+
+def identity_headers(
+    headers: Iterable[tuple[bytes, bytes]], cookie: bytes, optout: bytes
+) -> tuple[bytes | None, bool, bool]:
+    """One pass over the headers: (the user cookie's value, an opt-out cookie is set, the
+    ``Sec-GPC: 1`` header is present)."""
+    cookies: list[tuple[bytes, bytes]] = []
+    gpc = False
+    for key, value in headers:
+        if key == b"cookie":
+            cookies.append((key, value))
+        elif key == b"sec-gpc" and value.strip() == b"1":
+            gpc = True
+    user_id = cookie_value(cookies, cookie) if cookies else None
+    opted_out = False
+    if cookies:
+        flag = cookie_value(cookies, optout)
+        opted_out = flag is not None and flag.lower() not in (b"0", b"false")
+    return user_id, opted_out, gpc
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +253,17 @@ class Guard:
         self.price_param = settings.price_param
         self.cookie = settings.user_cookie.encode()
         self.pass_denied = settings.on_denied == "pass"
+        self.anonymous = settings.anonymous
+        self.optout_cookie = settings.optout_cookie.encode()
+        attributes = [f"; Max-Age={settings.cookie_max_age}", f"; Path={settings.cookie_path}"]
+        if settings.cookie_domain:
+            attributes.append(f"; Domain={settings.cookie_domain}")
+        attributes.append(f"; SameSite={settings.cookie_samesite.capitalize()}")
+        if settings.cookie_secure:
+            attributes.append("; Secure")
+        if settings.cookie_httponly:
+            attributes.append("; HttpOnly")
+        self._cookie_attributes = "".join(attributes).encode()
         if self.rules.uses_development_key:
             warn_once(
                 "dev-key",
@@ -283,18 +341,59 @@ class Guard:
             cost_units = parse_cpm(
                 price, field=price_param, max_cpm_units=self.rules.max_cpm_cost_units
             )
-        user_id = cookie_value(headers, self.cookie)
-        user_key = None
-        if user_id is not None and len(user_id) <= MAX_USER_ID_BYTES:
-            user_key = self.store.user_key(user_id)
         rule = self.rules.rule_for(campaign_id)
         if route is not None:
             rule = route.config(rule, campaign_id)
-        return Facts(campaign_id, cost_units, user_key, rule)
+        return self._identity(Facts(campaign_id, cost_units, None, rule), query, headers)
+
+    def _identity(
+        self, facts: Facts, query: bytes, headers: Iterable[tuple[bytes, bytes]]
+    ) -> Facts:
+        """Whose request this is, and what consent allows: the user key to cap under (or
+        none), a refusal, or a fresh id to assign."""
+        user_id, optout_cookie, gpc = identity_headers(headers, self.cookie, self.optout_cookie)
+        tracking = True
+        consent = self.rules.consent
+        signals = []
+        if gpc:
+            signals.append("gpc")
+        if optout_cookie:
+            signals.append("optout_cookie")
+        if b"gdpr" in query and _tcf_refuses(query):
+            signals.append("tcf")
+        for signal in signals:
+            policy = consent[signal]
+            if policy == "deny":
+                facts.refusal = "no_consent"
+            elif policy == "no_tracking":
+                tracking = False
+        usable = user_id is not None and 0 < len(user_id) <= MAX_USER_ID_BYTES
+        facts.anonymous = not usable
+        facts.personalized = tracking
+        if not usable and self.anonymous == "deny" and facts.refusal is None:
+            facts.refusal = "anonymous"
+        if not tracking or facts.refusal is not None:
+            return facts  # no user state is read or written, and no id is issued
+        if usable:
+            assert user_id is not None
+            facts.user_key = self.store.user_key(user_id)
+        elif self.anonymous == "shared":  # the tutorial's single bucket
+            facts.user_key = self.store.user_key(b"anonymous")
+        elif self.anonymous == "assign":
+            facts.assigned = secrets.token_hex(16)  # 128 random bits
+            facts.user_key = self.store.user_key(facts.assigned.encode())
+            facts.anonymous = False
+        return facts
+
+    def set_cookie(self, user_id: str) -> tuple[bytes, bytes]:
+        """The ``Set-Cookie`` header that hands an assigned id to the browser."""
+        return b"set-cookie", self.cookie + b"=" + user_id.encode() + self._cookie_attributes
 
     # -- facts -> decision (one round trip) ------------------------------------------------
 
     async def decide(self, facts: Facts) -> tuple[Decision, Reservation | None]:
+        if facts.refusal is not None:
+            return self.refused(facts), None
         try:
             r = await self.store.reserve(
                 facts.campaign_id, facts.user_key, facts.cost_units, facts.rule
@@ -307,6 +406,8 @@ class Guard:
         return self.decision(facts, r)
 
     def decide_sync(self, facts: Facts) -> tuple[Decision, Reservation | None]:
+        if facts.refusal is not None:
+            return self.refused(facts), None
         try:
             r = self.sync_store.reserve(
                 facts.campaign_id, facts.user_key, facts.cost_units, facts.rule
@@ -327,9 +428,23 @@ class Guard:
             cost_units=r.cost_units,
             remaining_impressions=r.remaining_impressions,
             remaining_budget_units=r.remaining_budget_units,
-            anonymous=facts.user_key is None,
+            anonymous=facts.anonymous,
+            personalized=facts.personalized and r.personalized,
         )
         return decision, (r if r.reserved else None)
+
+    @staticmethod
+    def refused(facts: Facts) -> Decision:
+        return Decision(
+            allowed=False,
+            reason=facts.refusal or "no_consent",
+            campaign_id=facts.campaign_id,
+            cost_units=facts.cost_units if facts.cost_units is not None else facts.rule.cost_units,
+            remaining_impressions=None,
+            remaining_budget_units=None,
+            anonymous=facts.anonymous,
+            personalized=False,
+        )
 
     def degraded(self, facts: Facts, why: str) -> Decision:
         # Caps fail open by default (a missed cap costs little); the budget fails closed by
@@ -344,7 +459,8 @@ class Guard:
             cost_units=facts.cost_units if facts.cost_units is not None else facts.rule.cost_units,
             remaining_impressions=None,
             remaining_budget_units=None,
-            anonymous=facts.user_key is None,
+            anonymous=facts.anonymous,
+            personalized=facts.personalized,
             degraded=True,
             degraded_reason=why,
         )
@@ -387,6 +503,16 @@ class Guard:
             ],
             body,
         )
+
+
+def _tcf_refuses(query: bytes) -> bool:
+    """``gdpr=1`` without a TC string that grants Purpose 1 (a malformed one grants nothing)."""
+    from .tcf import purpose_one_consent
+
+    gdpr, consent = query_values(query, "gdpr", "gdpr_consent")
+    if "1" not in gdpr:
+        return False
+    return len(consent) != 1 or not purpose_one_consent(next(iter(consent)))
 
 
 def _release_failed(reservation: Reservation, exc: Exception) -> None:

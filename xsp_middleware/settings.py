@@ -261,6 +261,25 @@ class Settings:
     """The burst allowance of ``even`` pacing, a fraction of the period budget."""
     timezone: str = "UTC"
     """Default time zone of campaigns (daily budgets, calendar caps, flight dates)."""
+    anonymous: Literal["allow", "deny", "assign", "shared"] = "allow"
+    """Requests without a usable user cookie: ``allow`` (serve, budget only, no caps), ``deny``
+    (204 ``anonymous``), ``assign`` (issue a random id in the user cookie and cap under it),
+    ``shared`` (the tutorial's single ``anonymous`` bucket)."""
+    cookie_max_age: int = 400 * 86400
+    cookie_secure: bool = True
+    cookie_httponly: bool = True
+    cookie_samesite: Literal["lax", "strict", "none"] = "lax"
+    cookie_domain: str | None = None
+    cookie_path: str = "/"
+    optout_cookie: str = "xsp_optout"
+    """A cookie whose presence (any value but ``0`` or ``false``) is an opt-out signal."""
+    consent_policy: str | Mapping[str, str] = "no_tracking"
+    """What each consent signal does: ``no_tracking`` (serve without reading or writing user
+    state), ``deny`` (204 ``no_consent``) or ``ignore``. One policy for every signal, or a
+    mapping per signal: ``gpc``, ``optout_cookie``, ``stored_optout``, ``tcf``."""
+    preferences_origins: Sequence[str] = ()
+    """Origins (``https://example.com``) allowed to change preferences cross-origin; the
+    preferences app always allows its own origin."""
 
     def __post_init__(self) -> None:
         # Validate everything now: a bad setting must fail at start-up, never on a request.
@@ -289,8 +308,14 @@ class Settings:
         return cls(**values)
 
 
-_LIST_SETTINGS = {"default_caps", "paths", "user_caps"}
-_BOOL_SETTINGS = {"frequency_fail_open", "budget_fail_open"}
+_LIST_SETTINGS = {"default_caps", "paths", "user_caps", "preferences_origins"}
+_BOOL_SETTINGS = {
+    "frequency_fail_open",
+    "budget_fail_open",
+    "cookie_secure",
+    "cookie_httponly",
+}
+_INT_SETTINGS = {"cookie_max_age"}
 _FLOAT_SETTINGS = {"store_timeout"}
 
 
@@ -310,6 +335,13 @@ def _from_env_text(name: str, raw: str) -> Any:
         if lowered in ("0", "false", "no", "off"):
             return False
         raise ConfigError(f"{var}: expected true or false, not {raw!r}")
+    if name in _INT_SETTINGS:
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(f"{var}: expected a whole number, not {raw!r}") from None
+    if name == "consent_policy" and raw.startswith("{"):
+        return _json(var, raw)
     if name in _FLOAT_SETTINGS:
         try:
             return float(raw)
@@ -326,6 +358,69 @@ def _from_env_text(name: str, raw: str) -> Any:
         except TypeError as exc:
             raise ConfigError(f"{var}: {exc}") from None
     return raw
+
+
+CONSENT_SIGNALS = ("gpc", "optout_cookie", "stored_optout", "tcf")
+CONSENT_POLICIES = ("no_tracking", "deny", "ignore")
+ANONYMOUS_POLICIES = ("allow", "deny", "assign", "shared")
+
+
+def _consent_policies(policy: str | Mapping[str, str]) -> dict[str, str]:
+    """``consent_policy`` as one policy per signal (unnamed signals: ``no_tracking``)."""
+    if isinstance(policy, str):
+        chosen = {signal: policy for signal in CONSENT_SIGNALS}
+    elif isinstance(policy, Mapping):
+        unknown = set(policy) - set(CONSENT_SIGNALS)
+        if unknown:
+            raise ConfigError(
+                f"consent_policy: unknown signal(s) {', '.join(sorted(map(str, unknown)))}; "
+                f"the signals are {', '.join(CONSENT_SIGNALS)}"
+            )
+        chosen = {signal: str(policy.get(signal, "no_tracking")) for signal in CONSENT_SIGNALS}
+    else:
+        raise ConfigError("consent_policy: a policy name, or a mapping of signal to policy")
+    for signal, value in chosen.items():
+        if value not in CONSENT_POLICIES:
+            raise ConfigError(
+                f"consent_policy: {signal}: {value!r} is not one of {', '.join(CONSENT_POLICIES)}"
+            )
+    return chosen
+
+
+def _check_identity(s: Settings) -> None:
+    if s.anonymous not in ANONYMOUS_POLICIES:
+        raise ConfigError(f"anonymous: must be one of {', '.join(ANONYMOUS_POLICIES)}")
+    if s.cookie_samesite not in ("lax", "strict", "none"):
+        raise ConfigError("cookie_samesite: must be lax, strict or none")
+    if s.cookie_samesite == "none" and not s.cookie_secure:
+        raise ConfigError("cookie_samesite none needs cookie_secure (browsers refuse it otherwise)")
+    if (
+        isinstance(s.cookie_max_age, bool)
+        or not isinstance(s.cookie_max_age, int)
+        or (s.cookie_max_age <= 0)
+    ):
+        raise ConfigError("cookie_max_age: a positive number of seconds")
+    for name in ("cookie_secure", "cookie_httponly"):
+        if not isinstance(getattr(s, name), bool):
+            raise ConfigError(f"{name}: must be True or False")
+    for name, value in (("cookie_path", s.cookie_path), ("cookie_domain", s.cookie_domain)):
+        if value is not None and (
+            not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9._/~-]{1,255}", value)
+        ):
+            raise ConfigError(f"{name}: {value!r} is not a plain cookie {name[7:]}")
+    if not isinstance(s.optout_cookie, str) or not re.fullmatch(
+        r"[A-Za-z0-9._-]{1,64}", s.optout_cookie
+    ):
+        raise ConfigError("optout_cookie: 1-64 characters of A-Za-z0-9._-")
+    if isinstance(s.preferences_origins, str):
+        raise ConfigError("preferences_origins: a list of origins, not one string")
+    for origin in s.preferences_origins:
+        if not isinstance(origin, str) or not re.fullmatch(
+            r"https?://[A-Za-z0-9.-]+(:[0-9]+)?", origin
+        ):
+            raise ConfigError(
+                f"preferences_origins: {origin!r} is not an origin like https://a.com"
+            )
 
 
 def _import_callable(var: str, raw: str) -> Any:
@@ -355,6 +450,7 @@ class Rules:
     campaign_rules: Mapping[str, CampaignConfig]
     user_caps_spec: str
     pacing_allowance_bp: int
+    consent: Mapping[str, str]
     max_cpm_cost_units: int
     paths: tuple[str, ...] | None
     secret_key: bytes
@@ -419,6 +515,8 @@ class Rules:
             raise ConfigError("pacing_allowance: a fraction from 0 to 1 with at most 4 decimals")
         if s.on_budget_exhausted is not None and not callable(s.on_budget_exhausted):
             raise ConfigError("on_budget_exhausted: must be a callable (campaign_id, kind)")
+        consent = _consent_policies(s.consent_policy)
+        _check_identity(s)
         secret = s.secret_key
         if secret is not None and (not isinstance(secret, str) or len(secret) < 16):
             raise ConfigError("secret_key: must be a string of at least 16 characters")
@@ -428,6 +526,7 @@ class Rules:
             campaign_rules=rules,
             user_caps_spec=caps_spec(user_caps),
             pacing_allowance_bp=allowance // 10**3,
+            consent=consent,
             max_cpm_cost_units=max_cpm_cost,
             paths=paths,
             secret_key=(secret or DEVELOPMENT_SECRET_KEY).encode(),

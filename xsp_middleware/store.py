@@ -59,6 +59,8 @@ REASONS = (
     "campaign_paused",
     "paced",
     "campaign_inactive",
+    "no_consent",
+    "user_blocked",
 )
 
 
@@ -122,6 +124,8 @@ class Reservation:
     day_start_ms: int = 0
     logs: int = 0
     """Which user logs the reservation wrote (1: the campaign's, 2: across campaigns)."""
+    personalized: bool = True
+    """False when a stored opt-out made the script leave the user's state alone."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +215,7 @@ def reservation_from(context: tuple[str, str | None, bool], reply: Any) -> Reser
             counts_impression=counts_impression,
             day_start_ms=day,
             logs=logs,
+            personalized=len(reply) < 11 or reply[10] == 1,
         )
     except (TypeError, ValueError, IndexError):
         raise StoreUnavailable(f"unexpected reply from the reserve script: {reply!r}") from None
@@ -246,6 +251,7 @@ class Store:
         ] = {}  # campaigns whose stored time zone differs from rules
         self._user_caps = rules.user_caps_spec
         self._allowance = str(rules.pacing_allowance_bp)
+        self._optout_policy = pack_args((rules.consent["stored_optout"],))
         self._hooks: set[asyncio.Future[Any]] = set()
         self.clock: Callable[[], int] | None = None
         """Test-only: epoch ms that the scripts use instead of Redis TIME (simulated days)."""
@@ -366,14 +372,15 @@ class Store:
                     "1" if counts_impression else "0",
                 )
             )
+        tail += self._optout_policy
         static = self._static_part(campaign_id, rule, tz)
         if user_key is None:
-            return 21, b"$1\r\n2\r\n" + static.keys + static.argv + tail
+            return 22, b"$1\r\n2\r\n" + static.keys + static.argv + tail
         user = user_key.encode()
         body = b"".join(
             (b"$1\r\n3\r\n", static.keys, b"$%d\r\n" % len(user), user, b"\r\n", static.argv, tail)
         )
-        return 22, body
+        return 23, body
 
     def learn_zone(self, campaign_id: str, reply: Any) -> str:
         """The reserve script answered "retry": the campaign's zone changed in the store."""

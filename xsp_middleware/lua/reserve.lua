@@ -8,17 +8,19 @@
 -- ARGV[15] pacing burst allowance, in parts per 10000 of the period budget
 -- ARGV[16] request cost in units ('' = the campaign's)   ARGV[17] now override ms ('' = TIME)
 -- ARGV[18] '1' to count an impression ('0': spend only)
+-- ARGV[19] what a stored opt-out does: 'no_tracking', 'deny' or 'ignore'
 -- (The first fifteen change only per campaign and day: the app packs them once.)
 -- Reply: {reserved 1/0, reason, cost, remaining budget, remaining impressions (-1: no caps),
 --   reservation time ms, exhaustion fired (0 none, 1 lifetime, 2 daily), day start ms (0: no
 --   daily budget), logs written (1: the campaign's, 2: the user's across campaigns; a sum),
---   time zone (reason 9 only)}.
+--   time zone (reason 9 only, else ''), 1 if the user's state was used (0: not tracked)}.
 -- Reasons: 0 served, 1 frequency_capped, 2 budget_exhausted, 3 campaign_paused, 4 paced,
---   5 campaign_inactive, 9 retry: the config's time zone differs from ARGV[4].
+--   5 campaign_inactive, 6 no_consent, 7 user_blocked,
+--   9 retry: the config's time zone differs from ARGV[11].
 local cid = ARGV[1]
 local c = xsp_config(KEYS[1], 2)
 local tz = c.tz or 'UTC'
-if tz ~= ARGV[11] then return {0, 9, 0, 0, -1, 0, 0, 0, 0, tz} end
+if tz ~= ARGV[11] then return {0, 9, 0, 0, -1, 0, 0, 0, 0, tz, 1} end
 
 local cost_s = ARGV[16]
 if cost_s == '' then cost_s = c.cost or '0' end
@@ -28,9 +30,10 @@ local now = xsp_now_ms(ARGV[17])
 local spent = tonumber(redis.call('HGET', KEYS[2], 'spent') or '0')
 local remaining = budget - spent
 
+local personal = 1
 local function deny(reason, left, fired, day)
   redis.call('HINCRBY', KEYS[2], 'n:' .. reason, 1)
-  return {0, reason, cost, remaining, left or -1, now, fired or 0, day or 0, 0}
+  return {0, reason, cost, remaining, left or -1, now, fired or 0, day or 0, 0, '', personal}
 end
 
 if c.status == 'paused' then return deny(3) end
@@ -38,16 +41,29 @@ if (c.start and now < tonumber(c.start)) or (c['end'] and now >= tonumber(c['end
   return deny(5)
 end
 
+-- The user's stored preferences, in this same round trip: an opt-out, blocked campaigns.
+local user = KEYS[3]
+if user then
+  local prefs = redis.call('HMGET', user, '!o', '!b')
+  if prefs[1] == '1' and ARGV[19] ~= 'ignore' then
+    if ARGV[19] == 'deny' then return deny(6) end
+    user = nil  -- no_tracking: serve without reading or writing the user's state
+    personal = 0
+  elseif prefs[2] and string.find(',' .. prefs[2] .. ',', ',' .. cid .. ',', 1, true) then
+    return deny(7)
+  end
+end
+
 -- Caps: the campaign's (field = campaign id) and the user's across campaigns (field '*').
 local left = -1
 local camp_left, camp_life, camp_times, camp_caps
 local user_left, user_life, user_times, user_caps
-if KEYS[3] then
+if user then
   camp_left, camp_life, camp_times, camp_caps =
-    xsp_user_check(KEYS[3], cid, c.caps, now, ARGV[12])
+    xsp_user_check(user, cid, c.caps, now, ARGV[12])
   if camp_left == -1 then return deny(1, 0) end
   user_left, user_life, user_times, user_caps =
-    xsp_user_check(KEYS[3], '*', ARGV[13], now, ARGV[14])
+    xsp_user_check(user, '*', ARGV[13], now, ARGV[14])
   if user_left == -1 then return deny(1, 0) end
   for _, l in ipairs({camp_left, user_left}) do
     if l ~= false and (left == -1 or l < left) then left = l end
@@ -112,12 +128,12 @@ if day_field then
   redis.call('HDEL', KEYS[2], 'day:' .. xsp_int(day_start - 2 * 86400000))
 end
 local logs = 0
-if KEYS[3] then
-  local ttl = xsp_user_record(KEYS[3], cid, camp_caps, camp_life, camp_times, now)
-  local user_ttl = xsp_user_record(KEYS[3], '*', user_caps, user_life, user_times, now)
+if user then
+  local ttl = xsp_user_record(user, cid, camp_caps, camp_life, camp_times, now)
+  local user_ttl = xsp_user_record(user, '*', user_caps, user_life, user_times, now)
   if #camp_caps > 0 then logs = logs + 1 end
   if #user_caps > 0 then logs = logs + 2 end
   if user_ttl > ttl then ttl = user_ttl end
-  xsp_keep_alive(KEYS[3], ttl)
+  xsp_keep_alive(user, ttl)
 end
-return {1, 0, cost, remaining - cost, left, now, 0, day_start, logs}
+return {1, 0, cost, remaining - cost, left, now, 0, day_start, logs, '', personal}
