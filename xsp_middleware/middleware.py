@@ -206,6 +206,8 @@ async def guard_request(
     if facts is None:
         await app(scope, receive, send)
         return
+    if facts.assigned is not None:  # anonymous="assign": the browser gets its id
+        send = _adding_header(send, guard.set_cookie(facts.assigned))
     decision, reservation = await guard.decide(facts)
     if not decision.allowed and not guard.pass_denied:
         await _send_reply(send, guard.denied(decision.reason))
@@ -273,6 +275,18 @@ class Outcome:
             kind == "http.response.trailers" and not message.get("more_trailers", False)
         ):
             self.completed = True
+
+
+def _adding_header(send: Send, header: tuple[bytes, bytes]) -> Send:
+    """``send``, with ``header`` added to the response start (the app's own Set-Cookie headers
+    stay as they are)."""
+
+    async def send_with_header(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), header]}
+        await send(message)
+
+    return send_with_header
 
 
 async def _send_reply(send: Send, reply: Reply) -> None:

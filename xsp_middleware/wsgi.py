@@ -47,6 +47,7 @@ logger = logging.getLogger("xsp_middleware")
 DECISION_KEY = "xsp.decision"
 """The environ key of the request's :class:`Decision` (absent: not an ad request)."""
 
+SET_COOKIE_KEY = "xsp.set_cookie"
 STATE_KEY = "xsp.wsgi"
 """Internal: the per-request state the middleware hands to the Flask hook, which decides and
 leaves the reservation there for the middleware to keep or release."""
@@ -124,6 +125,8 @@ class XSPWSGIMiddleware:
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if STATE_KEY in environ:  # an outer XSPWSGIMiddleware decides for this request
             return self.app(environ, start_response)
+        if self.guard.anonymous == "assign":
+            start_response = _with_assigned_cookie(environ, start_response)
         if self.flask_app is not None:
             # The Flask hook decides after routing and leaves the reservation in ``state``.
             state = RequestState(self.guard)
@@ -155,7 +158,10 @@ def decide(
         not guard.guards_path(path) or (guard.campaign_needle not in query and b"%" not in query)
     ):
         return None, None
-    headers = ((b"cookie", _wire_bytes(environ.get("HTTP_COOKIE", ""))),)
+    headers = (
+        (b"cookie", _wire_bytes(environ.get("HTTP_COOKIE", ""))),
+        (b"sec-gpc", _wire_bytes(environ.get("HTTP_SEC_GPC", ""))),
+    )
     try:
         facts = guard.facts(query, headers, route, path_params)
         if facts is None and route is not None:  # a decorated ad route needs its campaign
@@ -164,6 +170,9 @@ def decide(
         return guard.problem(exc), None
     if facts is None:
         return None, None
+    if facts.assigned is not None:  # anonymous="assign": the browser gets its id
+        name, value = guard.set_cookie(facts.assigned)
+        environ[SET_COOKIE_KEY] = (name.decode("latin-1"), value.decode("latin-1"))
     decision, reservation = guard.decide_sync(facts)
     if not decision.allowed and not guard.pass_denied:
         return guard.denied(decision.reason), None
@@ -175,6 +184,23 @@ def decision_of(environ: Mapping[str, Any]) -> Decision | None:
     """The Decision taken for this request, or None (not an ad request)."""
     decision = environ.get(DECISION_KEY)
     return decision if isinstance(decision, Decision) else None
+
+
+def _with_assigned_cookie(environ: WSGIEnvironment, start_response: StartResponse) -> Any:
+    """``start_response``, adding the Set-Cookie of an id assigned while deciding (the app's
+    own Set-Cookie headers stay as they are)."""
+
+    def start(
+        status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None
+    ) -> Any:
+        cookie = environ.get(SET_COOKIE_KEY)
+        if cookie is not None:
+            headers = [*headers, cookie]
+        if exc_info is None:
+            return start_response(status, headers)
+        return start_response(status, headers, exc_info)
+
+    return start
 
 
 def _run(

@@ -31,6 +31,7 @@ logger = logging.getLogger("xsp_middleware")
 T = TypeVar("T")
 
 _RESERVATION = "_xsp_reservation"
+_ASSIGNED = "_xsp_assigned_user_id"
 """The request attribute that carries a reservation from ``process_view`` to the response."""
 
 
@@ -139,9 +140,13 @@ class XSPMiddleware:
         ):
             return None  # the core rule: no campaign parameter, no store call
         try:
-            facts = guard.facts(
-                _raw(query), [(b"cookie", _raw(meta.get("HTTP_COOKIE", "")))], rules, view_kwargs
-            )
+            headers = [
+                (b"cookie", _raw(meta.get("HTTP_COOKIE", ""))),
+                (b"sec-gpc", _raw(meta.get("HTTP_SEC_GPC", ""))),
+            ]
+            facts = guard.facts(_raw(query), headers, rules, view_kwargs)
+            if facts is not None and facts.assigned is not None:
+                setattr(request, _ASSIGNED, facts.assigned)  # set on the response
             if facts is None and rules is not None:  # a decorated ad view needs its campaign
                 raise InvalidParameter(rules.campaign_param or guard.campaign_param, "is required")
         except InvalidParameter as exc:
@@ -171,6 +176,7 @@ class XSPMiddleware:
             if reservation is not None:
                 _release_sync(self.guard, reservation)
             raise
+        self._give_cookie(request, response)
         reservation = request.__dict__.pop(_RESERVATION, None)
         if reservation is not None:
             if not 200 <= response.status_code < 300:
@@ -187,6 +193,7 @@ class XSPMiddleware:
             if reservation is not None:
                 await asyncio.shield(_release(self.guard, reservation))
             raise
+        self._give_cookie(request, response)
         reservation = request.__dict__.pop(_RESERVATION, None)
         if reservation is not None:
             if not 200 <= response.status_code < 300:
@@ -194,6 +201,24 @@ class XSPMiddleware:
             elif response.streaming:
                 self._watch_body(response, reservation)
         return response
+
+    def _give_cookie(self, request: Any, response: Any) -> None:
+        """An id assigned while deciding (``ANONYMOUS: "assign"``) goes to the browser, next
+        to the view's own cookies."""
+        assigned = request.__dict__.pop(_ASSIGNED, None)
+        if assigned is None:
+            return
+        s = self.guard.settings
+        response.set_cookie(
+            s.user_cookie,
+            assigned,
+            max_age=s.cookie_max_age,
+            path=s.cookie_path,
+            domain=s.cookie_domain,
+            secure=s.cookie_secure,
+            httponly=s.cookie_httponly,
+            samesite=s.cookie_samesite.capitalize(),
+        )
 
     def _watch_body(self, response: Any, reservation: Reservation) -> None:
         """Keep the reservation of a streaming 2xx only if its body is iterated to the end."""
