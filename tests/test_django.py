@@ -843,3 +843,22 @@ async def test_head_requests_never_reserve(site: Site) -> None:
             await site.client.head(AD, headers={"cookie": "user_id=u1"})
     assert await site.recorded() == (0, 0)
     assert (await site.get(AD)).status_code == 200
+
+
+async def test_assigned_ids_reach_the_browser_and_gpc_is_honoured(site: Site) -> None:
+    site.start(ANONYMOUS="assign")
+    first = await site.get(AD, user=None)
+    assert first.status_code == 200
+    cookie = first.cookies["user_id"]
+    assert len(cookie.value) == 32 and cookie["httponly"] and cookie["secure"]
+    again = await site.get(AD, user=cookie.value)
+    assert_denied(again, "frequency_capped")  # capped under the assigned id
+    gpc = {"cookie": "user_id=gpc-user", "sec-gpc": "1"}
+    if site.mode == "wsgi":
+        r = await asyncio.to_thread(site.client.get, AD, headers=gpc)
+    else:
+        r = await site.client.get(AD, headers=gpc)
+    assert r.status_code == 200
+    assert site.store.user_key("gpc-user").encode() not in [
+        key async for key in site.store.client.scan_iter("*")
+    ]

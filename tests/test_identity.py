@@ -191,3 +191,42 @@ async def test_no_raw_user_id_in_any_key_or_value(redis_url: str, make_app: Any)
             dump += b"".join(k + v for k, v in r.hgetall(key).items())
     for user in users:
         assert user.encode() not in dump
+
+
+def test_flask_assigns_ids_and_honours_gpc(redis_url: str) -> None:
+    from flask import Flask, make_response
+
+    from xsp_middleware.wsgi import XSPWSGIMiddleware
+
+    flask = Flask(__name__)
+
+    @flask.get("/ad")
+    def ad() -> Any:
+        response = make_response("ad")
+        response.set_cookie("session", "abc")
+        return response
+
+    flask.wsgi_app = XSPWSGIMiddleware(  # type: ignore[method-assign]
+        flask.wsgi_app,
+        redis_url=redis_url,
+        secret_key=SECRET,
+        anonymous="assign",
+        default_caps=["1/1h"],
+    )
+    c = flask.test_client()
+    first = c.get("/ad?campaign_id=f1")
+    cookies = first.headers.get_all("Set-Cookie")
+    assert any(h.startswith("session=abc") for h in cookies)
+    (ours,) = [h for h in cookies if h.startswith("user_id=")]
+    assert "HttpOnly" in ours and "Secure" in ours
+    # The test client's jar now holds the assigned id: the next request is capped under it.
+    assert c.get("/ad?campaign_id=f1").headers["X-XSP-Decision"] == "frequency_capped"
+    fresh = flask.test_client()
+    fresh.set_cookie("user_id", "gpc-user")
+    assert fresh.get("/ad?campaign_id=f1", headers={"Sec-GPC": "1"}).status_code == 200
+    store_key = XSPMiddleware(plain_app, secret_key=SECRET).store.user_key("gpc-user").encode()
+    assert store_key not in keys(redis_url)
+
+
+async def plain_app(scope: Any, receive: Any, send: Any) -> None:  # only to derive keys
+    raise AssertionError("not called")

@@ -141,7 +141,9 @@ class XSPMiddleware:
             return None  # the core rule: no campaign parameter, no store call
         try:
             headers = [
-                (b"cookie", _raw(meta.get("HTTP_COOKIE", ""))),
+                # Django's ASGI handler joins repeated Cookie headers with ","; a cookie value
+                # may not contain one (RFC 6265), so it separates cookies here.
+                (b"cookie", _raw(meta.get("HTTP_COOKIE", "")).replace(b",", b";")),
                 (b"sec-gpc", _raw(meta.get("HTTP_SEC_GPC", ""))),
             ]
             facts = guard.facts(_raw(query), headers, rules, view_kwargs)
