@@ -145,3 +145,19 @@ async def test_concurrent_decisions_share_pipeline_writes(
     assert {r.status_code for r in responses} == {200}
     assert proxy.commands == Counter({"EVALSHA": 200})  # still one script per decision
     assert proxy.writes < 200  # but coalesced into fewer writes
+
+
+async def test_stored_preferences_cost_no_extra_round_trip(
+    proxy: CountingProxy, make_app: Any, redis_server: RedisServer
+) -> None:
+    app = make_app(redis_url=proxy.url)
+    redis_server.command("HSET", app.store.user_key("u1"), "!b", "c1")
+    redis_server.command("HSET", app.store.user_key("u2"), "!o", "1")
+    async with client(app) as c:
+        await c.get("/ad?campaign_id=warm", headers=as_user("warm"))
+        proxy.reset()
+        blocked = await c.get("/ad?campaign_id=c1", headers=as_user("u1"))
+        opted_out = await c.get("/ad?campaign_id=c1", headers=as_user("u2"))
+    assert blocked.headers["x-xsp-decision"] == "user_blocked"
+    assert opted_out.status_code == 200  # stored opt-out under no_tracking: served, untracked
+    assert proxy.commands == Counter({"EVALSHA": 2})
