@@ -15,6 +15,7 @@ from .errors import (
     XSPError,
 )
 from .middleware import XSPMiddleware
+from .preferences import preferences_app
 from .routing import ad_route, xsp_decision
 from .session import UpstreamSession
 from .settings import Campaign, Settings
@@ -36,6 +37,7 @@ __all__ = [
     "XSPError",
     "XSPMiddleware",
     "ad_route",
+    "preferences_app",
     "xsp_decision",
 ]
 __version__ = "0.1.0"

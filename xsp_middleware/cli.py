@@ -17,6 +17,13 @@ from typing import Any
 from .clock import format_instant
 from .errors import ConfigError, XSPError
 from .money import format_units
+from .preferences import (
+    block_campaign,
+    forget_user,
+    get_preferences,
+    set_opted_out,
+    unblock_campaign,
+)
 from .settings import PACINGS, Rules, Settings, validate_campaign_id
 from .store import CampaignView, Store
 
@@ -73,7 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     listing = actions.add_parser("list", parents=[common], help="list campaigns")
     listing.add_argument("--json", action="store_true", help="print JSON")
 
-    user = commands.add_parser("user", help="inspect and reset a user's impressions")
+    user = commands.add_parser(
+        "user", help="inspect and reset a user's impressions; opt-out, blocks, erasure"
+    )
     user_actions = user.add_subparsers(dest="action", required=True, parser_class=_ArgumentParser)
     for name, help_text in (
         ("show", "impressions in each cap window and when each cap frees up"),
@@ -84,6 +93,17 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--campaign", metavar="ID", help="only this campaign")
         if name == "show":
             sub.add_argument("--json", action="store_true", help="print JSON")
+    for name, help_text in (
+        ("opt-out", "opt the user out: no tracking (the consent policy decides what that means)"),
+        ("opt-in", "undo opt-out"),
+        ("block", "never show the user this campaign"),
+        ("unblock", "undo block"),
+        ("forget", "erase everything stored for the user (impressions and preferences)"),
+    ):
+        sub = user_actions.add_parser(name, parents=[common], help=help_text)
+        sub.add_argument("user_id")
+        if name in ("block", "unblock"):
+            sub.add_argument("campaign_id")
 
     doctor = commands.add_parser(
         "doctor", parents=[common], help="check the store: version, scripts, eviction, persistence"
@@ -232,7 +252,12 @@ def _when(ms: int | None) -> str | None:
 async def user_show(args: argparse.Namespace, store: Store) -> int:
     if args.campaign is not None:
         validate_campaign_id(args.campaign)
-    windows = await store.user_view(args.user_id, args.campaign)
+    # Preference fields (``!o``, ``!b``) share the user's hash; they are no campaign's logs.
+    windows = [
+        (campaign, caps)
+        for campaign, caps in await store.user_view(args.user_id, args.campaign)
+        if not campaign.startswith("!")
+    ]
     if args.json:
         print(
             json.dumps(
@@ -253,6 +278,11 @@ async def user_show(args: argparse.Namespace, store: Store) -> int:
         for cap, count, frees in caps:
             until = f"  frees at {_when(frees)}" if frees is not None else ""
             print(f"  {cap!s:<14}{count:>5} of {cap.max_impressions}{until}")
+    prefs = await get_preferences(store, args.user_id)
+    if prefs.opted_out:
+        print("opted out")
+    if prefs.blocked_campaigns:
+        print("blocked campaigns: " + ", ".join(prefs.blocked_campaigns))
     return 0
 
 
@@ -262,6 +292,28 @@ async def user_reset(args: argparse.Namespace, store: Store) -> int:
     existed = await store.reset_user(args.user_id, args.campaign)
     scope = f" for campaign {args.campaign}" if args.campaign else ""
     print(f"user impressions reset{scope}" if existed else f"nothing recorded{scope}")
+    return 0
+
+
+async def user_opt(args: argparse.Namespace, store: Store, opted_out: bool) -> int:
+    await set_opted_out(store, args.user_id, opted_out)
+    print("user opted out" if opted_out else "user opted in")
+    return 0
+
+
+async def user_block(args: argparse.Namespace, store: Store, block: bool) -> int:
+    campaign_id = validate_campaign_id(args.campaign_id)
+    if block:
+        await block_campaign(store, args.user_id, campaign_id)
+    else:
+        await unblock_campaign(store, args.user_id, campaign_id)
+    print(f"campaign {campaign_id} {'blocked' if block else 'unblocked'} for this user")
+    return 0
+
+
+async def user_forget(args: argparse.Namespace, store: Store) -> int:
+    existed = await forget_user(store, args.user_id)
+    print("everything stored for this user was erased" if existed else "nothing stored")
     return 0
 
 
@@ -295,6 +347,11 @@ COMMANDS: dict[tuple[str, str | None], Command] = {
     ("campaign", "delete"): campaign_delete,
     ("user", "show"): user_show,
     ("user", "reset"): user_reset,
+    ("user", "opt-out"): lambda a, s: user_opt(a, s, True),
+    ("user", "opt-in"): lambda a, s: user_opt(a, s, False),
+    ("user", "block"): lambda a, s: user_block(a, s, True),
+    ("user", "unblock"): lambda a, s: user_block(a, s, False),
+    ("user", "forget"): user_forget,
     ("doctor", None): doctor,
     ("demo", None): demo,
 }

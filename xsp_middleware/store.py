@@ -681,7 +681,12 @@ class Store:
             raw, (seconds, micros) = await self._admin(pipe.execute())
         logs = {_text(k): _text(v) for k, v in raw.items()}
         now = self.clock() if self.clock is not None else int(seconds) * 1000 + int(micros) // 1000
-        fields = [campaign_id] if campaign_id is not None else sorted(logs)
+        # Fields starting with "!" are preferences (opt-out, blocked campaigns), not logs.
+        fields = (
+            [campaign_id]
+            if campaign_id is not None
+            else sorted(f for f in logs if not f.startswith("!"))
+        )
         result = []
         for field in fields:
             if field == "*":
@@ -693,11 +698,15 @@ class Store:
         return result
 
     async def reset_user(self, user_id: str, campaign_id: str | None = None) -> bool:
-        """Forget a user's impressions (of one campaign, or all). Returns whether any existed."""
+        """Forget a user's impressions (of one campaign, or all); their preferences stay (see
+        ``preferences.forget_user`` for erasure). Returns whether any existed."""
         key = self.user_key(user_id)
-        if campaign_id is None:
-            return bool(await self._admin(self.client.delete(key)))
-        return bool(await self._admin(self.client.hdel(key, campaign_id)))
+        if campaign_id is not None:
+            return bool(await self._admin(self.client.hdel(key, campaign_id)))
+        fields = [
+            f for f in await self._admin(self.client.hkeys(key)) if not _text(f).startswith("!")
+        ]
+        return bool(fields) and bool(await self._admin(self.client.hdel(key, *fields)))
 
     async def server_info(self) -> dict[str, Any]:
         """INFO and the eviction/persistence settings, for ``doctor``."""
