@@ -84,8 +84,38 @@ async def test_serving_resumes_when_redis_comes_back(make_app: Any) -> None:
         server.stop()
         assert {r for _, r, _ in await _burst(app, 5)} == {"store_unavailable"}
         server.start()  # same port, empty data, empty script cache
+        # The circuit breaker (5 failures, probe after 1 s) opened: serving resumes within 2 s.
+        back_at = time.perf_counter()
+        while {s for s, _, _ in await _burst(app, 5)} != {200}:
+            assert time.perf_counter() - back_at < 2.0, "serving did not resume within 2 s"
+            await asyncio.sleep(0.05)
+    finally:
+        server.stop()
+
+
+async def test_an_open_circuit_answers_at_once_then_probes_and_closes(make_app: Any) -> None:
+    server = RedisServer()
+    try:
+        app = make_app(redis_url=server.url, store_timeout=TIMEOUT, circuit_breaker="3/500ms")
+        assert {s for s, _, _ in await _burst(app, 3)} == {200}
+        server.signal(signal.SIGSTOP)  # hung: every call waits its full timeout
+        async with client(app) as c:
+            for _ in range(3):
+                started = time.perf_counter()
+                await c.get("/ad?campaign_id=c1", headers=as_user("u"))
+                assert time.perf_counter() - started >= TIMEOUT * 0.9
+            assert app.store.breaker.is_open
+            started = time.perf_counter()
+            r = await c.get("/ad?campaign_id=c1", headers=as_user("u"))
+            assert r.headers["x-xsp-decision"] == "store_unavailable"
+            assert time.perf_counter() - started < TIMEOUT / 2  # no waiting while open
+        server.signal(signal.SIGCONT)
+        await asyncio.sleep(0.6)
+        assert {s for s, _, _ in await _burst(app, 1)} == {200}  # the probe succeeds
+        assert not app.store.breaker.is_open
         assert {s for s, _, _ in await _burst(app, 5)} == {200}
     finally:
+        server.signal(signal.SIGCONT)
         server.stop()
 
 

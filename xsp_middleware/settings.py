@@ -277,6 +277,9 @@ class Settings:
     """What each consent signal does: ``no_tracking`` (serve without reading or writing user
     state), ``deny`` (204 ``no_consent``) or ``ignore``. One policy for every signal, or a
     mapping per signal: ``gpc``, ``optout_cookie``, ``stored_optout``, ``tcf``."""
+    circuit_breaker: str | None = "5/1s"
+    """``N/T``: after N consecutive store failures, stop calling the store for T (``1s``,
+    ``500ms``) and then probe it; ``off`` (or None) disables the breaker."""
     preferences_origins: Sequence[str] = ()
     """Origins (``https://example.com``) allowed to change preferences cross-origin; the
     preferences app always allows its own origin."""
@@ -387,6 +390,22 @@ def _consent_policies(policy: str | Mapping[str, str]) -> dict[str, str]:
     return chosen
 
 
+def _breaker(text: str | None) -> tuple[int, float]:
+    if text is None or text == "off":
+        return 0, 0.0
+    match = (
+        re.fullmatch(r"\s*([0-9]{1,6})\s*/\s*([0-9]{1,6})\s*(s|ms)\s*", text)
+        if isinstance(text, str)
+        else None
+    )
+    if match is None or int(match.group(1)) < 1:
+        raise ConfigError(
+            f"circuit_breaker: {str(text)[:40]!r} is not N/T such as 5/1s or 3/500ms, or off"
+        )
+    seconds = int(match.group(2)) / (1000 if match.group(3) == "ms" else 1)
+    return int(match.group(1)), seconds
+
+
 def _check_identity(s: Settings) -> None:
     if s.anonymous not in ANONYMOUS_POLICIES:
         raise ConfigError(f"anonymous: must be one of {', '.join(ANONYMOUS_POLICIES)}")
@@ -451,6 +470,8 @@ class Rules:
     user_caps_spec: str
     pacing_allowance_bp: int
     consent: Mapping[str, str]
+    breaker: tuple[int, float]
+    """(consecutive failures that open the circuit, seconds before a probe); (0, 0): off."""
     max_cpm_cost_units: int
     paths: tuple[str, ...] | None
     secret_key: bytes
@@ -527,6 +548,7 @@ class Rules:
             user_caps_spec=caps_spec(user_caps),
             pacing_allowance_bp=allowance // 10**3,
             consent=consent,
+            breaker=_breaker(s.circuit_breaker),
             max_cpm_cost_units=max_cpm_cost,
             paths=paths,
             secret_key=(secret or DEVELOPMENT_SECRET_KEY).encode(),

@@ -36,6 +36,7 @@ try:
 except ImportError:  # redis-py before 7.1
     DriverInfo = None  # type: ignore[assignment,misc]
 
+from .breaker import CircuitBreaker
 from .caps import CALENDAR_PERIODS, FrequencyCap, parse_caps
 from .clock import Calendars, bounds, wall_ms, zone
 from .errors import ConfigError, StoreUnavailable
@@ -253,6 +254,7 @@ class Store:
         self._allowance = str(rules.pacing_allowance_bp)
         self._optout_policy = pack_args((rules.consent["stored_optout"],))
         self._hooks: set[asyncio.Future[Any]] = set()
+        self.breaker = CircuitBreaker(*rules.breaker)
         self.clock: Callable[[], int] | None = None
         """Test-only: epoch ms that the scripts use instead of Redis TIME (simulated days)."""
         self._loops: dict[asyncio.AbstractEventLoop, _LoopState] = {}
@@ -400,6 +402,8 @@ class Store:
         counts_impression: bool = True,
     ) -> Reservation:
         """Check and reserve in one round trip. Raises StoreUnavailable on failure or timeout."""
+        if not self.breaker.allow():
+            raise StoreUnavailable("the store circuit is open (recent failures); not waiting")
         tz = self._zones.get(campaign_id, rule.timezone)
         context = (campaign_id, user_key, counts_impression)
         pipeline = self._state().pipeline
@@ -410,6 +414,9 @@ class Store:
             future = pipeline.call(RESERVE, nargs, body, self._release_orphan, context)
             try:
                 reply = await future
+            except StoreUnavailable:
+                self.breaker.failure()
+                raise
             except asyncio.CancelledError:
                 # Cancelled after the reply arrived but before this task resumed: the
                 # reservation exists and nobody will release it but us.
@@ -421,6 +428,7 @@ class Store:
             tz = self.learn_zone(campaign_id, reply)
         else:
             raise StoreUnavailable(f"campaign {campaign_id}: its time zone keeps changing")
+        self.breaker.success()
         reservation = reservation_from(context, reply)
         if reply[6]:
             self._exhausted(campaign_id, "lifetime" if reply[6] == 1 else "daily")

@@ -131,17 +131,24 @@ class SyncStore:
     ) -> Reservation:
         """Check and reserve in one round trip. Raises StoreUnavailable on failure or timeout."""
         store = self.store
+        if not store.breaker.allow():
+            raise StoreUnavailable("the store circuit is open (recent failures); not waiting")
         tz = store._zones.get(campaign_id, rule.timezone)
         for _ in range(2):
             nargs, body = store.reserve_call(
                 campaign_id, user_key, cost_units, rule, counts_impression, tz
             )
-            reply = self._call(RESERVE, nargs, body, (campaign_id, user_key, counts_impression))
+            try:
+                reply = self._call(RESERVE, nargs, body, (campaign_id, user_key, counts_impression))
+            except StoreUnavailable:
+                store.breaker.failure()
+                raise
             if reply[1] != 9:
                 break
             tz = store.learn_zone(campaign_id, reply)
         else:
             raise StoreUnavailable(f"campaign {campaign_id}: its time zone keeps changing")
+        store.breaker.success()
         reservation = reservation_from((campaign_id, user_key, counts_impression), reply)
         if reply[6]:
             store._exhausted(campaign_id, "lifetime" if reply[6] == 1 else "daily")
