@@ -230,3 +230,48 @@ def test_flask_assigns_ids_and_honours_gpc(redis_url: str) -> None:
 
 async def plain_app(scope: Any, receive: Any, send: Any) -> None:  # only to derive keys
     raise AssertionError("not called")
+
+
+async def test_no_cookie_can_take_over_the_shared_bucket(redis_url: str, make_app: Any) -> None:
+    app = make_app(redis_url=redis_url, anonymous="shared")  # default cap 3/1h
+    async with client(app) as c:
+        assert [(await c.get("/ad?campaign_id=c1")).status_code for _ in range(3)] == [200] * 3
+        # A client naming itself "anonymous" is a user of its own, not the shared bucket.
+        assert (await c.get("/ad?campaign_id=c1", headers=as_user("anonymous"))).status_code == 200
+        assert (await c.get("/ad?campaign_id=c1")).status_code == 204
+
+
+async def test_a_blocked_campaign_stays_blocked_after_an_opt_out(
+    redis_url: str, make_app: Any
+) -> None:
+    app = make_app(redis_url=redis_url)
+    redis.Redis.from_url(redis_url).hset(app.store.user_key("u1"), mapping={"!o": "1", "!b": "c1"})
+    async with client(app) as c:
+        r = await c.get("/ad?campaign_id=c1", headers=as_user("u1"))
+    assert r.headers["x-xsp-decision"] == "user_blocked"
+
+
+async def test_a_percent_encoded_gdpr_parameter_is_still_a_signal(
+    redis_url: str, make_app: Any
+) -> None:
+    app = make_app(redis_url=redis_url, default_caps=["1/1h"])
+    async with client(app) as c:
+        r = await c.get("/decision?campaign_id=c1&%67dpr=1", headers=as_user("u1"))
+    assert decision_fields(r.text)["left"] == "None"  # untracked: no Purpose 1 consent
+    assert app.store.user_key("u1").encode() not in keys(redis_url)
+
+
+def test_nested_wsgi_layers_decide_once_and_assign_one_id(redis_url: str) -> None:
+    from werkzeug.test import Client
+
+    from xsp_middleware.wsgi import XSPWSGIMiddleware
+
+    def app(environ: Any, start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ad"]
+
+    options = {"redis_url": redis_url, "secret_key": SECRET, "anonymous": "assign"}
+    nested = XSPWSGIMiddleware(XSPWSGIMiddleware(app, **options), **options)
+    r = Client(nested).get("/ad?campaign_id=nw")
+    assert len(r.headers.getlist("Set-Cookie")) == 1
+    assert int(redis.Redis.from_url(redis_url).hget("xsp:c:{nw}:st", "impressions")) == 1

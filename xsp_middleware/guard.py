@@ -359,7 +359,7 @@ class Guard:
             signals.append("gpc")
         if optout_cookie:
             signals.append("optout_cookie")
-        if b"gdpr" in query and _tcf_refuses(query):
+        if (b"gdpr" in query or b"%" in query) and _tcf_refuses(query):
             signals.append("tcf")
         for signal in signals:
             policy = consent[signal]
@@ -378,7 +378,7 @@ class Guard:
             assert user_id is not None
             facts.user_key = self.store.user_key(user_id)
         elif self.anonymous == "shared":  # the tutorial's single bucket
-            facts.user_key = self.store.user_key(b"anonymous")
+            facts.user_key = self.store.shared_key
         elif self.anonymous == "assign":
             facts.assigned = secrets.token_hex(16)  # 128 random bits
             facts.user_key = self.store.user_key(facts.assigned.encode())

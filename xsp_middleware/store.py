@@ -265,6 +265,12 @@ class Store:
         tag = f"{self._prefix}:c:{{{campaign_id}}}"
         return f"{tag}:cfg", f"{tag}:st"
 
+    @property
+    def shared_key(self) -> str:
+        """The single bucket of ``anonymous="shared"``: no cookie hashes to it (an HMAC is 22
+        characters), so no client can take it over by sending ``user_id=anonymous``."""
+        return f"{self._prefix}:u:{{anonymous}}"
+
     def user_key(self, user_id: bytes | str) -> str:
         if isinstance(user_id, str):
             user_id = user_id.encode("utf-8", "surrogateescape")
@@ -710,6 +716,7 @@ class Store:
         ``preferences.forget_user`` for erasure). Returns whether any existed."""
         key = self.user_key(user_id)
         if campaign_id is not None:
+            validate_campaign_id(campaign_id)  # never a preference field ("!o", "!b")
             return bool(await self._admin(self.client.hdel(key, campaign_id)))
         fields = [
             f for f in await self._admin(self.client.hkeys(key)) if not _text(f).startswith("!")

@@ -132,12 +132,14 @@ class XSPWSGIMiddleware:
             state = RequestState(self.guard)
             environ[STATE_KEY] = state
             return _run(self.app, environ, start_response, state)
-        reply, reservation = decide(self.guard, environ, None, _path(environ), None)
+        state = RequestState(self.guard)
+        environ[STATE_KEY] = state  # inner XSP layers leave this request to this one
+        reply, state.reservation = decide(self.guard, environ, None, _path(environ), None)
         if reply is not None:
             return send_reply(start_response, reply)
-        if reservation is None:
+        if state.reservation is None:
             return self.app(environ, start_response)
-        return _run(self.app, environ, start_response, RequestState(self.guard, reservation))
+        return _run(self.app, environ, start_response, state)
 
 
 def decide(

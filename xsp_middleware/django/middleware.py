@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -32,6 +33,8 @@ T = TypeVar("T")
 
 _RESERVATION = "_xsp_reservation"
 _ASSIGNED = "_xsp_assigned_user_id"
+_COOKIE_JOIN = re.compile(rb",(?=\s*[!#$%&'*+\-.^_`|~0-9A-Za-z]+=)")
+"""Where Django's ASGI handler joined two Cookie headers: a comma before ``name=``."""
 """The request attribute that carries a reservation from ``process_view`` to the response."""
 
 
@@ -143,7 +146,7 @@ class XSPMiddleware:
             headers = [
                 # Django's ASGI handler joins repeated Cookie headers with ","; a cookie value
                 # may not contain one (RFC 6265), so it separates cookies here.
-                (b"cookie", _raw(meta.get("HTTP_COOKIE", "")).replace(b",", b";")),
+                (b"cookie", _COOKIE_JOIN.sub(b";", _raw(meta.get("HTTP_COOKIE", "")))),
                 (b"sec-gpc", _raw(meta.get("HTTP_SEC_GPC", ""))),
             ]
             facts = guard.facts(_raw(query), headers, rules, view_kwargs)

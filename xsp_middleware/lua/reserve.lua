@@ -45,12 +45,13 @@ end
 local user = KEYS[3]
 if user then
   local prefs = redis.call('HMGET', user, '!o', '!b')
+  if prefs[2] and string.find(',' .. prefs[2] .. ',', ',' .. cid .. ',', 1, true) then
+    return deny(7)  -- "stop seeing this ad" holds whatever else the user chose
+  end
   if prefs[1] == '1' and ARGV[19] ~= 'ignore' then
+    personal = 0
     if ARGV[19] == 'deny' then return deny(6) end
     user = nil  -- no_tracking: serve without reading or writing the user's state
-    personal = 0
-  elseif prefs[2] and string.find(',' .. prefs[2] .. ',', ',' .. cid .. ',', 1, true) then
-    return deny(7)
   end
 end
 
