@@ -11,6 +11,8 @@ import logging
 import threading
 import time
 
+from . import observe
+
 logger = logging.getLogger("xsp_middleware")
 
 
@@ -54,6 +56,8 @@ class CircuitBreaker:
             self._probing = False
         if was_open:
             logger.info("store circuit closed", extra={"xsp_event": "circuit_closed"})
+            if observe.current is not None:
+                observe.current.circuit(False)
 
     def failure(self) -> None:
         if self.failures <= 0:
@@ -68,6 +72,8 @@ class CircuitBreaker:
                 self._opened_at = time.monotonic()
                 opened = True
         if opened:
+            if observe.current is not None:
+                observe.current.circuit(True)
             logger.warning(
                 "store circuit opened after %d consecutive failures",
                 self.failures,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import unquote
 
+from . import observe
 from .caps import FrequencyCap, parse_caps
 from .decision import Decision
 from .errors import ConfigError, InvalidParameter, StoreUnavailable
@@ -393,31 +394,33 @@ class Guard:
 
     async def decide(self, facts: Facts) -> tuple[Decision, Reservation | None]:
         if facts.refusal is not None:
-            return self.refused(facts), None
+            return _observed(self.refused(facts)), None
         try:
             r = await self.store.reserve(
                 facts.campaign_id, facts.user_key, facts.cost_units, facts.rule
             )
         except StoreUnavailable as exc:
-            return self.degraded(facts, str(exc)), None
+            return _observed(self.degraded(facts, str(exc))), None
         except Exception as exc:  # our bug must not become a 500: log it, apply the policy
             logger.exception("xsp_middleware: unexpected error while deciding")
-            return self.degraded(facts, f"internal error: {exc!r}"), None
-        return self.decision(facts, r)
+            return _observed(self.degraded(facts, f"internal error: {exc!r}")), None
+        decision, reservation = self.decision(facts, r)
+        return _observed(decision), reservation
 
     def decide_sync(self, facts: Facts) -> tuple[Decision, Reservation | None]:
         if facts.refusal is not None:
-            return self.refused(facts), None
+            return _observed(self.refused(facts)), None
         try:
             r = self.sync_store.reserve(
                 facts.campaign_id, facts.user_key, facts.cost_units, facts.rule
             )
         except StoreUnavailable as exc:
-            return self.degraded(facts, str(exc)), None
+            return _observed(self.degraded(facts, str(exc))), None
         except Exception as exc:  # our bug must not become a 500: log it, apply the policy
             logger.exception("xsp_middleware: unexpected error while deciding")
-            return self.degraded(facts, f"internal error: {exc!r}"), None
-        return self.decision(facts, r)
+            return _observed(self.degraded(facts, f"internal error: {exc!r}")), None
+        decision, reservation = self.decision(facts, r)
+        return _observed(decision), reservation
 
     @staticmethod
     def decision(facts: Facts, r: Reservation) -> tuple[Decision, Reservation | None]:
@@ -467,13 +470,17 @@ class Guard:
 
     # -- confirm or release ----------------------------------------------------------------
 
-    async def release(self, reservation: Reservation) -> None:
+    async def release(self, reservation: Reservation, why: str = "status") -> None:
+        if observe.current is not None:
+            observe.current.released(why)
         try:
             await self.store.release(reservation)
         except StoreUnavailable as exc:
             _release_failed(reservation, exc)
 
-    def release_sync(self, reservation: Reservation) -> None:
+    def release_sync(self, reservation: Reservation, why: str = "status") -> None:
+        if observe.current is not None:
+            observe.current.released(why)
         try:
             self.sync_store.release(reservation)
         except StoreUnavailable as exc:
@@ -487,6 +494,8 @@ class Guard:
 
     @staticmethod
     def problem(exc: InvalidParameter) -> Reply:
+        if observe.current is not None:
+            observe.current.decision("invalid", exc.field, "")
         body = json.dumps(
             {
                 "type": PROBLEM_TYPE,
@@ -503,6 +512,20 @@ class Guard:
             ],
             body,
         )
+
+
+def _observed(decision: Decision) -> Decision:
+    """Tell the observer (metrics), if any, about a decision."""
+    observer = observe.current
+    if observer is not None:
+        observer.decision(
+            "served" if decision.allowed else "denied", decision.reason, decision.campaign_id
+        )
+        if decision.degraded:
+            observer.degraded("budget")
+            if decision.allowed and not decision.anonymous:
+                observer.degraded("frequency")
+    return decision
 
 
 def _tcf_refuses(query: bytes) -> bool:

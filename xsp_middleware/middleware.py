@@ -78,9 +78,12 @@ class XSPMiddleware:
         scope[GUARD_KEY] = (self.guard, outcome)
         try:
             await self.app(scope, outcome.receive, outcome.send)
+        except BaseException:
+            outcome.raised = True
+            raise
         finally:
             if outcome.reservation is not None and not outcome.kept:
-                await asyncio.shield(self.guard.release(outcome.reservation))
+                await asyncio.shield(self.guard.release(outcome.reservation, outcome.why))
 
     def _routes_changed(self) -> bool:
         lists = self._route_lists
@@ -223,9 +226,12 @@ async def guard_request(
     outcome = Outcome(receive, send)
     try:
         await app(scope, outcome.receive, outcome.send)
+    except BaseException:
+        outcome.raised = True
+        raise
     finally:
         if not outcome.kept:
-            await asyncio.shield(guard.release(reservation))
+            await asyncio.shield(guard.release(reservation, outcome.why))
 
 
 class Outcome:
@@ -238,6 +244,7 @@ class Outcome:
         "_send",
         "completed",
         "disconnected",
+        "raised",
         "reservation",
         "status",
         "trailers",
@@ -250,11 +257,23 @@ class Outcome:
         self.completed = False
         self.disconnected = False
         self.trailers = False
+        self.raised = False
         self.reservation: Reservation | None = None
 
     @property
     def kept(self) -> bool:
         return self.completed and 200 <= self.status < 300 and not self.disconnected
+
+    @property
+    def why(self) -> str:
+        """Why a reservation that is not kept is released (a metrics label)."""
+        if self.raised:
+            return "exception"
+        if self.disconnected:
+            return "disconnect"
+        if self.status and not 200 <= self.status < 300:
+            return "status"
+        return "incomplete"
 
     async def receive(self) -> Message:
         message = await self._receive()

@@ -19,6 +19,7 @@ import inspect
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -36,6 +37,7 @@ try:
 except ImportError:  # redis-py before 7.1
     DriverInfo = None  # type: ignore[assignment,misc]
 
+from . import observe
 from .breaker import CircuitBreaker
 from .caps import CALENDAR_PERIODS, FrequencyCap, parse_caps
 from .clock import Calendars, bounds, wall_ms, zone
@@ -409,10 +411,13 @@ class Store:
     ) -> Reservation:
         """Check and reserve in one round trip. Raises StoreUnavailable on failure or timeout."""
         if not self.breaker.allow():
+            if observe.current is not None:
+                observe.current.store_error("circuit_open")
             raise StoreUnavailable("the store circuit is open (recent failures); not waiting")
         tz = self._zones.get(campaign_id, rule.timezone)
         context = (campaign_id, user_key, counts_impression)
         pipeline = self._state().pipeline
+        started = time.monotonic()
         for _ in range(2):
             nargs, body = self.reserve_call(
                 campaign_id, user_key, cost_units, rule, counts_impression, tz
@@ -420,8 +425,10 @@ class Store:
             future = pipeline.call(RESERVE, nargs, body, self._release_orphan, context)
             try:
                 reply = await future
-            except StoreUnavailable:
+            except StoreUnavailable as exc:
                 self.breaker.failure()
+                if observe.current is not None:
+                    observe.current.store_error(observe.error_kind(str(exc)))
                 raise
             except asyncio.CancelledError:
                 # Cancelled after the reply arrived but before this task resumed: the
@@ -435,6 +442,8 @@ class Store:
         else:
             raise StoreUnavailable(f"campaign {campaign_id}: its time zone keeps changing")
         self.breaker.success()
+        if observe.current is not None:
+            observe.current.store_call(time.monotonic() - started)
         reservation = reservation_from(context, reply)
         if reply[6]:
             self._exhausted(campaign_id, "lifetime" if reply[6] == 1 else "daily")
@@ -468,6 +477,8 @@ class Store:
             logger.error("could not release an orphaned reservation: reply %r", reply)
             return
         if reservation.reserved:
+            if observe.current is not None:
+                observe.current.released("late_reply")
             future = self._state().pipeline.call(RELEASE, *self.release_call(reservation))
             future.add_done_callback(_log_release_failure)
 

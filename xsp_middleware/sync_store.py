@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 import redis
@@ -18,6 +19,7 @@ from redis.exceptions import (
 )
 from redis.retry import Retry
 
+from . import observe
 from .errors import StoreUnavailable
 from .pipeline import Script
 from .settings import CampaignConfig
@@ -104,6 +106,8 @@ class SyncStore:
             reply = conn.read_response(timeout=LATE_REPLY_SECONDS)
             reservation = reservation_from(context, reply)
             if reservation.reserved:
+                if observe.current is not None:
+                    observe.current.released("late_reply")
                 # On this connection, with the same patience: the store is slow right now.
                 nargs, body = self.store.release_call(reservation)
                 head = b"*%d\r\n" % (nargs + 2)
@@ -132,16 +136,21 @@ class SyncStore:
         """Check and reserve in one round trip. Raises StoreUnavailable on failure or timeout."""
         store = self.store
         if not store.breaker.allow():
+            if observe.current is not None:
+                observe.current.store_error("circuit_open")
             raise StoreUnavailable("the store circuit is open (recent failures); not waiting")
         tz = store._zones.get(campaign_id, rule.timezone)
+        started = time.monotonic()
         for _ in range(2):
             nargs, body = store.reserve_call(
                 campaign_id, user_key, cost_units, rule, counts_impression, tz
             )
             try:
                 reply = self._call(RESERVE, nargs, body, (campaign_id, user_key, counts_impression))
-            except StoreUnavailable:
+            except StoreUnavailable as exc:
                 store.breaker.failure()
+                if observe.current is not None:
+                    observe.current.store_error(observe.error_kind(str(exc)))
                 raise
             if reply[1] != 9:
                 break
@@ -149,6 +158,8 @@ class SyncStore:
         else:
             raise StoreUnavailable(f"campaign {campaign_id}: its time zone keeps changing")
         store.breaker.success()
+        if observe.current is not None:
+            observe.current.store_call(time.monotonic() - started)
         reservation = reservation_from((campaign_id, user_key, counts_impression), reply)
         if reply[6]:
             store._exhausted(campaign_id, "lifetime" if reply[6] == 1 else "daily")
