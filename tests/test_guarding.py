@@ -163,3 +163,21 @@ async def test_no_user_id_raw_in_any_key_or_value(redis_url: str, make_app: Any)
     for user in (b"alice", b"u-42", b"evil"):
         assert user not in dump
     await r.aclose()
+
+
+async def test_debug_headers_are_opt_in(store_url: str, make_app: Any) -> None:
+    quiet = make_app(redis_url=store_url)
+    loud = make_app(redis_url=store_url, debug_headers=True, default_caps=["2/1h"])
+    async with client(quiet) as c:
+        r = await c.get("/ad?campaign_id=c1", headers=as_user("u1"))
+    assert "server-timing" not in r.headers and "x-xsp-decision" not in r.headers
+    async with client(loud) as c:
+        r = await c.get("/ad?campaign_id=d1", headers=as_user("u1"))
+        assert r.headers["server-timing"].startswith("xsp;dur=")
+        assert r.headers["x-xsp-decision"] == "served"
+        assert r.headers["x-xsp-remaining-impressions"] == "1"
+        assert r.headers["x-xsp-remaining-budget"] == "999.9980000"
+        await c.get("/ad?campaign_id=d1", headers=as_user("u1"))
+        denied = await c.get("/ad?campaign_id=d1", headers=as_user("u1"))
+    assert denied.headers.get_list("x-xsp-decision") == ["frequency_capped"]
+    assert denied.headers["server-timing"].startswith("xsp;dur=")

@@ -255,6 +255,7 @@ class Guard:
         self.cookie = settings.user_cookie.encode()
         self.pass_denied = settings.on_denied == "pass"
         self.anonymous = settings.anonymous
+        self.debug_headers = settings.debug_headers is True
         self.optout_cookie = settings.optout_cookie.encode()
         attributes = [f"; Max-Age={settings.cookie_max_age}", f"; Path={settings.cookie_path}"]
         if settings.cookie_domain:
@@ -385,6 +386,22 @@ class Guard:
             facts.user_key = self.store.user_key(facts.assigned.encode())
             facts.anonymous = False
         return facts
+
+    @staticmethod
+    def detail_headers(decision: Decision, seconds: float) -> Headers:
+        """The opt-in debugging headers (``debug_headers``) of a guarded response."""
+        headers = [
+            (b"server-timing", b"xsp;dur=%.3f" % (seconds * 1000)),
+            (b"x-xsp-decision", decision.reason.encode()),
+        ]
+        if decision.remaining_impressions is not None:
+            headers.append((b"x-xsp-remaining-impressions", b"%d" % decision.remaining_impressions))
+        if decision.remaining_budget is not None:
+            headers.append((b"x-xsp-remaining-budget", str(decision.remaining_budget).encode()))
+        if decision.degraded:
+            why = (decision.degraded_reason or "yes")[:200]
+            headers.append((b"x-xsp-degraded", why.encode("ascii", "replace")))
+        return headers
 
     def set_cookie(self, user_id: str) -> tuple[bytes, bytes]:
         """The ``Set-Cookie`` header that hands an assigned id to the browser."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -210,8 +211,14 @@ async def guard_request(
         await app(scope, receive, send)
         return
     if facts.assigned is not None:  # anonymous="assign": the browser gets its id
-        send = _adding_header(send, guard.set_cookie(facts.assigned))
+        send = _adding_headers(send, [guard.set_cookie(facts.assigned)])
+    started = time.perf_counter()
     decision, reservation = await guard.decide(facts)
+    if guard.debug_headers:
+        details = guard.detail_headers(decision, time.perf_counter() - started)
+        if not decision.allowed and not guard.pass_denied:
+            details = details[:1] + details[2:]  # the denial carries its own X-XSP-Decision
+        send = _adding_headers(send, details)
     if not decision.allowed and not guard.pass_denied:
         await _send_reply(send, guard.denied(decision.reason))
         return
@@ -296,16 +303,16 @@ class Outcome:
             self.completed = True
 
 
-def _adding_header(send: Send, header: tuple[bytes, bytes]) -> Send:
-    """``send``, with ``header`` added to the response start (the app's own Set-Cookie headers
-    stay as they are)."""
+def _adding_headers(send: Send, headers: list[tuple[bytes, bytes]]) -> Send:
+    """``send``, with ``headers`` added to the response start (the app's own headers, its
+    Set-Cookie ones included, stay as they are)."""
 
-    async def send_with_header(message: Message) -> None:
+    async def send_with_headers(message: Message) -> None:
         if message["type"] == "http.response.start":
-            message = {**message, "headers": [*message.get("headers", ()), header]}
+            message = {**message, "headers": [*message.get("headers", ()), *headers]}
         await send(message)
 
-    return send_with_header
+    return send_with_headers
 
 
 async def _send_reply(send: Send, reply: Reply) -> None:

@@ -277,6 +277,9 @@ class Settings:
     """What each consent signal does: ``no_tracking`` (serve without reading or writing user
     state), ``deny`` (204 ``no_consent``) or ``ignore``. One policy for every signal, or a
     mapping per signal: ``gpc``, ``optout_cookie``, ``stored_optout``, ``tcf``."""
+    debug_headers: bool = False
+    """Add ``Server-Timing: xsp;dur=<ms>`` and ``X-XSP-*`` details (remaining impressions and
+    budget, degraded) to guarded responses. Off by default: they reveal caps and budgets."""
     circuit_breaker: str | None = "5/1s"
     """``N/T``: after N consecutive store failures, stop calling the store for T (``1s``,
     ``500ms``) and then probe it; ``off`` (or None) disables the breaker."""
@@ -317,6 +320,7 @@ _BOOL_SETTINGS = {
     "budget_fail_open",
     "cookie_secure",
     "cookie_httponly",
+    "debug_headers",
 }
 _INT_SETTINGS = {"cookie_max_age"}
 _FLOAT_SETTINGS = {"store_timeout"}
