@@ -147,6 +147,9 @@ def make_app(payload_file: Path) -> Callable[..., XSPMiddleware]:
             Route("/other", other),
         ]
         settings.setdefault("secret_key", SECRET)
+        # Behaviour tests, not latency tests: a busy CI box must not turn a decision into a
+        # degraded one. Tests of timeouts set store_timeout themselves.
+        settings.setdefault("store_timeout", 2.0)
         return XSPMiddleware(Starlette(routes=routes), **settings)
 
     return build
