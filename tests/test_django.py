@@ -862,3 +862,13 @@ async def test_assigned_ids_reach_the_browser_and_gpc_is_honoured(site: Site) ->
     assert site.store.user_key("gpc-user").encode() not in [
         key async for key in site.store.client.scan_iter("*")
     ]
+
+
+async def test_debug_headers_are_opt_in(site: Site) -> None:
+    site.start()
+    assert "Server-Timing" not in (await site.get(AD)).headers
+    site.start(DEBUG_HEADERS=True)
+    r = await site.get(AD, user="dbg")
+    assert r.headers["Server-Timing"].startswith("xsp;dur=")
+    assert r.headers["X-XSP-Decision"] == "served"
+    assert r.headers["X-XSP-Remaining-Impressions"] == "0"

@@ -217,3 +217,19 @@ def test_a_late_reservation_under_wsgi_is_released(redis_url: str, slow_proxy: s
     while _recorded(redis_url, "late") != (0, 0) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _recorded(redis_url, "late") == (0, 0)  # the late reply was read and released
+
+
+def test_wsgi_debug_headers_are_opt_in(redis_url: str) -> None:
+    def app(environ: Any, start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ad"]
+
+    quiet = Client(XSPWSGIMiddleware(app, redis_url=redis_url, secret_key=SECRET))
+    assert "Server-Timing" not in quiet.get("/ad?campaign_id=dq", headers=as_user("u1")).headers
+    loud = Client(
+        XSPWSGIMiddleware(app, redis_url=redis_url, secret_key=SECRET, debug_headers=True),
+        use_cookies=False,  # so the explicit Cookie header is what arrives
+    )
+    r = loud.get("/ad?campaign_id=dl", headers=as_user("u1"))
+    assert r.headers["Server-Timing"].startswith("xsp;dur=")
+    assert r.headers["X-XSP-Remaining-Impressions"] == "2"

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
@@ -47,7 +48,8 @@ logger = logging.getLogger("xsp_middleware")
 DECISION_KEY = "xsp.decision"
 """The environ key of the request's :class:`Decision` (absent: not an ad request)."""
 
-SET_COOKIE_KEY = "xsp.set_cookie"
+EXTRA_HEADERS_KEY = "xsp.headers"
+"""Headers the decision adds to the response: an assigned id's Set-Cookie, debug details."""
 STATE_KEY = "xsp.wsgi"
 """Internal: the per-request state the middleware hands to the Flask hook, which decides and
 leaves the reservation there for the middleware to keep or release."""
@@ -125,8 +127,8 @@ class XSPWSGIMiddleware:
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if STATE_KEY in environ:  # an outer XSPWSGIMiddleware decides for this request
             return self.app(environ, start_response)
-        if self.guard.anonymous == "assign":
-            start_response = _with_assigned_cookie(environ, start_response)
+        if self.guard.anonymous == "assign" or self.guard.debug_headers:
+            start_response = _with_extra_headers(environ, start_response)
         if self.flask_app is not None:
             # The Flask hook decides after routing and leaves the reservation in ``state``.
             state = RequestState(self.guard)
@@ -172,11 +174,18 @@ def decide(
         return guard.problem(exc), None
     if facts is None:
         return None, None
+    extra: list[tuple[bytes, bytes]] = []
     if facts.assigned is not None:  # anonymous="assign": the browser gets its id
-        name, value = guard.set_cookie(facts.assigned)
-        environ[SET_COOKIE_KEY] = (name.decode("latin-1"), value.decode("latin-1"))
+        extra.append(guard.set_cookie(facts.assigned))
+    started = time.perf_counter()
     decision, reservation = guard.decide_sync(facts)
-    if not decision.allowed and not guard.pass_denied:
+    denied = not decision.allowed and not guard.pass_denied
+    if guard.debug_headers:
+        details = guard.detail_headers(decision, time.perf_counter() - started)
+        extra.extend(details[:1] + details[2:] if denied else details)
+    if extra:
+        environ[EXTRA_HEADERS_KEY] = wsgi_headers(extra)
+    if denied:
         return guard.denied(decision.reason), None
     environ[DECISION_KEY] = decision
     return None, reservation
@@ -188,16 +197,16 @@ def decision_of(environ: Mapping[str, Any]) -> Decision | None:
     return decision if isinstance(decision, Decision) else None
 
 
-def _with_assigned_cookie(environ: WSGIEnvironment, start_response: StartResponse) -> Any:
-    """``start_response``, adding the Set-Cookie of an id assigned while deciding (the app's
-    own Set-Cookie headers stay as they are)."""
+def _with_extra_headers(environ: WSGIEnvironment, start_response: StartResponse) -> Any:
+    """``start_response``, adding the headers the decision left (an assigned id's Set-Cookie,
+    debug details); the app's own headers, Set-Cookie included, stay as they are."""
 
     def start(
         status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None
     ) -> Any:
-        cookie = environ.get(SET_COOKIE_KEY)
-        if cookie is not None:
-            headers = [*headers, cookie]
+        extra = environ.get(EXTRA_HEADERS_KEY)
+        if extra:
+            headers = [*headers, *extra]
         if exc_info is None:
             return start_response(status, headers)
         return start_response(status, headers, exc_info)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -33,6 +34,7 @@ T = TypeVar("T")
 
 _RESERVATION = "_xsp_reservation"
 _ASSIGNED = "_xsp_assigned_user_id"
+_DETAILS = "_xsp_debug_headers"
 _COOKIE_JOIN = re.compile(rb",(?=\s*[!#$%&'*+\-.^_`|~0-9A-Za-z]+=)")
 """Where Django's ASGI handler joined two Cookie headers: a comma before ``name=``."""
 """The request attribute that carries a reservation from ``process_view`` to the response."""
@@ -111,8 +113,9 @@ class XSPMiddleware:
         facts = self._facts(request, view_func, view_kwargs)
         if not isinstance(facts, Facts):
             return facts  # None: not an ad request; or the 400
+        started = time.perf_counter()
         decision, reservation = self.guard.decide_sync(facts)
-        return self._admit(request, decision, reservation)
+        return self._admit(request, decision, reservation, started)
 
     async def _process_view_async(
         self,
@@ -124,8 +127,9 @@ class XSPMiddleware:
         facts = self._facts(request, view_func, view_kwargs)
         if not isinstance(facts, Facts):
             return facts
+        started = time.perf_counter()
         decision, reservation = await self.guard.decide(facts)
-        return self._admit(request, decision, reservation)
+        return self._admit(request, decision, reservation, started)
 
     def _facts(
         self, request: Any, view_func: Callable[..., Any], view_kwargs: dict[str, Any]
@@ -159,10 +163,14 @@ class XSPMiddleware:
         return facts
 
     def _admit(
-        self, request: Any, decision: Decision, reservation: Reservation | None
+        self, request: Any, decision: Decision, reservation: Reservation | None, started: float
     ) -> HttpResponse | None:
         guard = self.guard
-        if not decision.allowed and not guard.pass_denied:
+        denied = not decision.allowed and not guard.pass_denied
+        if guard.debug_headers:
+            details = guard.detail_headers(decision, time.perf_counter() - started)
+            setattr(request, _DETAILS, details[:1] + details[2:] if denied else details)
+        if denied:
             return _response(guard.denied(decision.reason))
         request.xsp = decision
         if reservation is not None:
@@ -209,7 +217,9 @@ class XSPMiddleware:
 
     def _give_cookie(self, request: Any, response: Any) -> None:
         """An id assigned while deciding (``ANONYMOUS: "assign"``) goes to the browser, next
-        to the view's own cookies."""
+        to the view's own cookies; so do the opt-in debug headers."""
+        for name, value in request.__dict__.pop(_DETAILS, ()):
+            response.headers[name.decode()] = value.decode("latin-1")
         assigned = request.__dict__.pop(_ASSIGNED, None)
         if assigned is None:
             return
