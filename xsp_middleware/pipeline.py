@@ -98,6 +98,14 @@ class _StaleConnection(ConnectionError):
     """A reused connection failed before any reply: safe to retry on a fresh one."""
 
 
+def _deadline(future: asyncio.Future[Any], timeout: float) -> None:
+    """The deadline passed. After a stall of the loop (a GC pause, a busy handler) asyncio runs
+    expired timers before the reads that became ready meanwhile: give those one more turn, so
+    a reply that already arrived still counts."""
+    if not future.done():
+        future.get_loop().call_soon(_expire, future, timeout)
+
+
 def _expire(future: asyncio.Future[Any], timeout: float) -> None:
     if not future.done():
         future.set_exception(StoreUnavailable(f"the store did not answer within {timeout}s"))
@@ -139,7 +147,7 @@ class AutoPipeline:
         later goes to ``on_orphan(context, reply)``."""
         loop = self._loop
         call = _Call(script, nargs, body, loop.create_future(), on_orphan, context)
-        call.timer = loop.call_later(self._timeout, _expire, call.future, self._timeout)
+        call.timer = loop.call_later(self._timeout, _deadline, call.future, self._timeout)
         self._queue.append(call)
         if not self._flush_scheduled:
             self._flush_scheduled = True
