@@ -425,6 +425,15 @@ def test_sigkill_of_redis_mid_load_costs_no_500_and_no_wait(servers: list[RedisS
 def test_redis_back_with_its_data_keeps_caps_and_budget_exact(
     servers: list[RedisServer],
 ) -> None:
+    # The kill must land while requests are in flight, or the crash bound is not exercised; on
+    # a busy box the moment is sometimes missed, and then the whole scenario runs again.
+    for attempt in range(3):
+        if _redis_back_with_its_data(servers, last=attempt == 2):
+            return
+
+
+def _redis_back_with_its_data(servers: list[RedisServer], *, last: bool) -> bool:
+    """One run of the scenario; False (to run it again) if the kill hit no request in flight."""
     # appendfsync always: every write is on disk before its reply, so a SIGKILL loses nothing.
     server = RedisServer("--appendonly", "yes", "--appendfsync", "always")
     servers.append(server)
@@ -482,6 +491,8 @@ def test_redis_back_with_its_data_keeps_caps_and_budget_exact(
     print(detail)
     assert {s.status for s in samples} <= {200, 204}, detail
     assert 0 < _served_by(samples, killed) < 137, detail
+    if in_flight == 0 and not last:
+        return False
     assert in_flight > 0, detail
     assert any(s.status == 200 and s.start > back for s in samples), detail
     assert served <= 137, detail
@@ -492,6 +503,7 @@ def test_redis_back_with_its_data_keeps_caps_and_budget_exact(
     assert 0 <= impressions - served <= in_flight <= CONCURRENCY, detail
     # The waves after the restart ran the budget out: exactly 137 impressions were recorded.
     assert impressions == 137, detail
+    return True
 
 
 def _as_the_second_wave_reserves(server: RedisServer, load: Load, then: float = 0.0) -> float:
@@ -578,6 +590,15 @@ def test_script_flush_mid_load_costs_no_failed_decision(servers: list[RedisServe
 
 
 def test_sigkill_of_an_app_worker_mid_load_never_overspends(servers: list[RedisServer]) -> None:
+    # The kill must cut requests off in flight, or the crash bound is not exercised; on a busy
+    # box the moment is sometimes missed, and then the whole scenario runs again.
+    for attempt in range(3):
+        if _app_worker_killed(servers, last=attempt == 2):
+            return
+
+
+def _app_worker_killed(servers: list[RedisServer], *, last: bool) -> bool:
+    """One run of the scenario; False (to run it again) if the kill cut off no request."""
     server = RedisServer()
     servers.append(server)
     with app(server, "--workers", "2", XSP_CAMPAIGNS=BUDGET_137) as (base, watch):
@@ -605,6 +626,8 @@ def test_sigkill_of_an_app_worker_mid_load_never_overspends(servers: list[RedisS
     )
     print(detail)
     assert {s.status for s in samples} <= {0, 200, 204}, detail  # no 500
+    if cut == 0 and not last:
+        return False
     assert cut > 0, f"the kill hit no request in flight; {detail}"
     assert 0 < _served_by(samples, killed) < 137, detail
     assert served <= 137, detail
@@ -614,3 +637,4 @@ def test_sigkill_of_an_app_worker_mid_load_never_overspends(servers: list[RedisS
     # impression served, at most one per request it had in flight.
     assert 0 <= impressions - served <= cut <= CONCURRENCY, detail
     assert impressions == 137, detail  # the surviving worker ran the budget out
+    return True
