@@ -410,10 +410,7 @@ class Store:
         counts_impression: bool = True,
     ) -> Reservation:
         """Check and reserve in one round trip. Raises StoreUnavailable on failure or timeout."""
-        if not self.breaker.allow():
-            if observe.current is not None:
-                observe.current.store_error("circuit_open")
-            raise StoreUnavailable("the store circuit is open (recent failures); not waiting")
+        self.admit_call()
         tz = self._zones.get(campaign_id, rule.timezone)
         context = (campaign_id, user_key, counts_impression)
         pipeline = self._state().pipeline
@@ -426,9 +423,7 @@ class Store:
             try:
                 reply = await future
             except StoreUnavailable as exc:
-                self.breaker.failure()
-                if observe.current is not None:
-                    observe.current.store_error(observe.error_kind(str(exc)))
+                self.call_failed(exc)
                 raise
             except asyncio.CancelledError:
                 # Cancelled after the reply arrived but before this task resumed: the
@@ -441,12 +436,33 @@ class Store:
             tz = self.learn_zone(campaign_id, reply)
         else:
             raise StoreUnavailable(f"campaign {campaign_id}: its time zone keeps changing")
+        return self.reserved(context, reply, started)
+
+    # Shared by this store and the blocking SyncStore around each reserve call.
+
+    def admit_call(self) -> None:
+        """Raise at once while the circuit is open (no decision waits on a failing store)."""
+        if not self.breaker.allow():
+            if observe.current is not None:
+                observe.current.store_error("circuit_open")
+            raise StoreUnavailable("the store circuit is open (recent failures); not waiting")
+
+    def call_failed(self, exc: StoreUnavailable) -> None:
+        self.breaker.failure()
+        if observe.current is not None:
+            observe.current.store_error(observe.error_kind(str(exc)))
+
+    def reserved(
+        self, context: tuple[str, str | None, bool], reply: Any, started: float
+    ) -> Reservation:
+        """A reserve call answered: close the circuit, record the latency, fire the exhaustion
+        hook if this decision exhausted the campaign."""
         self.breaker.success()
         if observe.current is not None:
             observe.current.store_call(time.monotonic() - started)
         reservation = reservation_from(context, reply)
         if reply[6]:
-            self._exhausted(campaign_id, "lifetime" if reply[6] == 1 else "daily")
+            self._exhausted(context[0], "lifetime" if reply[6] == 1 else "daily")
         return reservation
 
     async def release(self, reservation: Reservation) -> None:

@@ -135,35 +135,25 @@ class SyncStore:
     ) -> Reservation:
         """Check and reserve in one round trip. Raises StoreUnavailable on failure or timeout."""
         store = self.store
-        if not store.breaker.allow():
-            if observe.current is not None:
-                observe.current.store_error("circuit_open")
-            raise StoreUnavailable("the store circuit is open (recent failures); not waiting")
+        store.admit_call()
         tz = store._zones.get(campaign_id, rule.timezone)
+        context = (campaign_id, user_key, counts_impression)
         started = time.monotonic()
         for _ in range(2):
             nargs, body = store.reserve_call(
                 campaign_id, user_key, cost_units, rule, counts_impression, tz
             )
             try:
-                reply = self._call(RESERVE, nargs, body, (campaign_id, user_key, counts_impression))
+                reply = self._call(RESERVE, nargs, body, context)
             except StoreUnavailable as exc:
-                store.breaker.failure()
-                if observe.current is not None:
-                    observe.current.store_error(observe.error_kind(str(exc)))
+                store.call_failed(exc)
                 raise
             if reply[1] != 9:
                 break
             tz = store.learn_zone(campaign_id, reply)
         else:
             raise StoreUnavailable(f"campaign {campaign_id}: its time zone keeps changing")
-        store.breaker.success()
-        if observe.current is not None:
-            observe.current.store_call(time.monotonic() - started)
-        reservation = reservation_from((campaign_id, user_key, counts_impression), reply)
-        if reply[6]:
-            store._exhausted(campaign_id, "lifetime" if reply[6] == 1 else "daily")
-        return reservation
+        return store.reserved(context, reply, started)
 
     def release(self, reservation: Reservation) -> None:
         """Give back a reservation's spend and impression. Raises StoreUnavailable."""
