@@ -547,10 +547,12 @@ def test_doctor_passes_on_noeviction_and_warns_that_nothing_is_on_disk(redis_url
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(r"^WARN\s+persistence:", result.stdout, re.MULTILINE), result.stdout
     assert re.search(r"^OK\s+eviction: maxmemory-policy noeviction", result.stdout, re.MULTILINE)
+    assert re.search(r"^OK\s+topology: standalone Redis at 127\.0\.0\.1:\d+", result.stdout, re.M)
     assert "FAIL" not in result.stdout
     checks = {c["check"]: c["level"] for c in cli_json("doctor", redis_url=redis_url)}
     assert checks == {
         "secret_key": "ok",
+        "topology": "ok",
         "store": "ok",
         "scripts": "ok",
         "version": "ok",

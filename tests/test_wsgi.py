@@ -176,6 +176,8 @@ class Harness:
             self.client = Client(self.mw, use_cookies=False)
         assert (self.mw.flask_app is not None) == (kind == "flask")
         self.store_calls: list[str] = []
+        self.compensations = 0
+        """Cluster only: deny-path releases of the half that passed (part of that reserve)."""
         sync_store = self.mw.guard.sync_store
         call = sync_store._call
 
@@ -184,6 +186,26 @@ class Harness:
             return call(script, *args)
 
         sync_store._call = counting
+        # On a cluster a reserve is two concurrent halves and a release two concurrent halves:
+        # each is still one round trip, recorded under the same name.
+        split_reserve, split_release = sync_store._reserve_split, sync_store._release_split
+        compensate = sync_store._compensate
+
+        def reserve_split(*args: Any) -> Any:
+            self.store_calls.append("reserve")
+            return split_reserve(*args)
+
+        def release_split(*args: Any) -> Any:
+            self.store_calls.append("release")
+            return split_release(*args)
+
+        def compensating(*args: Any) -> Any:
+            self.compensations += 1
+            return compensate(*args)
+
+        sync_store._reserve_split = reserve_split
+        sync_store._release_split = release_split
+        sync_store._compensate = compensating
 
     def get(self, url: str, user: str | None = "u1", **kwargs: Any) -> TestResponse:
         """Like a server: read the whole body, then close() it (unless ``buffered=False``)."""

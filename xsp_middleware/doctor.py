@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import XSPError
-from .store import PEEK, RELEASE, RESERVE, Store
+from .scripts import CLUSTER_SCRIPTS, STANDALONE_SCRIPTS
+from .store import Store
+from .topology import redacted
 
 Check = tuple[str, str, str]  # (ok | warn | fail, name, detail)
 
@@ -25,31 +27,85 @@ async def run_checks(store: Store) -> list[Check]:
         checks.append(
             ("warn", "store", "embedded in-memory store: state is per process and lost on exit")
         )
+    if store.is_memory:
+        try:
+            await store.ping()
+        except XSPError as exc:
+            checks.append(("fail", "store", f"unreachable: {exc}"))
+            return checks
+        checks.append(("ok", "store", f"reachable at {_safe_url(store.url)}"))
+        checks.append(await _scripts_check(store))
+        return checks
     try:
-        await store.ping()
+        masters = await store.masters()
     except XSPError as exc:
         checks.append(("fail", "store", f"unreachable: {exc}"))
         return checks
-    checks.append(("ok", "store", f"reachable at {_safe_url(store.url)}"))
+    reachable = [m for m in masters if not isinstance(m[1], XSPError)]
+    checks.append(_topology_check(store, masters))
+    if not reachable:
+        problem = masters[0][1] if masters else "no master found"
+        checks.append(("fail", "store", f"unreachable: {problem}"))
+        return checks
+    down = [(name, error) for name, error in masters if isinstance(error, XSPError)]
+    if down:
+        names = ", ".join(name for name, _ in down)
+        checks.append(
+            (
+                "fail",
+                "store",
+                f"{len(down)} of {len(masters)} masters do not answer ({names}): requests whose "
+                f"user or campaign lives there are degraded; {down[0][1]}",
+            )
+        )
+    else:
+        checks.append(("ok", "store", f"reachable at {_safe_url(store.url)}"))
+    checks.append(await _scripts_check(store))
+    # Eviction and persistence on every master: one that may evict is one that may lose a
+    # spend counter, whichever shard it is.
+    several = len(masters) > 1
+    for name, server in reachable:
+        assert isinstance(server, dict)
+        for level, check, detail in _server_checks(server["info"], server["config"]):
+            checks.append((level, check, f"{name}: {detail}" if several else detail))
+        coverage = server["config"].get("cluster-require-full-coverage")
+        if coverage == "yes":
+            checks.append(
+                (
+                    "warn",
+                    "coverage",
+                    f"{name}: cluster-require-full-coverage yes: one dead master stops every "
+                    "shard; set it to no so that only its own slots degrade",
+                )
+            )
+    return checks
+
+
+async def _scripts_check(store: Store) -> Check:
     try:
         shas = await store.load_scripts()
     except XSPError as exc:
-        checks.append(("fail", "scripts", f"could not load the Lua scripts: {exc}"))
-    else:
-        expected = [RESERVE.sha, RELEASE.sha, PEEK.sha]
-        if shas == expected:
-            checks.append(("ok", "scripts", f"{len(shas)} Lua scripts load"))
-        else:
-            checks.append(("fail", "scripts", f"SHA mismatch: {shas} != {expected}"))
-    if store.is_memory:
-        return checks
-    try:
-        server = await store.server_info()
-    except XSPError as exc:
-        checks.append(("fail", "config", f"cannot read the server's settings: {exc}"))
-        return checks
-    checks.extend(_server_checks(server["info"], server["config"]))
-    return checks
+        return ("fail", "scripts", f"could not load the Lua scripts: {exc}")
+    expected = [s.sha for s in (CLUSTER_SCRIPTS if store.is_cluster else STANDALONE_SCRIPTS)]
+    if shas != expected:
+        return ("fail", "scripts", f"SHA mismatch: {shas} != {expected}")
+    return ("ok", "scripts", f"{len(shas)} Lua scripts load")
+
+
+def _topology_check(store: Store, masters: list[tuple[str, Any]]) -> Check:
+    names = ", ".join(name for name, _ in masters)
+    topology = store.topology
+    if topology.kind == "cluster":
+        return ("ok", "topology", f"Redis Cluster with {len(masters)} masters: {names}")
+    if topology.kind == "sentinel":
+        sentinels = len(topology.nodes)
+        return (
+            "ok",
+            "topology",
+            f"Redis Sentinel: service {topology.service!r}, master {names}, "
+            f"{sentinels} sentinel{'s' if sentinels > 1 else ''}",
+        )
+    return ("ok", "topology", f"standalone Redis at {names}")
 
 
 def _server_checks(info: dict[str, Any], config: dict[str, str]) -> list[Check]:
@@ -90,7 +146,4 @@ def _server_checks(info: dict[str, Any], config: dict[str, str]) -> list[Check]:
 
 def _safe_url(url: str) -> str:
     """The URL without its password."""
-    if "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://***@{rest.rpartition('@')[2]}"
+    return redacted(url)

@@ -422,7 +422,7 @@ class Guard:
             logger.exception("xsp_middleware: unexpected error while deciding")
             return _observed(self.degraded(facts, f"internal error: {exc!r}")), None
         decision, reservation = self.decision(facts, r)
-        return _observed(decision), reservation
+        return _observed(decision, r.degraded_check), reservation
 
     def decide_sync(self, facts: Facts) -> tuple[Decision, Reservation | None]:
         if facts.refusal is not None:
@@ -437,7 +437,7 @@ class Guard:
             logger.exception("xsp_middleware: unexpected error while deciding")
             return _observed(self.degraded(facts, f"internal error: {exc!r}")), None
         decision, reservation = self.decision(facts, r)
-        return _observed(decision), reservation
+        return _observed(decision, r.degraded_check), reservation
 
     @staticmethod
     def decision(facts: Facts, r: Reservation) -> tuple[Decision, Reservation | None]:
@@ -450,6 +450,9 @@ class Guard:
             remaining_budget_units=r.remaining_budget_units,
             anonymous=facts.anonymous,
             personalized=facts.personalized and r.personalized,
+            # One shard of a cluster failed and its check's failure policy served anyway.
+            degraded=r.degraded is not None,
+            degraded_reason=r.degraded,
         )
         return decision, (r if r.reserved else None)
 
@@ -531,14 +534,17 @@ class Guard:
         )
 
 
-def _observed(decision: Decision) -> Decision:
-    """Tell the observer (metrics), if any, about a decision."""
+def _observed(decision: Decision, check: str | None = None) -> Decision:
+    """Tell the observer (metrics), if any, about a decision. ``check``: the one check a
+    partly failed (cluster) decision skipped."""
     observer = observe.current
     if observer is not None:
         observer.decision(
             "served" if decision.allowed else "denied", decision.reason, decision.campaign_id
         )
-        if decision.degraded:
+        if check is not None:
+            observer.degraded(check)
+        elif decision.degraded:
             observer.degraded("budget")
             if decision.allowed and not decision.anonymous:
                 observer.degraded("frequency")

@@ -18,7 +18,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import ConnectionError, NoScriptError, RedisError, ResponseError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    ConnectionError,
+    NoScriptError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 
 from .errors import StoreUnavailable
 
@@ -92,6 +100,12 @@ class _Call:
                 self.future.set_result(reply)
         elif self.on_orphan is not None and not isinstance(reply, BaseException):
             self.on_orphan(self.context, reply)
+
+
+class Redirected(StoreUnavailable):
+    """A cluster node answered MOVED, ASK, TRYAGAIN or CLUSTERDOWN: the script did not run
+    (slots moved, or a failover is under way), so sending it again after re-learning the slot
+    map is safe."""
 
 
 class _StaleConnection(ConnectionError):
@@ -237,6 +251,12 @@ class AutoPipeline:
                     reply = await conn.read_response()
                 except NoScriptError as exc:
                     reply = exc
+                except (
+                    AskError,
+                    TryAgainError,
+                    ClusterDownError,
+                ) as exc:  # MovedError is an AskError
+                    reply = Redirected(f"the cluster redirected the call: {exc}")
                 except ResponseError as exc:
                     reply = StoreUnavailable(f"the store answered an error: {exc}")
                 if i < preloaded:

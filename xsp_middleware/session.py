@@ -127,7 +127,11 @@ def _denial(r: Reservation) -> Exception:
         return FrequencyCapExceeded(f"frequency cap reached for campaign {r.campaign_id}")
     if r.reason == "campaign_paused":
         return CampaignPaused(f"campaign {r.campaign_id} is paused")
-    remaining = units_to_decimal(r.remaining_budget_units)
+    remaining = (
+        "unknown"
+        if r.remaining_budget_units is None
+        else units_to_decimal(r.remaining_budget_units)
+    )
     return BudgetExceeded(
         f"campaign {r.campaign_id} budget exhausted (remaining {remaining}, "
         f"cost {units_to_decimal(r.cost_units)})"

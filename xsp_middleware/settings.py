@@ -21,6 +21,7 @@ from .caps import FrequencyCap, caps_from_spec, caps_spec, parse_caps
 from .clock import parse_instant, zone
 from .errors import ConfigError
 from .money import amount_to_units, cpm_to_cost_units
+from .topology import parse_store_url
 
 Money = str | Decimal | int
 CapLike = str | FrequencyCap
@@ -231,8 +232,10 @@ class Settings:
     """
 
     redis_url: str | None = None
-    """``redis://``/``rediss://`` URL, or ``memory://`` (also the meaning of None): the embedded
-    in-process store."""
+    """``redis://``/``rediss://`` (one server), ``redis+cluster://host:port[,host:port...]``
+    (Redis Cluster), ``redis+sentinel://host:port[,host:port...]/service_name`` (Sentinel), or
+    ``memory://`` (also the meaning of None): the embedded in-process store. See
+    :mod:`xsp_middleware.topology`."""
     user_cookie: str = "user_id"
     campaign_param: str = "campaign_id"
     price_param: str = "cpm"
@@ -499,13 +502,7 @@ class Rules:
             if not isinstance(getattr(s, name), bool):
                 raise ConfigError(f"{name}: must be True or False")
         url = s.redis_url or "memory://"
-        if not isinstance(url, str) or not url.startswith(
-            ("redis://", "rediss://", "unix://", "memory://")
-        ):
-            raise ConfigError(
-                f"redis_url: {str(url)[:60]!r} must start with redis://, rediss://, unix:// "
-                "or memory://"
-            )
+        parse_store_url(url)
         paths: tuple[str, ...] | None = None
         if s.paths is not None:
             if isinstance(s.paths, str):

@@ -24,13 +24,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from importlib import resources
 from typing import Any
 
-import redis.asyncio as aredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 try:
     from redis.driver_info import DriverInfo
@@ -41,9 +39,23 @@ from . import observe
 from .breaker import CircuitBreaker
 from .caps import CALENDAR_PERIODS, FrequencyCap, parse_caps
 from .clock import Calendars, bounds, wall_ms, zone
+from .cluster import TZ_RETRY, Context, Shards, Split, combine, settle, slot_of
 from .errors import ConfigError, StoreUnavailable
 from .money import amount_to_units, cpm_to_cost_units, units_to_decimal
-from .pipeline import AutoPipeline, Script, pack_args
+from .pipeline import AutoPipeline, Redirected, Script, pack_args
+from .scripts import (
+    CAMPAIGN_CONFIG,
+    CLUSTER_SCRIPTS,
+    PEEK,
+    PEEK_USER,
+    REASONS,
+    RELEASE,
+    RELEASE_USER,
+    RESERVE,
+    RESERVE_CAMPAIGN,
+    RESERVE_USER,
+    STANDALONE_SCRIPTS,
+)
 from .settings import (
     CampaignConfig,
     CapLike,
@@ -52,30 +64,10 @@ from .settings import (
     instant_ms,
     validate_campaign_id,
 )
+from .topology import async_client, parse_store_url, redacted
 
 logger = logging.getLogger("xsp_middleware")
 
-REASONS = (
-    "served",
-    "frequency_capped",
-    "budget_exhausted",
-    "campaign_paused",
-    "paced",
-    "campaign_inactive",
-    "no_consent",
-    "user_blocked",
-)
-
-
-def _load_script(name: str, *, retry_safe: bool) -> Script:
-    lua = resources.files("xsp_middleware") / "lua"
-    text = (lua / "lib.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
-    return Script(name, text, retry_safe=retry_safe)
-
-
-RESERVE = _load_script("reserve", retry_safe=True)
-RELEASE = _load_script("release", retry_safe=False)
-PEEK = _load_script("peek", retry_safe=True)
 
 _PIPELINE_SLOTS = 8
 """Connections per event loop. Batching makes a few enough; more only add server contention."""
@@ -118,7 +110,8 @@ class Reservation:
     reserved: bool
     reason: str
     cost_units: int
-    remaining_budget_units: int
+    remaining_budget_units: int | None
+    """None when the campaign's shard could not answer (a degraded cluster decision)."""
     remaining_impressions: int | None
     at_ms: int
     campaign_id: str
@@ -129,6 +122,12 @@ class Reservation:
     """Which user logs the reservation wrote (1: the campaign's, 2: across campaigns)."""
     personalized: bool = True
     """False when a stored opt-out made the script leave the user's state alone."""
+    campaign_held: bool = True
+    """The campaign's spend is held (false only when a cluster's campaign shard failed)."""
+    degraded: str | None = None
+    """Why one half of a cluster reservation failed, when the failure policy served anyway."""
+    degraded_check: str | None = None
+    """Which check that failure skipped: ``budget`` or ``frequency``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +198,9 @@ class _Static:
     rule: CampaignConfig
     keys: bytes
     argv: bytes
+    user_tail: bytes
+    """A cluster's user half: the calendar arguments after the campaign's caps."""
+    slot: int
 
 
 def reservation_from(context: tuple[str, str | None, bool], reply: Any) -> Reservation:
@@ -225,11 +227,12 @@ def reservation_from(context: tuple[str, str | None, bool], reply: Any) -> Reser
 
 
 class _LoopState:
-    __slots__ = ("client", "pipeline")
+    __slots__ = ("client", "pipeline", "shards")
 
-    def __init__(self, client: Any, pipeline: AutoPipeline) -> None:
+    def __init__(self, client: Any, pipeline: AutoPipeline | None, shards: Shards | None) -> None:
         self.client = client
         self.pipeline = pipeline
+        self.shards = shards
 
 
 class Store:
@@ -239,7 +242,9 @@ class Store:
     def __init__(self, rules: Rules) -> None:
         self.rules = rules
         self.url = rules.redis_url
-        self.is_memory = self.url.startswith("memory://")
+        self.topology = parse_store_url(self.url)
+        self.is_memory = self.topology.kind == "memory"
+        self.is_cluster = self.topology.kind == "cluster"
         # The timeout guards against a network that stalls. The embedded store has none; its
         # first script call alone takes tens of ms (Lua start-up), so it gets a floor of 1 s.
         self.timeout = max(rules.store_timeout, 1.0) if self.is_memory else rules.store_timeout
@@ -257,6 +262,11 @@ class Store:
         self._optout_policy = pack_args((rules.consent["stored_optout"],))
         self._hooks: set[asyncio.Future[Any]] = set()
         self.breaker = CircuitBreaker(*rules.breaker)
+        self._breakers: dict[str, CircuitBreaker] = {}
+        """A cluster's breakers, one per master: one dead shard opens only its own."""
+        self._caps: dict[str, str] = {}
+        """A cluster's stored caps per campaign, as the campaign's shard last reported them
+        (the user's half needs them and cannot read the campaign's slot)."""
         self.clock: Callable[[], int] | None = None
         """Test-only: epoch ms that the scripts use instead of Redis TIME (simulated days)."""
         self._loops: dict[asyncio.AbstractEventLoop, _LoopState] = {}
@@ -290,33 +300,53 @@ class Store:
             for old in [old for old in self._loops if old.is_closed()]:
                 del self._loops[old]
             client = self._make_client()
-            pipeline = AutoPipeline(
-                client.connection_pool.make_connection,
-                slots=_PIPELINE_SLOTS,
-                timeout=self.timeout,
-                preload=(RESERVE, RELEASE, PEEK),
-            )
-            state = self._loops[loop] = _LoopState(client, pipeline)
+            if self.is_cluster:
+                shards = Shards(
+                    client,
+                    slots=_PIPELINE_SLOTS,
+                    timeout=self.timeout,
+                    preload=CLUSTER_SCRIPTS,
+                    breaker=self.breaker_for,
+                )
+                state = self._loops[loop] = _LoopState(client, None, shards)
+            else:
+                pipeline = AutoPipeline(
+                    client.connection_pool.make_connection,
+                    slots=_PIPELINE_SLOTS,
+                    timeout=self.timeout,
+                    preload=STANDALONE_SCRIPTS,
+                )
+                state = self._loops[loop] = _LoopState(client, pipeline, None)
         return state
+
+    def breaker_for(self, node: str) -> CircuitBreaker:
+        """The circuit breaker of one cluster master."""
+        breaker = self._breakers.get(node)
+        if breaker is None:
+            breaker = self._breakers.setdefault(node, CircuitBreaker(*self.rules.breaker))
+        return breaker
+
+    def connection_options(self) -> dict[str, Any]:
+        """What every connection to a data node gets: short timeouts, no retries."""
+        return {
+            "socket_connect_timeout": self.timeout,
+            # Callers time out on their own deadline; this only frees a connection stuck on a
+            # hung server.
+            "socket_timeout": max(1.0, self.timeout * 10),
+            "retry": Retry(NoBackoff(), 0),
+            "health_check_interval": 0,
+            # RESP2 and no CLIENT SETINFO: a new connection sends nothing before our first
+            # write, which carries SCRIPT LOADs and CLIENT SETNAME with the first decisions.
+            "protocol": 2,
+            **_NO_DRIVER_INFO,
+        }
 
     def _make_client(self) -> Any:
         if self.is_memory:
             import fakeredis
 
             return fakeredis.FakeAsyncRedis(server=_memory_server(self.url))
-        return aredis.Redis.from_url(
-            self.url,
-            socket_connect_timeout=self.timeout,
-            # Callers time out on their own deadline; this only frees a connection stuck on a
-            # hung server.
-            socket_timeout=max(1.0, self.timeout * 10),
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-            # RESP2 and no CLIENT SETINFO: a new connection sends nothing before our first
-            # write, which carries SCRIPT LOADs and CLIENT SETNAME with the first decisions.
-            protocol=2,
-            **_NO_DRIVER_INFO,
-        )
+        return async_client(self.topology, self.connection_options())
 
     @property
     def client(self) -> Any:
@@ -358,6 +388,8 @@ class Store:
             argv=pack_args(
                 (campaign_id, *rule.wire, tz, bounds, self._user_caps, user_bounds, self._allowance)
             ),
+            user_tail=pack_args((bounds, self._user_caps, user_bounds)),
+            slot=slot_of(cfg_key) if self.is_cluster else 0,
         )
         return static
 
@@ -413,7 +445,11 @@ class Store:
         self.admit_call()
         tz = self._zones.get(campaign_id, rule.timezone)
         context = (campaign_id, user_key, counts_impression)
-        pipeline = self._state().pipeline
+        state = self._state()
+        if state.shards is not None:
+            return await self._reserve_split(state.shards, context, cost_units, rule, tz)
+        pipeline = state.pipeline
+        assert pipeline is not None
         started = time.monotonic()
         for _ in range(2):
             nargs, body = self.reserve_call(
@@ -437,6 +473,306 @@ class Store:
         else:
             raise StoreUnavailable(f"campaign {campaign_id}: its time zone keeps changing")
         return self.reserved(context, reply, started)
+
+    # -- Redis Cluster: a reservation in two halves (see cluster.py) ------------------------
+
+    def split_calls(
+        self,
+        campaign_id: str,
+        user_key: str | None,
+        cost_units: int | None,
+        rule: CampaignConfig,
+        counts_impression: bool,
+        tz: str,
+    ) -> tuple[int, tuple[int, bytes], tuple[int, int, bytes] | None]:
+        """The campaign half (its slot, packed arguments) and the user half (slot, count,
+        packed arguments; None when anonymous) of one reservation."""
+        static = self._static_part(campaign_id, rule, tz)
+        now = "" if self.clock is None else str(self.clock())
+        tail = (
+            pack_args(("" if cost_units is None else str(cost_units), now))
+            + (b"$1\r\n1\r\n" if counts_impression else b"$1\r\n0\r\n")
+            + self._optout_policy
+        )
+        head = b"$1\r\n2\r\n" + static.keys + static.argv + tail
+        if user_key is None:
+            return static.slot, (22, head), None
+        caps = pack_args((self._caps.get(campaign_id, rule.caps_spec),))
+        user = pack_args((user_key, campaign_id))
+        user_body = b"$1\r\n1\r\n" + user + caps + static.user_tail + pack_args((now,))
+        return (
+            static.slot,
+            (23, head + caps),
+            (slot_of(user_key), 9, user_body + self._optout_policy),
+        )
+
+    def learn_config(self, campaign_id: str, retry: tuple[int, str, bool]) -> None:
+        """A campaign half answered "retry": its stored zone or caps differ from ours."""
+        code, value, stored = retry
+        if code == TZ_RETRY:
+            if len(self._zones) > 100_000:
+                self._zones.clear()
+            self._zones[campaign_id] = value
+        elif stored:
+            if len(self._caps) > 100_000:
+                self._caps.clear()
+            self._caps[campaign_id] = value
+        else:
+            self._caps.pop(campaign_id, None)
+
+    def split_outcome(
+        self, node: str | None, result: Any, failures: list[StoreUnavailable]
+    ) -> None:
+        """Account one half's answer to its shard's breaker and the observer."""
+        if node is None or result is None:
+            return
+        if isinstance(result, StoreUnavailable):
+            if node != "?" and "circuit" not in str(result):
+                self.breaker_for(node).failure()
+            failures.append(result)
+            if observe.current is not None:
+                observe.current.store_error(observe.error_kind(str(result)))
+        elif node != "?":
+            self.breaker_for(node).success()
+
+    def split_undo(
+        self, context: Context, split: Split, campaign: Any, user: Any
+    ) -> list[tuple[str, int, Script, int, bytes]]:
+        """The releases a combined outcome needs: (which half, slot, script, count, args)."""
+        campaign_id, user_key, counts = context
+        calls: list[tuple[str, int, Script, int, bytes]] = []
+        if split.undo_campaign is not None:
+            cfg, st = self.campaign_keys(campaign_id)
+            args = (
+                2,
+                cfg,
+                st,
+                campaign_id,
+                campaign[2],
+                campaign[5],
+                "1" if counts else "0",
+                campaign[7],
+                0,
+                split.undo_campaign,
+            )
+            calls.append(("campaign", slot_of(cfg), RELEASE, len(args), pack_args(args)))
+        if split.undo_user and user_key is not None:
+            user_args = (1, user_key, campaign_id, user[3], user[4])
+            calls.append(
+                ("user", slot_of(user_key), RELEASE_USER, len(user_args), pack_args(user_args))
+            )
+        return calls
+
+    async def _reserve_split(
+        self,
+        shards: Shards,
+        context: Context,
+        cost_units: int | None,
+        rule: CampaignConfig,
+        tz: str,
+    ) -> Reservation:
+        campaign_id, user_key, counts = context
+        started = time.monotonic()
+        try:
+            await shards.ready()
+        except StoreUnavailable as exc:
+            self.call_failed(exc)  # the store-wide breaker: no decision waits on a dead cluster
+            raise
+        self.breaker.success()
+        for _ in range(3):
+            c_slot, (c_n, c_body), user_call = self.split_calls(
+                campaign_id, user_key, cost_units, rule, counts, tz
+            )
+            c_node, c_future = shards.send(
+                c_slot, RESERVE_CAMPAIGN, c_n, c_body, self._orphan_campaign, context
+            )
+            u_node: str | None = None
+            u_future: asyncio.Future[Any] | None = None
+            if user_call is not None:
+                u_node, u_future = shards.send(
+                    user_call[0],
+                    RESERVE_USER,
+                    user_call[1],
+                    user_call[2],
+                    self._orphan_user,
+                    context,
+                )
+            try:
+                campaign = await settle(c_future)
+                user = await settle(u_future)
+                if isinstance(campaign, Redirected) or isinstance(user, Redirected):
+                    # Slots moved (a failover, a reshard): a redirected half did not run.
+                    try:
+                        await shards.refresh()
+                    except StoreUnavailable as exc:
+                        logger.warning("re-learning the cluster's slot map failed: %s", exc)
+                    if isinstance(campaign, Redirected):
+                        c_node, c_future = shards.send(
+                            c_slot, RESERVE_CAMPAIGN, c_n, c_body, self._orphan_campaign, context
+                        )
+                    if isinstance(user, Redirected) and user_call is not None:
+                        u_node, u_future = shards.send(
+                            user_call[0],
+                            RESERVE_USER,
+                            user_call[1],
+                            user_call[2],
+                            self._orphan_user,
+                            context,
+                        )
+                    if isinstance(campaign, Redirected):
+                        campaign = await settle(c_future)
+                    if isinstance(user, Redirected):
+                        user = await settle(u_future)
+            except asyncio.CancelledError:
+                self._abandon(context, c_future, u_future)
+                raise
+            failures: list[StoreUnavailable] = []
+            self.split_outcome(c_node, campaign, failures)
+            self.split_outcome(u_node, user, failures)
+            if failures:  # a master may have failed over: find where its slots went
+                shards.refresh_soon()
+            split, undo = self.split_combine(context, campaign, user, cost_units, rule)
+            if undo:
+                await self._run_undo(shards, undo)
+            outcome = self.split_result(context, split, failures, started, rule)
+            if isinstance(outcome, Reservation):
+                return outcome
+            tz = outcome
+        raise StoreUnavailable(f"campaign {campaign_id}: its stored config keeps changing")
+
+    # Shared by this store and the blocking SyncStore around the two halves of a reservation.
+
+    def split_combine(
+        self,
+        context: Context,
+        campaign: Any,
+        user: Any,
+        cost_units: int | None,
+        rule: CampaignConfig,
+    ) -> tuple[Split, list[tuple[str, int, Script, int, bytes]]]:
+        """Both halves' answers combined, and the releases (compensations) that needs."""
+        settings = self.rules.settings
+        split = combine(
+            context,
+            campaign,
+            user,
+            fallback_cost=rule.cost_units if cost_units is None else cost_units,
+            frequency_fail_open=settings.frequency_fail_open,
+            budget_fail_open=settings.budget_fail_open,
+        )
+        return split, self.split_undo(context, split, campaign, user)
+
+    def split_result(
+        self,
+        context: Context,
+        split: Split,
+        failures: list[StoreUnavailable],
+        started: float,
+        rule: CampaignConfig,
+    ) -> Reservation | str:
+        """Once any compensation ran: the reservation, or the time zone to retry with (the
+        campaign's config changed). Raises StoreUnavailable when the policy refuses."""
+        campaign_id = context[0]
+        if split.retry is not None:
+            self.learn_config(campaign_id, split.retry)
+            return self._zones.get(campaign_id, rule.timezone)
+        if split.fired:
+            self._exhausted(campaign_id, "lifetime" if split.fired == 1 else "daily")
+        if split.error is not None:
+            raise split.error
+        assert split.reservation is not None
+        if not failures and observe.current is not None:
+            observe.current.store_call(time.monotonic() - started)
+        return split.reservation
+
+    async def _run_undo(
+        self, shards: Shards, calls: list[tuple[str, int, Script, int, bytes]]
+    ) -> None:
+        """Release the halves that passed when the other denied (the deny path only)."""
+        futures = [
+            (what, shards.send(slot, script, n, body)[1]) for what, slot, script, n, body in calls
+        ]
+        for what, future in futures:
+            result = await settle(future)
+            if isinstance(result, StoreUnavailable):
+                # Stays held: under-delivery (a cap slot or spend), never an overspend.
+                logger.warning("could not release the %s half of a reservation: %s", what, result)
+
+    def _abandon(
+        self,
+        context: Context,
+        c_future: asyncio.Future[Any],
+        u_future: asyncio.Future[Any] | None,
+    ) -> None:
+        """The caller was cancelled mid-decision: whatever half passed is released (a half
+        still in flight is cancelled, so its late reply goes to the orphan release)."""
+        for future, orphan in ((c_future, self._orphan_campaign), (u_future, self._orphan_user)):
+            if future is None:
+                continue
+            if not future.done():
+                future.cancel()
+            elif not future.cancelled() and future.exception() is None:
+                orphan(context, future.result())
+
+    def campaign_undo(self, context: Any, reply: Any) -> tuple[int, Script, int, bytes] | None:
+        """The release of a campaign half that passed (None: nothing to undo)."""
+        try:
+            passed = reply[0] == 1
+        except (TypeError, IndexError):
+            logger.error("could not release a campaign half: reply %r", reply)
+            return None
+        if not passed:
+            return None
+        campaign_id, _, counts = context
+        cfg, st = self.campaign_keys(campaign_id)
+        args = (2, cfg, st, campaign_id, reply[2], reply[5], "1" if counts else "0", reply[7], 0)
+        return slot_of(cfg), RELEASE, len(args), pack_args(args)
+
+    def user_undo(self, context: Any, reply: Any) -> tuple[int, Script, int, bytes] | None:
+        """The release of a user half that passed and logged (None: nothing to undo)."""
+        try:
+            passed, logs = reply[0] == 1, int(reply[4])
+        except (TypeError, IndexError, ValueError):
+            logger.error("could not release a user half: reply %r", reply)
+            return None
+        campaign_id, user_key, _ = context
+        if not (passed and logs and user_key is not None):
+            return None
+        args = (1, user_key, campaign_id, reply[3], logs)
+        return slot_of(user_key), RELEASE_USER, len(args), pack_args(args)
+
+    def _orphan_campaign(self, context: Any, reply: Any) -> None:
+        """A campaign half whose caller gave up: give its spend back."""
+        self._orphan_release(self.campaign_undo(context, reply))
+
+    def _orphan_user(self, context: Any, reply: Any) -> None:
+        """A user half whose caller gave up: take its time out of the user's logs."""
+        self._orphan_release(self.user_undo(context, reply))
+
+    def _orphan_release(self, undo: tuple[int, Script, int, bytes] | None) -> None:
+        if undo is not None:
+            if observe.current is not None:
+                observe.current.released("late_reply")
+            self._send_soon(*undo)
+
+    def _send_soon(self, slot: int, script: Script, nargs: int, body: bytes) -> None:
+        shards = self._state().shards
+        assert shards is not None
+        future = shards.send(slot, script, nargs, body)[1]
+        future.add_done_callback(_log_release_failure)
+
+    async def _call_slot(self, slot: int, script: Script, nargs: int, body: bytes) -> Any:
+        """One script call on a cluster slot's master; re-learns the slot map once on MOVED."""
+        shards = self._state().shards
+        assert shards is not None
+        await shards.ready()
+        result = await settle(shards.send(slot, script, nargs, body)[1])
+        if isinstance(result, Redirected):
+            await shards.refresh()
+            result = await settle(shards.send(slot, script, nargs, body)[1])
+        if isinstance(result, StoreUnavailable):
+            raise result
+        return result
 
     # Shared by this store and the blocking SyncStore around each reserve call.
 
@@ -467,7 +803,40 @@ class Store:
 
     async def release(self, reservation: Reservation) -> None:
         """Give back a reservation's spend and impression. Raises StoreUnavailable."""
-        await self._state().pipeline.call(RELEASE, *self.release_call(reservation))
+        state = self._state()
+        if state.shards is None:
+            assert state.pipeline is not None
+            await state.pipeline.call(RELEASE, *self.release_call(reservation))
+            return
+        calls = self.release_split_calls(reservation)
+        results = await asyncio.gather(
+            *(self._call_slot(*call) for call in calls), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    def release_split_calls(self, r: Reservation) -> list[tuple[int, Script, int, bytes]]:
+        """A cluster reservation's releases: the campaign's half and the user's half."""
+        calls = []
+        cfg_key, state_key = self.campaign_keys(r.campaign_id)
+        if r.campaign_held:
+            args: tuple[str | int, ...] = (
+                2,
+                cfg_key,
+                state_key,
+                r.campaign_id,
+                r.cost_units,
+                r.at_ms,
+                "1" if r.counts_impression else "0",
+                r.day_start_ms,
+                0,
+            )
+            calls.append((slot_of(cfg_key), RELEASE, len(args), pack_args(args)))
+        if r.logs and r.user_key is not None:
+            args = (1, r.user_key, r.campaign_id, r.at_ms, r.logs)
+            calls.append((slot_of(r.user_key), RELEASE_USER, len(args), pack_args(args)))
+        return calls
 
     def release_call(self, r: Reservation) -> tuple[int, bytes]:
         cfg_key, state_key = self.campaign_keys(r.campaign_id)
@@ -495,7 +864,9 @@ class Store:
         if reservation.reserved:
             if observe.current is not None:
                 observe.current.released("late_reply")
-            future = self._state().pipeline.call(RELEASE, *self.release_call(reservation))
+            pipeline = self._state().pipeline
+            assert pipeline is not None
+            future = pipeline.call(RELEASE, *self.release_call(reservation))
             future.add_done_callback(_log_release_failure)
 
     def _exhausted(self, campaign_id: str, kind: str) -> None:
@@ -550,7 +921,48 @@ class Store:
             self._user_caps,
             self._calendars.text("UTC", now) if self._user_caps else "",
         )
-        reply = await self._state().pipeline.call(PEEK, len(args), pack_args(args))
+        state = self._state()
+        if state.shards is not None:
+            return await self._can_serve_split(campaign_id, user_key, rule, tz, now)
+        assert state.pipeline is not None
+        reply = await state.pipeline.call(PEEK, len(args), pack_args(args))
+        allowed, left = (int(x) for x in reply)
+        return allowed == 1, None if left < 0 else left
+
+    async def _can_serve_split(
+        self, campaign_id: str, user_key: str, rule: CampaignConfig, tz: str, now: int
+    ) -> tuple[bool, int | None]:
+        """can_serve on a cluster: the campaign's stored zone and caps (its slot) and the
+        user's peek (the user's slot), concurrently; again if the config was not as cached."""
+        cfg_key, _ = self.campaign_keys(campaign_id)
+        config_args: tuple[str | int, ...] = (1, cfg_key, campaign_id, *rule.wire)
+        config = asyncio.ensure_future(
+            self._call_slot(
+                slot_of(cfg_key), CAMPAIGN_CONFIG, len(config_args), pack_args(config_args)
+            )
+        )
+        caps = self._caps.get(campaign_id, rule.caps_spec)
+        try:
+            for attempt in range(2):
+                args = (
+                    1,
+                    user_key,
+                    campaign_id,
+                    caps,
+                    self._calendars.text(tz, now),
+                    "" if self.clock is None else str(self.clock()),
+                    self._user_caps,
+                    self._calendars.text("UTC", now) if self._user_caps else "",
+                )
+                reply = await self._call_slot(
+                    slot_of(user_key), PEEK_USER, len(args), pack_args(args)
+                )
+                stored_tz, stored_caps = (_text(x) for x in await config)
+                if attempt or (stored_tz == tz and stored_caps == caps):
+                    break
+                tz, caps = stored_tz, stored_caps
+        finally:
+            config.cancel()
         allowed, left = (int(x) for x in reply)
         return allowed == 1, None if left < 0 else left
 
@@ -636,17 +1048,37 @@ class Store:
             raise ConfigError(f"cpm: {cpm} is above max_cpm ({self.rules.settings.max_cpm})")
         return cost
 
+    async def _hashes_and_time(self, *keys: str) -> tuple[list[dict[Any, Any]], int]:
+        """HGETALL of keys that share one owner (one slot), and the server's clock (ms), as one
+        snapshot: a MULTI on one server; on a cluster, a pipeline to the keys' shard."""
+        client = self.client
+        if self.is_cluster:
+
+            async def read() -> list[Any]:
+                await client.initialize()
+                node = client.get_node_from_key(keys[0])
+                async with client.pipeline() as pipe:
+                    for key in keys:
+                        pipe.hgetall(key)
+                    hashes = await pipe.execute()
+                return [*hashes, await client.time(target_nodes=node)]
+
+            *hashes, (seconds, micros) = await self._admin(read())
+        else:
+            async with client.pipeline(transaction=True) as pipe:
+                for key in keys:
+                    pipe.hgetall(key)
+                pipe.time()
+                *hashes, (seconds, micros) = await self._admin(pipe.execute())
+        now = self.clock() if self.clock is not None else int(seconds) * 1000 + int(micros) // 1000
+        return hashes, now
+
     async def get_campaign(self, campaign_id: str) -> CampaignView:
         """The campaign's effective config and state. Unconfigured campaigns show the defaults."""
         cfg_key, state_key = self.campaign_keys(campaign_id)
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.hgetall(cfg_key)
-            pipe.hgetall(state_key)
-            pipe.time()
-            cfg_raw, st_raw, (seconds, micros) = await self._admin(pipe.execute())
+        (cfg_raw, st_raw), now = await self._hashes_and_time(cfg_key, state_key)
         stored = {_text(k): _text(v) for k, v in cfg_raw.items()}
         state = {_text(k): _text(v) for k, v in st_raw.items()}
-        now = self.clock() if self.clock is not None else int(seconds) * 1000 + int(micros) // 1000
         config = self.rules.rule_for(campaign_id).over(stored)
         day_spent = 0
         day_start = day_end = 0
@@ -716,12 +1148,8 @@ class Store:
         """Per campaign the user has seen (or ``campaign_id``): each cap with the impressions in
         its current window and when it frees up next (epoch ms; None when not reached)."""
         key = self.user_key(user_id)
-        async with self.client.pipeline(transaction=True) as pipe:
-            pipe.hgetall(key)
-            pipe.time()
-            raw, (seconds, micros) = await self._admin(pipe.execute())
+        (raw,), now = await self._hashes_and_time(key)
         logs = {_text(k): _text(v) for k, v in raw.items()}
-        now = self.clock() if self.clock is not None else int(seconds) * 1000 + int(micros) // 1000
         # Fields starting with "!" are preferences (opt-out, blocked campaigns), not logs.
         fields = (
             [campaign_id]
@@ -751,25 +1179,56 @@ class Store:
         return bool(fields) and bool(await self._admin(self.client.hdel(key, *fields)))
 
     async def server_info(self) -> dict[str, Any]:
-        """INFO and the eviction/persistence settings, for ``doctor``."""
-        info = await self._admin(self.client.info())
-        config = await self._admin(self.client.config_get("maxmemory-policy"))
-        config.update(await self._admin(self.client.config_get("save")))
-        config.update(await self._admin(self.client.config_get("appendonly")))
+        """INFO and the eviction/persistence settings of one server, for ``doctor``."""
+        return await self._server_info(self.client, None)
+
+    async def _server_info(self, client: Any, node: Any) -> dict[str, Any]:
+        target = {} if node is None else {"target_nodes": node}
+        info = await self._admin(client.info(**target))
+        config: dict[Any, Any] = {}
+        names = ["maxmemory-policy", "save", "appendonly"]
+        if node is not None:
+            names.append("cluster-require-full-coverage")
+        for name in names:
+            config.update(await self._admin(client.config_get(name, **target)))
         return {"info": info, "config": {_text(k): _text(v) for k, v in config.items()}}
 
+    async def masters(self) -> list[tuple[str, dict[str, Any] | StoreUnavailable]]:
+        """Every master (one, or each of a cluster's) with its INFO and settings, or why it
+        could not be read: ``doctor`` checks them all."""
+        client = self.client
+        if self.is_cluster:
+            await self._admin(client.initialize())
+            found: list[tuple[str, dict[str, Any] | StoreUnavailable]] = []
+            for node in sorted(client.get_primaries(), key=lambda n: n.name):
+                try:
+                    found.append((node.name, await self._server_info(client, node)))
+                except StoreUnavailable as exc:
+                    found.append((node.name, exc))
+            return found
+        if self.topology.kind == "sentinel":
+            host, port = await self._admin(client.connection_pool.get_master_address())
+            name = f"{host}:{port}"
+        else:
+            kwargs = client.connection_pool.connection_kwargs
+            name = str(kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}")
+        try:
+            return [(name, await self.server_info())]
+        except StoreUnavailable as exc:
+            return [(name, exc)]
+
     async def load_scripts(self) -> list[str]:
-        """Load every script; returns their SHA1s (``doctor`` checks they match)."""
-        return [
-            _text(await self._admin(self.client.script_load(script.text)))
-            for script in (RESERVE, RELEASE, PEEK)
-        ]
+        """Load every script this topology runs (on every master); returns their SHA1s
+        (``doctor`` checks they match)."""
+        scripts = CLUSTER_SCRIPTS if self.is_cluster else STANDALONE_SCRIPTS
+        # On a cluster, redis-py sends SCRIPT LOAD to every master.
+        return [_text(await self._admin(self.client.script_load(s.text))) for s in scripts]
 
     async def _admin(self, awaitable: Any) -> Any:
         try:
             return await asyncio.wait_for(awaitable, max(self.timeout, 2.0))
-        except (TimeoutError, RedisError, OSError) as exc:
-            raise StoreUnavailable(f"{self.url}: {type(exc).__name__}: {exc}") from exc
+        except (TimeoutError, RedisError, RedisClusterException, OSError) as exc:
+            raise StoreUnavailable(f"{redacted(self.url)}: {type(exc).__name__}: {exc}") from exc
 
     async def ping(self) -> None:
         await self._admin(self.client.ping())
@@ -779,7 +1238,10 @@ class Store:
         loop = asyncio.get_running_loop()
         state = self._loops.pop(loop, None)
         if state is not None:
-            await state.pipeline.aclose()
+            if state.pipeline is not None:
+                await state.pipeline.aclose()
+            if state.shards is not None:
+                await state.shards.aclose()
             await state.client.aclose()
 
 

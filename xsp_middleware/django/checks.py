@@ -10,19 +10,19 @@ from __future__ import annotations
 
 from typing import Any
 
-import redis
 from django.conf import settings as django_settings  # type: ignore[import-untyped,unused-ignore]
 from django.core import checks  # type: ignore[import-untyped,unused-ignore]
 from django.utils.module_loading import (  # type: ignore[import-untyped,unused-ignore]
     import_string,
 )
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from redis.retry import Retry
 
 from ..doctor import _safe_url
 from ..errors import ConfigError
 from ..settings import DEVELOPMENT_SECRET_KEY, Settings
+from ..topology import parse_store_url, sync_client
 from .conf import SETTING, settings_from_django
 
 TAG = "xsp"
@@ -101,19 +101,19 @@ def store_problem(s: Settings) -> str | None:
     if url.startswith("memory://"):
         return None
     timeout = min(2.0, max(0.5, float(s.store_timeout) * 10))
+    options = {
+        "socket_connect_timeout": timeout,
+        "socket_timeout": timeout,
+        "retry": Retry(NoBackoff(), 0),
+        "health_check_interval": 0,
+    }
     try:
-        client = redis.Redis.from_url(
-            url,
-            socket_connect_timeout=timeout,
-            socket_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-        )
-    except (RedisError, OSError, ValueError) as exc:
+        client = sync_client(parse_store_url(url), options)
+    except (RedisError, RedisClusterException, OSError, ValueError) as exc:
         return f"{type(exc).__name__}: {exc}"
     try:
         client.ping()
-    except (RedisError, OSError) as exc:
+    except (RedisError, RedisClusterException, OSError) as exc:
         return f"{type(exc).__name__}: {exc}"
     finally:
         client.close()

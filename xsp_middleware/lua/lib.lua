@@ -213,3 +213,134 @@ local function xsp_user_unrecord(key, field, at)
     redis.call('HSET', key, field, xsp_write_log(lifetime, times))
   end
 end
+
+-- The pieces of a reservation. reserve.lua runs them all in one script (standalone Redis);
+-- on a cluster, reserve_campaign.lua and reserve_user.lua run the campaign's and the user's
+-- pieces on their own shards, concurrently.
+
+-- The campaign's budget state for one reservation: `k` carries the price, spend and clock
+-- between the pieces. cost_s '' means the campaign's own price.
+local function xsp_campaign_start(st_key, c, cost_s, now_override)
+  if cost_s == '' then cost_s = c.cost or '0' end
+  local k = {cost_s = cost_s, cost = tonumber(cost_s), budget = tonumber(c.budget) or 0,
+    now = xsp_now_ms(now_override), fired = 0, day_start = 0, deny_day = 0}
+  k.spent = tonumber(redis.call('HGET', st_key, 'spent') or '0')
+  k.remaining = k.budget - k.spent
+  return k
+end
+
+-- Gates before any user state: the campaign's status and flight. A reason, or nil.
+local function xsp_campaign_open(c, k)
+  if c.status == 'paused' then return 3 end
+  if (c.start and k.now < tonumber(c.start)) or (c['end'] and k.now >= tonumber(c['end'])) then
+    return 5
+  end
+  return nil
+end
+
+-- The user's side: stored preferences (blocked campaigns, opt-out), then the campaign's caps
+-- (field = campaign id) and the caps across campaigns (field '*'). Returns a reason (nil: pass)
+-- and `u`, what xsp_user_commit writes: u.key is nil when the user's state is not used.
+local function xsp_user_gate(key, cid, camp_spec, camp_bounds, user_spec, user_bounds, now,
+                             policy)
+  local u = {key = key, personal = 1, left = -1}
+  if not key then return nil, u end
+  local prefs = redis.call('HMGET', key, '!o', '!b')
+  if prefs[2] and string.find(',' .. prefs[2] .. ',', ',' .. cid .. ',', 1, true) then
+    return 7, u  -- "stop seeing this ad" holds whatever else the user chose
+  end
+  if prefs[1] == '1' and policy ~= 'ignore' then
+    u.personal = 0
+    if policy == 'deny' then return 6, u end
+    u.key = nil  -- no_tracking: serve without reading or writing the user's state
+    return nil, u
+  end
+  local camp_left, user_left
+  camp_left, u.camp_life, u.camp_times, u.camp_caps =
+    xsp_user_check(key, cid, camp_spec, now, camp_bounds)
+  if camp_left == -1 then u.left = 0 return 1, u end
+  user_left, u.user_life, u.user_times, u.user_caps =
+    xsp_user_check(key, '*', user_spec, now, user_bounds)
+  if user_left == -1 then u.left = 0 return 1, u end
+  for _, l in ipairs({camp_left, user_left}) do
+    if l ~= false and (u.left == -1 or l < u.left) then u.left = l end
+  end
+  return nil, u
+end
+
+-- Write the user's side of a reservation; returns the logs written (1: the campaign's, 2: the
+-- user's across campaigns; a sum).
+local function xsp_user_commit(u, cid, now)
+  if not u.key then return 0 end
+  local ttl = xsp_user_record(u.key, cid, u.camp_caps, u.camp_life, u.camp_times, now)
+  local user_ttl = xsp_user_record(u.key, '*', u.user_caps, u.user_life, u.user_times, now)
+  local logs = 0
+  if #u.camp_caps > 0 then logs = logs + 1 end
+  if #u.user_caps > 0 then logs = logs + 2 end
+  if user_ttl > ttl then ttl = user_ttl end
+  xsp_keep_alive(u.key, ttl)
+  return logs
+end
+
+-- Budgets (lifetime, then the local day's) and pacing. A reason, or nil; sets k.fired (the
+-- exhaustion this call detected) and k.day_start.
+local function xsp_campaign_budget(cfg_key, st_key, c, k, bounds_text, allowance_bp)
+  local cost, budget, spent = k.cost, k.budget, k.spent
+  local daily = tonumber(c.daily_budget)
+  local day_end, day_spent = 0, 0
+  if daily then
+    k.day_start, day_end = xsp_period(xsp_bounds(bounds_text).day, k.now)
+    k.day_field = 'day:' .. xsp_int(k.day_start)
+    day_spent = tonumber(redis.call('HGET', st_key, k.day_field) or '0')
+    if daily - day_spent < k.remaining then k.remaining = daily - day_spent end
+  end
+  if c.status == 'exhausted' then return 2 end
+  if spent + cost > budget then
+    -- Exhausted once what is left cannot pay for the campaign's own price. The hook fires once
+    -- per exhaustion: a marker keeps the budget that ran out, so pausing and resuming never
+    -- fires it again, while a raised budget that runs out again does.
+    if budget - spent < (tonumber(c.cost) or 1) or budget - spent <= 0 then
+      redis.call('HSET', cfg_key, 'status', 'exhausted')
+      if redis.call('HGET', st_key, 'lx') ~= c.budget then
+        redis.call('HSET', st_key, 'lx', c.budget)
+        k.fired = 1
+      end
+    end
+    return 2
+  end
+  if daily and day_spent + cost > daily then
+    if daily - day_spent < (tonumber(c.cost) or 1) or daily - day_spent <= 0 then
+      if redis.call('HSETNX', st_key, 'dx:' .. xsp_int(k.day_start), 1) == 1 then k.fired = 2 end
+    end
+    k.deny_day = k.day_start
+    return 2
+  end
+  -- Pacing: spend in the period may not pass the ideal linear curve plus a burst allowance.
+  -- The ceiling is a threshold, not an amount: computing it in floating point is fine.
+  if c.pacing == 'even' or c.pacing == 'frontloaded' then
+    local p_start, p_end, p_budget, p_spent
+    if daily then
+      p_start, p_end, p_budget, p_spent = k.day_start, day_end, daily, day_spent
+    elseif c.start and c['end'] then
+      p_start, p_end, p_budget, p_spent = tonumber(c.start), tonumber(c['end']), budget, spent
+    end
+    if p_start and p_end > p_start then
+      local f = (k.now - p_start) / (p_end - p_start)
+      local allowance = tonumber(allowance_bp) / 10000
+      if c.pacing == 'frontloaded' then allowance = 0.40 - (0.40 - allowance) * f end
+      if p_spent + cost > p_budget * (f + allowance) then return 4 end
+    end
+  end
+  return nil
+end
+
+-- Write the campaign's side: the spend, the impression, the day's spend.
+local function xsp_campaign_commit(st_key, k, counts)
+  if k.cost > 0 then redis.call('HINCRBY', st_key, 'spent', k.cost_s) end
+  if counts == '1' then redis.call('HINCRBY', st_key, 'impressions', 1) end
+  if k.day_field then
+    if k.cost > 0 then redis.call('HINCRBY', st_key, k.day_field, k.cost_s) end
+    -- Keep only today's and yesterday's day fields.
+    redis.call('HDEL', st_key, 'day:' .. xsp_int(k.day_start - 2 * 86400000))
+  end
+end

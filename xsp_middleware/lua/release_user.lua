@@ -1,0 +1,7 @@
+-- Redis Cluster: undo the user's half of a reservation (see release.lua).
+-- KEYS[1] user hash. ARGV[1] campaign id, ARGV[2] reservation time ms, ARGV[3] the logs it
+-- wrote (reserve_user.lua's reply).
+local at, logs = tonumber(ARGV[2]), tonumber(ARGV[3])
+if logs % 2 == 1 then xsp_user_unrecord(KEYS[1], ARGV[1], at) end
+if logs >= 2 then xsp_user_unrecord(KEYS[1], '*', at) end
+return 1

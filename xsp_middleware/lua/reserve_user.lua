@@ -1,0 +1,13 @@
+-- Redis Cluster: the user's half of a reservation, on the user's shard (see
+-- reserve_campaign.lua): stored preferences, the caps, and the impression's time in the logs.
+-- KEYS[1] user hash. ARGV[1] campaign id   ARGV[2] the campaign's caps ("N:window" specs)
+-- ARGV[3] campaign calendar bounds   ARGV[4] user caps across campaigns   ARGV[5] their bounds
+-- ARGV[6] now override ms ('' = TIME)   ARGV[7] what a stored opt-out does (see reserve.lua)
+-- Reply: {passed 1/0, reason (0, or 1 frequency_capped, 6 no_consent, 7 user_blocked),
+--   remaining impressions (-1: no caps), time ms, logs written, 1 if the user's state was used}
+local now = xsp_now_ms(ARGV[6])
+local reason, u = xsp_user_gate(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], now,
+  ARGV[7])
+if reason then return {0, reason, u.left, now, 0, u.personal} end
+local logs = xsp_user_commit(u, ARGV[1], now)
+return {1, 0, u.left, now, logs, u.personal}

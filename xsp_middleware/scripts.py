@@ -1,0 +1,51 @@
+"""The Lua scripts, each built from ``lua/lib.lua`` (the shared pieces) and its own body, so
+the standalone script and the cluster's per-slot halves have one source of truth."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+from .pipeline import Script
+
+
+def _load_script(name: str, *, retry_safe: bool) -> Script:
+    lua = resources.files("xsp_middleware") / "lua"
+    text = (lua / "lib.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
+    return Script(name, text, retry_safe=retry_safe)
+
+
+# One server (standalone Redis, Sentinel's master, the embedded store): user and campaign in
+# one atomic script.
+RESERVE = _load_script("reserve", retry_safe=True)
+RELEASE = _load_script("release", retry_safe=False)
+PEEK = _load_script("peek", retry_safe=True)
+
+# Redis Cluster: each script touches one slot (the campaign's or the user's).
+RESERVE_CAMPAIGN = _load_script("reserve_campaign", retry_safe=True)
+RESERVE_USER = _load_script("reserve_user", retry_safe=True)
+RELEASE_USER = _load_script("release_user", retry_safe=False)
+PEEK_USER = _load_script("peek_user", retry_safe=True)
+CAMPAIGN_CONFIG = _load_script("campaign_config", retry_safe=True)
+
+REASONS = (
+    "served",
+    "frequency_capped",
+    "budget_exhausted",
+    "campaign_paused",
+    "paced",
+    "campaign_inactive",
+    "no_consent",
+    "user_blocked",
+)
+"""The scripts' reason codes (their index). 9 and 10 ask the app to retry: the campaign's
+stored time zone (9) or caps (10) differ from what it sent."""
+
+STANDALONE_SCRIPTS = (RESERVE, RELEASE, PEEK)
+CLUSTER_SCRIPTS = (
+    RESERVE_CAMPAIGN,
+    RESERVE_USER,
+    RELEASE,
+    RELEASE_USER,
+    PEEK_USER,
+    CAMPAIGN_CONFIG,
+)

@@ -1,0 +1,312 @@
+"""Store URLs and the redis-py clients they mean: one server, a Cluster, or Sentinel.
+
+* ``redis://`` and ``rediss://`` (TLS), ``unix://``: one server (redis-py's own URL syntax).
+* ``redis+cluster://[user:password@]host:port[,host:port...][?options]``: Redis Cluster; the
+  nodes are seeds, the rest is discovered. ``rediss+cluster://`` for TLS.
+* ``redis+sentinel://[user:password@]host:port[,host:port...]/service_name[/db][?options]``:
+  the master Sentinel names for ``service_name``, found again after a failover.
+  ``rediss+sentinel://`` for TLS to the master. ``sentinel_username`` and
+  ``sentinel_password`` options authenticate to the sentinels themselves.
+* ``memory://[name]``: the embedded store.
+
+Credentials and the other options (``ssl_cert_reqs``, ``ssl_ca_certs``, ...) are the ones
+redis-py's ``from_url`` reads from a ``redis://`` URL, and apply to every data node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, urlencode
+
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from .errors import ConfigError
+
+_KINDS = {
+    "redis": ("standalone", False),
+    "rediss": ("standalone", True),
+    "unix": ("standalone", False),
+    "memory": ("memory", False),
+    "redis+cluster": ("cluster", False),
+    "rediss+cluster": ("cluster", True),
+    "redis+sentinel": ("sentinel", False),
+    "rediss+sentinel": ("sentinel", True),
+}
+SCHEMES = tuple(f"{scheme}://" for scheme in _KINDS)
+_SENTINEL_OPTIONS = ("sentinel_username", "sentinel_password")
+
+
+@dataclass(frozen=True, slots=True)
+class StoreURL:
+    """A parsed store URL. ``nodes`` are the cluster seeds or the sentinels."""
+
+    url: str
+    kind: str
+    """``memory``, ``standalone``, ``cluster`` or ``sentinel``."""
+    tls: bool = False
+    nodes: tuple[tuple[str, int], ...] = ()
+    service: str | None = None
+    userinfo: str = ""
+    db: int = 0
+    query: str = ""
+    sentinel_auth: tuple[tuple[str, str], ...] = ()
+
+    def node_url(self, host: str, port: int) -> str:
+        """The ``redis://`` URL of one data node, with this URL's credentials and options: what
+        redis-py's ``parse_url`` turns into connection arguments."""
+        scheme = "rediss" if self.tls else "redis"
+        auth = f"{self.userinfo}@" if self.userinfo else ""
+        where = f"[{host}]" if ":" in host else host
+        query = f"?{self.query}" if self.query else ""
+        return f"{scheme}://{auth}{where}:{port}/{self.db}{query}"
+
+    def connection_kwargs(self, *, asyncio: bool) -> dict[str, Any]:
+        """redis-py connection arguments (credentials, TLS, options) for every data node."""
+        if asyncio:
+            from redis.asyncio.connection import parse_url
+        else:
+            from redis.connection import parse_url
+        host, port = self.nodes[0] if self.nodes else ("127.0.0.1", 6379)
+        kwargs = dict(parse_url(self.node_url(host, port)))
+        for name in ("host", "port", "path"):
+            kwargs.pop(name, None)
+        return kwargs
+
+    def cluster_kwargs(self, *, asyncio: bool) -> dict[str, Any]:
+        """Connection arguments as RedisCluster takes them (``ssl=True``, no database)."""
+        kwargs = self.connection_kwargs(asyncio=asyncio)
+        kwargs.pop("db", None)
+        if kwargs.pop("connection_class", None) is not None and self.tls:
+            kwargs["ssl"] = True
+        return kwargs
+
+    def sentinel_master_kwargs(self, ssl_class: type, *, asyncio: bool) -> dict[str, Any]:
+        """Connection arguments for the master Sentinel names (its own TLS connection class)."""
+        kwargs = self.connection_kwargs(asyncio=asyncio)
+        kwargs.pop("connection_class", None)
+        if self.tls:
+            kwargs["connection_class"] = ssl_class
+        return kwargs
+
+    @property
+    def sentinel_kwargs(self) -> dict[str, str]:
+        return {name.removeprefix("sentinel_"): value for name, value in self.sentinel_auth}
+
+    def describe(self) -> str:
+        """The topology in words, without credentials (for logs and ``doctor``)."""
+        hosts = ",".join(f"{h}:{p}" for h, p in self.nodes)
+        if self.kind == "cluster":
+            return f"Redis Cluster (seeds {hosts})"
+        if self.kind == "sentinel":
+            return f"Redis Sentinel service {self.service!r} (sentinels {hosts})"
+        if self.kind == "memory":
+            return "embedded in-memory store"
+        return "standalone Redis"
+
+
+def async_client(topology: StoreURL, options: dict[str, Any]) -> Any:
+    """A redis-py asyncio client for a standalone, Sentinel or Cluster URL, with ``options`` on
+    every data-node connection. A cluster's slot map is read on first use."""
+    import redis.asyncio as aredis
+
+    if topology.kind == "cluster":
+        from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+        kwargs = topology.cluster_kwargs(asyncio=True)
+        cluster = RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in topology.nodes],
+            require_full_coverage=False,
+            **kwargs,
+            **options,
+        )
+        _ask_any_master(cluster)
+        return cluster
+    if topology.kind == "sentinel":
+        from redis.asyncio.sentinel import Sentinel, SentinelManagedSSLConnection
+
+        kwargs = topology.sentinel_master_kwargs(SentinelManagedSSLConnection, asyncio=True)
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            list(topology.nodes),
+            sentinel_kwargs={**_sentinel_options(options), **topology.sentinel_kwargs},
+        )
+        assert topology.service is not None
+        return sentinel.master_for(topology.service, redis_class=aredis.Redis, **kwargs, **options)
+    return aredis.Redis.from_url(topology.url, **options)
+
+
+_BUILD_RETRIES = 3
+
+
+def _ask_any_master(cluster: Any) -> None:
+    """redis-py's asyncio RedisCluster asks COMMAND of the master owning slot 0 when it first
+    initializes, so with that one master down no admin command works at all, even for slots
+    the other masters serve. Ask the next master that answers instead (and make it the default
+    node for keyless commands)."""
+    from redis.exceptions import ConnectionError, TimeoutError
+
+    parser = cluster.commands_parser
+    ask = parser.initialize
+
+    async def initialize(node: Any = None) -> None:
+        failure: BaseException | None = None
+        for candidate in [node, *cluster.nodes_manager.get_nodes_by_server_type("primary")]:
+            if candidate is None:
+                continue
+            try:
+                await ask(candidate)
+            except (ConnectionError, TimeoutError, OSError) as exc:
+                failure = exc
+                continue
+            cluster.nodes_manager.default_node = candidate
+            return
+        raise failure or ConnectionError("no cluster master answers")
+
+    parser.initialize = initialize
+
+
+def _sentinel_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The timeouts of the data nodes, for the connections to the sentinels."""
+    return {k: v for k, v in options.items() if k in ("socket_connect_timeout", "socket_timeout")}
+
+
+def sync_client(topology: StoreURL, options: dict[str, Any]) -> Any:
+    """A redis-py sync client for a standalone, Sentinel or Cluster URL, with ``options``
+    (timeouts, retries, protocol) on every data-node connection. A RedisCluster reads the slot
+    map when built, so building one can raise redis-py's errors."""
+    import redis
+
+    if topology.kind == "cluster":
+        from redis.cluster import ClusterNode, RedisCluster
+
+        kwargs = topology.cluster_kwargs(asyncio=False)
+        nodes = [ClusterNode(h, p) for h, p in topology.nodes]  # type: ignore[no-untyped-call]
+        # redis-py asks COMMAND of the master that owns slot 0 while it is built, and with no
+        # retries a dead one fails the whole client. Retries let it move to another master;
+        # they are then switched off again for every connection.
+        building = {**options, "retry": Retry(NoBackoff(), _BUILD_RETRIES)}
+        cluster = RedisCluster(
+            startup_nodes=nodes, require_full_coverage=False, **kwargs, **building
+        )
+        no_retry = options.get("retry")
+        if no_retry is not None:
+            cluster.set_retry(no_retry)
+            cluster.nodes_manager.connection_kwargs["retry"] = no_retry
+            for node in cluster.get_nodes():  # type: ignore[no-untyped-call]
+                if node.redis_connection is not None:
+                    node.redis_connection.set_retry(no_retry)
+        return cluster
+    if topology.kind == "sentinel":
+        from redis.sentinel import Sentinel, SentinelManagedSSLConnection
+
+        kwargs = topology.sentinel_master_kwargs(SentinelManagedSSLConnection, asyncio=False)
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            list(topology.nodes),
+            sentinel_kwargs={**_sentinel_options(options), **topology.sentinel_kwargs},
+        )
+        assert topology.service is not None
+        return sentinel.master_for(  # type: ignore[no-untyped-call]
+            topology.service, redis_class=redis.Redis, **kwargs, **options
+        )
+    return redis.Redis.from_url(topology.url, **options)
+
+
+def parse_store_url(url: object) -> StoreURL:
+    """Parse and validate a store URL; raises :class:`ConfigError` naming what is wrong."""
+    if not isinstance(url, str) or "://" not in url:
+        raise ConfigError(f"redis_url: {redacted(str(url))[:60]!r} {_expected()}")
+    scheme, _, rest = url.partition("://")
+    if scheme.lower() not in _KINDS:
+        raise ConfigError(f"redis_url: {redacted(url)[:60]!r} {_expected()}")
+    kind, tls = _KINDS[scheme.lower()]
+    if kind == "standalone":
+        from redis.connection import parse_url
+
+        try:
+            parse_url(url)  # type: ignore[no-untyped-call]  # now, not per request
+        except ValueError as exc:
+            detail = str(exc).replace(url, redacted(url))
+            raise ConfigError(f"redis_url: {redacted(url)!r} is not valid: {detail}") from None
+    if kind in ("memory", "standalone"):
+        return StoreURL(url=url, kind=kind, tls=tls)
+    rest, _, query = rest.partition("?")
+    netloc, _, path = rest.partition("/")
+    userinfo, _, hosts = netloc.rpartition("@")
+    default_port = 26379 if kind == "sentinel" else 6379
+    nodes = tuple(_host_port(part, default_port, url) for part in hosts.split(","))
+    options = parse_qsl(query, keep_blank_values=True)
+    sentinel_auth = tuple((k, v) for k, v in options if k in _SENTINEL_OPTIONS)
+    query = urlencode([(k, v) for k, v in options if k not in _SENTINEL_OPTIONS])
+    parts = [p for p in path.split("/") if p]
+    service: str | None = None
+    if kind == "sentinel":
+        if not parts:
+            raise ConfigError(
+                f"redis_url: {redacted(url)!r} names no service: "
+                "redis+sentinel://host:port[,host:port...]/service_name"
+            )
+        service, parts = parts[0], parts[1:]
+    db = 0
+    if parts:
+        if len(parts) > 1 or not parts[0].isdigit():
+            raise ConfigError(f"redis_url: {redacted(url)!r}: unexpected path {path!r}")
+        db = int(parts[0])
+        if kind == "cluster" and db != 0:
+            raise ConfigError("redis_url: Redis Cluster has only database 0")
+    return StoreURL(
+        url=url,
+        kind=kind,
+        tls=tls,
+        nodes=nodes,
+        service=service,
+        userinfo=userinfo,
+        db=db,
+        query=query,
+        sentinel_auth=sentinel_auth,
+    )
+
+
+def _host_port(text: str, default_port: int, url: str) -> tuple[str, int]:
+    text = text.strip()
+    if text.startswith("["):  # [IPv6]:port
+        host, _, tail = text[1:].partition("]")
+        port_text = tail.removeprefix(":")
+    else:
+        host, _, port_text = text.partition(":")
+    if not host:
+        raise ConfigError(f"redis_url: {redacted(url)!r}: a node has no host")
+    try:
+        port = int(port_text) if port_text else default_port
+    except ValueError:
+        raise ConfigError(f"redis_url: {redacted(url)!r}: bad port {port_text!r}") from None
+    if not 0 < port < 65536:
+        raise ConfigError(f"redis_url: {redacted(url)!r}: bad port {port}")
+    return host, port
+
+
+def _expected() -> str:
+    return "must start with " + ", ".join(SCHEMES)
+
+
+def redacted(url: str) -> str:
+    """The URL without its credentials: the user info and any ``*password*`` option."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:  # not a URL at all: show nothing that could be a secret
+        scheme, rest = "", url
+    rest, qmark, query = rest.partition("?")
+    netloc, slash, path = rest.partition("/")
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    if qmark:
+        options = [
+            f"{name}=***" if "password" in name.lower() else f"{name}{eq}{value}"
+            for name, eq, value in (part.partition("=") for part in query.split("&"))
+        ]
+        query = "&".join(options)
+    text = f"{netloc}{slash}{path}{qmark}{query}"
+    return (
+        f"{scheme}{sep}{text}"
+        if sep
+        else ("***@" + text.rpartition("@")[2] if "@" in text else text)
+    )
