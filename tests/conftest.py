@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from redis_server import RedisServer
+from redis_topologies import RedisClusterNodes, RedisSentinelSetup
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, PlainTextResponse, Response, StreamingResponse
@@ -51,11 +52,79 @@ def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
 
 
-@pytest.fixture(params=["redis", "memory"])
+# A cluster and a Sentinel setup take a few seconds to become writable (Redis's own delays):
+# they start when the session starts, in the background of the first tests, and only tests
+# that ask for them wait.
+_topologies: dict[str, Any] = {}
+
+
+def _start(kind: str) -> Any:
+    if kind not in _topologies:
+        try:
+            _topologies[kind] = RedisClusterNodes() if kind == "cluster" else RedisSentinelSetup()
+        except (RuntimeError, OSError) as exc:
+            _topologies[kind] = exc
+    return _topologies[kind]
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if os.environ.get("XSP_NO_TOPOLOGIES") != "1":
+        _start("cluster")
+        _start("sentinel")
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    for topology in _topologies.values():
+        if not isinstance(topology, BaseException):
+            topology.stop()
+
+
+def _topology(kind: str) -> Any:
+    topology = _start(kind)
+    if isinstance(topology, BaseException):
+        _no_redis(f"the {kind} setup could not start: {topology}")
+    if getattr(topology, "ready_seconds", None) is None:
+        try:
+            topology.wait_ready()
+        except (RuntimeError, OSError) as exc:
+            _no_redis(f"the {kind} setup did not get ready: {exc}")
+    return topology
+
+
+@pytest.fixture
+def cluster() -> RedisClusterNodes:
+    """The session's 3-master Redis Cluster, flushed, every master alive."""
+    nodes: RedisClusterNodes = _topology("cluster")
+    for index in range(len(nodes.nodes)):
+        if not nodes.alive(index):  # a test killed it
+            nodes.restart(index)
+    nodes.flushall()
+    return nodes
+
+
+@pytest.fixture
+def cluster_url(cluster: RedisClusterNodes) -> str:
+    return cluster.url
+
+
+@pytest.fixture
+def sentinel() -> RedisSentinelSetup:
+    """The session's Sentinel setup (master, replica, sentinel), flushed."""
+    setup: RedisSentinelSetup = _topology("sentinel")
+    setup.flushall()
+    return setup
+
+
+@pytest.fixture(params=["redis", "memory", "cluster", "sentinel"])
 def store_url(request: pytest.FixtureRequest) -> str:
-    """Every behavioural test runs on real Redis and on the embedded store (same Lua)."""
+    """Every behavioural test runs on real Redis, on the embedded store (same Lua), on a
+    3-master Redis Cluster (the per-slot halves) and through Sentinel."""
     if request.param == "redis":
         return str(request.getfixturevalue("redis_url"))
+    if request.param == "cluster":
+        return str(request.getfixturevalue("cluster_url"))
+    if request.param == "sentinel":
+        return str(request.getfixturevalue("sentinel").url)
     return f"memory://{uuid.uuid4().hex}"
 
 
