@@ -9,6 +9,9 @@ loop, each sending ``GET /ad?campaign_id=cN&cpm=2.50`` back to back with a disti
 * ``xsp``: the same app wrapped in ``XSPMiddleware`` on a real Redis (default caps 3/1h; every
   user is new, so nothing is capped; the budget is far too large to run out): one auto-pipelined
   EVALSHA per request;
+* ``xsp-cluster``: ``xsp`` on a 3-master Redis Cluster (throwaway, from ``redis-server``):
+  each decision is two scripts, the campaign's half and the user's half, sent concurrently to
+  their shards' auto-pipelines (one round trip of latency);
 * ``tutorial``: the same app under ``benchmarks/tutorial_middleware.py``, the public tutorial's
   check-then-act sequence (GET, GET, GET, INCRBYFLOAT, handler, INCR+EXPIRE pipeline).
 
@@ -25,6 +28,7 @@ Run from the repository root::
     python benchmarks/overhead.py                  # throwaway redis-server on a free port
     python benchmarks/overhead.py --seconds 5 --rounds 5
     python benchmarks/overhead.py --redis-url redis://127.0.0.1:6379/15 --json
+    python benchmarks/overhead.py --no-cluster     # skip the cluster row
 
 ``--redis-url`` uses an existing server: the database in the URL is FLUSHDB'ed before every run,
 so point it at a scratch database. Without it, ``redis-server`` must be on PATH.
@@ -61,7 +65,7 @@ CAMPAIGNS = 10
 WARMUP_SECONDS = 0.5
 SECRET_KEY = "bench-secret-key-0123456789"
 BUDGET = "900000000.00"
-VARIANTS = ("bare", "xsp", "tutorial")
+VARIANTS = ("bare", "xsp", "xsp-cluster", "tutorial")
 
 
 async def ad(request: Request) -> Response:
@@ -131,8 +135,9 @@ async def drive(
     seconds: float,
     users: itertools.count[int],
     make_receive: Callable[[], Any] | None = None,
+    concurrency: int = CONCURRENCY,
 ) -> Phase:
-    """``CONCURRENCY`` workers send requests back to back until ``seconds`` have passed."""
+    """``concurrency`` workers send requests back to back until ``seconds`` have passed."""
     phase = Phase()
     clock = time.perf_counter
     latencies = phase.latencies
@@ -163,7 +168,7 @@ async def drive(
 
     start = clock()
     deadline = start + seconds
-    await asyncio.gather(*(worker(deadline) for _ in range(CONCURRENCY)))
+    await asyncio.gather(*(worker(deadline) for _ in range(concurrency)))
     phase.elapsed = clock() - start
     return phase
 
@@ -175,7 +180,12 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[index]
 
 
-async def run(args: argparse.Namespace, redis_url: str, progress: Callable[[str], None]) -> dict:
+async def run(
+    args: argparse.Namespace,
+    redis_url: str,
+    progress: Callable[[str], None],
+    cluster: Any = None,
+) -> dict:
     admin = aredis.Redis.from_url(redis_url)
     base = make_app()
     xsp = XSPMiddleware(
@@ -186,12 +196,20 @@ async def run(args: argparse.Namespace, redis_url: str, progress: Callable[[str]
     )
     tutorial = TutorialMiddleware(base, redis_url, max_connections=CONCURRENCY)
     apps = {"bare": base, "xsp": xsp, "tutorial": tutorial}
+    variants_run = [name for name in VARIANTS if name != "xsp-cluster" or cluster is not None]
+    if cluster is not None:
+        apps["xsp-cluster"] = XSPMiddleware(
+            base, redis_url=cluster.url, secret_key=SECRET_KEY, default_budget=BUDGET
+        )
     users = itertools.count()
-    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in VARIANTS}
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in variants_run}
+    low_load: dict[str, list[dict[str, Any]]] = {"xsp": [], "xsp-cluster": []}
     try:
         for round_no in range(1, args.rounds + 1):
-            for name in VARIANTS:
+            for name in variants_run:
                 await admin.flushdb()
+                if cluster is not None:
+                    cluster.flushall()
                 await drive(apps[name], WARMUP_SECONDS, users)
                 phase = await drive(apps[name], args.seconds, users)
                 lat = sorted(phase.latencies)
@@ -209,13 +227,36 @@ async def run(args: argparse.Namespace, redis_url: str, progress: Callable[[str]
                     f"{result['requests_per_s']:>9.0f} req/s  p50 {result['p50_ms']:.2f} ms  "
                     f"p99 {result['p99_ms']:.2f} ms  non-200 {sum(phase.statuses.values())}"
                 )
+        # Low load: one request in flight, so the latency is one decision's round trip (two
+        # concurrent halves on the cluster) with no queueing behind other requests.
+        for round_no in range(1, args.rounds + 1):
+            for name in ("xsp", "xsp-cluster"):
+                if name not in apps:
+                    continue
+                await drive(apps[name], WARMUP_SECONDS, users, concurrency=1)
+                phase = await drive(apps[name], args.seconds, users, concurrency=1)
+                lat = sorted(phase.latencies)
+                low_load[name].append(
+                    {
+                        "p50_ms": percentile(lat, 0.50) * 1000,
+                        "p99_ms": percentile(lat, 0.99) * 1000,
+                        "requests_per_s": phase.ok / phase.elapsed,
+                    }
+                )
+                last = low_load[name][-1]
+                progress(
+                    f"low load {round_no}/{args.rounds} {name:<11} "
+                    f"p50 {last['p50_ms']:.3f} ms  p99 {last['p99_ms']:.3f} ms"
+                )
     finally:
         await xsp.store.aclose()
+        if "xsp-cluster" in apps:
+            await apps["xsp-cluster"].store.aclose()
         await tutorial.aclose()
         await admin.aclose()
 
     variants: dict[str, dict[str, Any]] = {}
-    for name in VARIANTS:
+    for name in variants_run:
         runs = rounds[name]
         non_200: dict[str, int] = {}
         for r in runs:
@@ -228,7 +269,26 @@ async def run(args: argparse.Namespace, redis_url: str, progress: Callable[[str]
             "non_200": non_200,
             "rounds": [round(r["requests_per_s"], 1) for r in runs],
         }
-    rps = {name: variants[name]["requests_per_s"] for name in VARIANTS}
+    rps = {name: variants[name]["requests_per_s"] for name in variants_run}
+    ratios = {
+        "xsp/bare": rps["xsp"] / rps["bare"],
+        "tutorial/bare": rps["tutorial"] / rps["bare"],
+        "xsp/tutorial": rps["xsp"] / rps["tutorial"],
+        # The same ratio within each round (the variants ran back to back), then the median:
+        # steadier on a noisy machine than the ratio of the medians.
+        "xsp/tutorial per round": statistics.median(
+            x["requests_per_s"] / t["requests_per_s"]
+            for x, t in zip(rounds["xsp"], rounds["tutorial"], strict=True)
+        ),
+    }
+    if cluster is not None:
+        ratios["cluster/standalone per round"] = statistics.median(
+            c["requests_per_s"] / x["requests_per_s"]
+            for c, x in zip(rounds["xsp-cluster"], rounds["xsp"], strict=True)
+        )
+        ratios["cluster/standalone p99"] = (
+            variants["xsp-cluster"]["p99_ms"] / variants["xsp"]["p99_ms"]
+        )
     return {
         "config": {
             "concurrency": CONCURRENCY,
@@ -239,17 +299,15 @@ async def run(args: argparse.Namespace, redis_url: str, progress: Callable[[str]
             "python": sys.version.split()[0],
         },
         "variants": variants,
-        "ratios": {
-            "xsp/bare": rps["xsp"] / rps["bare"],
-            "tutorial/bare": rps["tutorial"] / rps["bare"],
-            "xsp/tutorial": rps["xsp"] / rps["tutorial"],
-            # The same ratio within each round (the variants ran back to back), then the median:
-            # steadier on a noisy machine than the ratio of the medians.
-            "xsp/tutorial per round": statistics.median(
-                x["requests_per_s"] / t["requests_per_s"]
-                for x, t in zip(rounds["xsp"], rounds["tutorial"], strict=True)
-            ),
+        "low_load": {
+            name: {
+                key: statistics.median(r[key] for r in runs)
+                for key in ("p50_ms", "p99_ms", "requests_per_s")
+            }
+            for name, runs in low_load.items()
+            if runs
         },
+        "ratios": ratios,
     }
 
 
@@ -270,6 +328,10 @@ def print_table(report: dict[str, Any]) -> None:
         if v["non_200"]:
             print(f"  {name} non-200 responses: {v['non_200']}")
     print()
+    print("one request in flight (decision latency):")
+    for name, v in report["low_load"].items():
+        print(f"  {name:<12} p50 {v['p50_ms']:.3f} ms  p99 {v['p99_ms']:.3f} ms")
+    print()
     for name, value in report["ratios"].items():
         print(f"{name:<24}{value:>6.2f}x")
 
@@ -280,24 +342,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds over the three variants")
     parser.add_argument("--redis-url", help="use this Redis (its database is flushed)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument(
+        "--no-cluster", action="store_true", help="skip the 3-master Redis Cluster row"
+    )
     args = parser.parse_args(argv)
 
     def progress(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
     server = None
+    cluster = None
     redis_url = args.redis_url
+    sys.path.insert(0, str(HERE.parent / "tests"))
     if redis_url is None:
-        sys.path.insert(0, str(HERE.parent / "tests"))
         from redis_server import RedisServer
 
         server = RedisServer()
         redis_url = server.url
     try:
-        report = asyncio.run(run(args, redis_url, progress))
+        if not args.no_cluster:
+            from redis_topologies import RedisClusterNodes
+
+            cluster = RedisClusterNodes.started()
+        report = asyncio.run(run(args, redis_url, progress, cluster))
     finally:
         if server is not None:
             server.stop()
+        if cluster is not None:
+            cluster.stop()
     if args.json:
         print(json.dumps(report, indent=2))
     else:
