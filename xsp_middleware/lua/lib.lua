@@ -146,7 +146,9 @@ end
 
 -- Append `now` and keep only what the caps can still need: the newest max(N) times that are
 -- young enough for the longest window. Every window's times are among those, because the caps
--- allow no more than N in it. Returns the kept times and how long (ms) the log must live.
+-- allow no more than N in it. Returns the kept times, how long (ms) the log must live, and the
+-- times dropped (a cluster's user half hands them back for its undo: it trims with the caps
+-- this process last saw, which may be stale).
 local function xsp_record(caps, times, now)
   local keep, horizon, ttl = 0, 0, 0
   for i = 1, #caps do
@@ -157,16 +159,22 @@ local function xsp_record(caps, times, now)
     end
     if cap.keep_ms > ttl then ttl = cap.keep_ms end
   end
-  local kept = {}
+  local kept, dropped = {}, {}
   if keep > 0 then
     times[#times + 1] = now
     local first = #times - keep + 1
     if first < 1 then first = 1 end
-    for j = first, #times do
-      if times[j] > now - horizon then kept[#kept + 1] = times[j] end
+    for j = 1, #times do
+      if j >= first and times[j] > now - horizon then
+        kept[#kept + 1] = times[j]
+      else
+        dropped[#dropped + 1] = xsp_int(times[j])
+      end
     end
+  else
+    for j = 1, #times do dropped[j] = xsp_int(times[j]) end
   end
-  return kept, ttl
+  return kept, ttl, table.concat(dropped, ',')
 end
 
 -- Extend a key's TTL to at least ttl_ms; never shorten it (campaigns with longer windows
@@ -189,14 +197,16 @@ local function xsp_user_check(key, field, spec, now, bounds_text)
 end
 
 local function xsp_user_record(key, field, caps, lifetime, times, now)
-  if #caps == 0 then return 0 end
-  local kept, ttl = xsp_record(caps, times, now)
+  if #caps == 0 then return 0, '' end
+  local kept, ttl, dropped = xsp_record(caps, times, now)
   redis.call('HSET', key, field, xsp_write_log(lifetime + 1, kept))
-  return ttl
+  return ttl, dropped
 end
 
--- Remove one impression at `at` from a user log field (a release).
-local function xsp_user_unrecord(key, field, at)
+-- Remove one impression at `at` from a user log field (a release), and put back the times its
+-- write dropped (`restore`, comma-separated ms; optional). Putting back more times than a cap
+-- needs only makes it count more, never less.
+local function xsp_user_unrecord(key, field, at, restore)
   local raw = redis.call('HGET', key, field)
   if not raw then return end
   local lifetime, times = xsp_read_log(raw)
@@ -205,6 +215,18 @@ local function xsp_user_unrecord(key, field, at)
       table.remove(times, j)
       break
     end
+  end
+  if restore and restore ~= '' then
+    local have = {}
+    for j = 1, #times do have[times[j]] = true end
+    for t in string.gmatch(restore, '%d+') do
+      local v = tonumber(t)
+      if not have[v] then
+        times[#times + 1] = v
+        have[v] = true
+      end
+    end
+    table.sort(times)
   end
   if lifetime > 0 then lifetime = lifetime - 1 end
   if lifetime == 0 and #times == 0 then
@@ -272,8 +294,10 @@ end
 -- user's across campaigns; a sum).
 local function xsp_user_commit(u, cid, now)
   if not u.key then return 0 end
-  local ttl = xsp_user_record(u.key, cid, u.camp_caps, u.camp_life, u.camp_times, now)
-  local user_ttl = xsp_user_record(u.key, '*', u.user_caps, u.user_life, u.user_times, now)
+  local ttl, user_ttl
+  ttl, u.camp_dropped = xsp_user_record(u.key, cid, u.camp_caps, u.camp_life, u.camp_times, now)
+  user_ttl, u.user_dropped =
+    xsp_user_record(u.key, '*', u.user_caps, u.user_life, u.user_times, now)
   local logs = 0
   if #u.camp_caps > 0 then logs = logs + 1 end
   if #u.user_caps > 0 then logs = logs + 2 end

@@ -17,12 +17,14 @@ if cost > 0 then
   -- A reservation that took the last of the budget flipped the campaign to exhausted; giving
   -- it back makes the campaign active again when the budget that ran out ('lx') can pay once
   -- more. Otherwise a released last impression (or, on a cluster, a compensation) would leave
-  -- budget unspent for good.
+  -- budget unspent for good. The marker goes too, so the exhaustion that really ends the
+  -- budget fires the hook again.
   if redis.call('HGET', KEYS[1], 'status') == 'exhausted' then
     local ran_out = tonumber(redis.call('HGET', KEYS[2], 'lx') or '')
     local spent = tonumber(redis.call('HGET', KEYS[2], 'spent') or '0')
     if ran_out and ran_out - spent >= cost then
       redis.call('HSET', KEYS[1], 'status', 'active')
+      redis.call('HDEL', KEYS[2], 'lx')
     end
   end
 end
