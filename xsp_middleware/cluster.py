@@ -259,6 +259,8 @@ class Shards:
         """Re-learn the slot map (after MOVED, a failover); concurrent callers share one."""
         if self._refresh is None or self._refresh.done():
             self._refresh = asyncio.get_running_loop().create_task(self._initialize())
+            # Its waiters may all be gone (cancelled) when it fails: the failure is logged.
+            self._refresh.add_done_callback(_log_refresh)
         await asyncio.shield(self._refresh)
 
     def refresh_soon(self) -> None:

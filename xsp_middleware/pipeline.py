@@ -105,7 +105,8 @@ class _Call:
 class Redirected(StoreUnavailable):
     """A cluster node answered MOVED, ASK, TRYAGAIN or CLUSTERDOWN: the script did not run
     (slots moved, or a failover is under way), so sending it again after re-learning the slot
-    map is safe."""
+    map is safe. ASK (a slot in the middle of a migration) is not followed with ASKING: such a
+    call is sent once more to the slot's owner, and degrades if it is still migrating."""
 
 
 class _StaleConnection(ConnectionError):

@@ -557,7 +557,7 @@ class Store:
             )
             calls.append(("campaign", slot_of(cfg), RELEASE, len(args), pack_args(args)))
         if split.undo_user and user_key is not None:
-            user_args = (1, user_key, campaign_id, user[3], user[4])
+            user_args = (1, user_key, campaign_id, user[3], user[4], *_dropped(user))
             calls.append(
                 ("user", slot_of(user_key), RELEASE_USER, len(user_args), pack_args(user_args))
             )
@@ -738,7 +738,7 @@ class Store:
         campaign_id, user_key, _ = context
         if not (passed and logs and user_key is not None):
             return None
-        args = (1, user_key, campaign_id, reply[3], logs)
+        args = (1, user_key, campaign_id, reply[3], logs, *_dropped(reply))
         return slot_of(user_key), RELEASE_USER, len(args), pack_args(args)
 
     def _orphan_campaign(self, context: Any, reply: Any) -> None:
@@ -963,6 +963,7 @@ class Store:
                 tz, caps = stored_tz, stored_caps
         finally:
             config.cancel()
+            config.add_done_callback(_consume)
         allowed, left = (int(x) for x in reply)
         return allowed == 1, None if left < 0 else left
 
@@ -1288,6 +1289,20 @@ def cap_windows(
         count = len(inside)
         result.append((cap, count, frees if count >= cap.max_impressions else None))
     return result
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    """Read a side call's outcome that nobody awaits any more (no "never retrieved" noise)."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _dropped(reply: Any) -> tuple[str, str]:
+    """The times a user half's write dropped (reserve_user.lua), for its undo to put back."""
+    try:
+        return _text(reply[6]), _text(reply[7])
+    except IndexError:
+        return "", ""
 
 
 def _text(value: bytes | str) -> str:

@@ -268,13 +268,15 @@ class SyncStore:
                 continue
             sent.append((node, pool, conn))
         results: list[tuple[str, Any]] = []
+        deadline = time.monotonic() + self.store.timeout
         for (node, pool, conn), (_, script, nargs, body, context, orphan) in zip(
             sent, calls, strict=True
         ):
             if pool is None:
                 results.append((node, conn))
                 continue
-            results.append((node, self._read(pool, conn, script, nargs, body, context, orphan)))
+            read = self._read(pool, conn, script, nargs, body, context, orphan, deadline)
+            results.append((node, read))
         return results
 
     def _read(
@@ -286,15 +288,19 @@ class SyncStore:
         body: bytes,
         context: Any,
         orphan: Any,
+        deadline: float,
     ) -> Any:
-        """The reply of a call sent on ``conn`` (or its StoreUnavailable, as a value)."""
+        """The reply of a call sent on ``conn`` (or its StoreUnavailable, as a value), waited
+        for until ``deadline`` (shared by the calls sent together: one timeout, not two)."""
         handed_off = False
         try:
             try:
-                return conn.read_response(disconnect_on_error=False)
+                wait = max(0.001, deadline - time.monotonic())
+                return conn.read_response(disconnect_on_error=False, timeout=wait)
             except NoScriptError:
                 conn.send_packed_command([b"*%d\r\n" % (nargs + 2) + script.eval + body])
-                return conn.read_response(disconnect_on_error=False)
+                wait = max(0.001, deadline - time.monotonic())
+                return conn.read_response(disconnect_on_error=False, timeout=wait)
             except TimeoutError:
                 if orphan is not None:
                     handed_off = True

@@ -220,15 +220,11 @@ def parse_store_url(url: object) -> StoreURL:
     if scheme.lower() not in _KINDS:
         raise ConfigError(f"redis_url: {redacted(url)[:60]!r} {_expected()}")
     kind, tls = _KINDS[scheme.lower()]
+    if kind == "memory":
+        return StoreURL(url=url, kind=kind, tls=tls)
+    _check_options(url, rest.partition("?")[2], kind, tls)
     if kind == "standalone":
-        from redis.connection import parse_url
-
-        try:
-            parse_url(url)  # type: ignore[no-untyped-call]  # now, not per request
-        except ValueError as exc:
-            detail = str(exc).replace(url, redacted(url))
-            raise ConfigError(f"redis_url: {redacted(url)!r} is not valid: {detail}") from None
-    if kind in ("memory", "standalone"):
+        _check_with_redis_py(url, url)
         return StoreURL(url=url, kind=kind, tls=tls)
     rest, _, query = rest.partition("?")
     netloc, _, path = rest.partition("/")
@@ -252,9 +248,14 @@ def parse_store_url(url: object) -> StoreURL:
         if len(parts) > 1 or not parts[0].isdigit():
             raise ConfigError(f"redis_url: {redacted(url)!r}: unexpected path {path!r}")
         db = int(parts[0])
-        if kind == "cluster" and db != 0:
-            raise ConfigError("redis_url: Redis Cluster has only database 0")
-    return StoreURL(
+    db_option = dict(options).get("db")
+    if db_option is not None:
+        if parts or not db_option.isdigit():
+            raise ConfigError(f"redis_url: {redacted(url)!r}: give the database once, as a number")
+        db = int(db_option)
+    if kind == "cluster" and db != 0:
+        raise ConfigError("redis_url: Redis Cluster has only database 0")
+    parsed = StoreURL(
         url=url,
         kind=kind,
         tls=tls,
@@ -265,12 +266,81 @@ def parse_store_url(url: object) -> StoreURL:
         query=query,
         sentinel_auth=sentinel_auth,
     )
+    host, port = nodes[0]
+    _check_with_redis_py(url, parsed.node_url(host, port))
+    return parsed
+
+
+# What a store URL may carry beyond host, port and database: credentials and TLS settings for
+# every data node. Timeouts, retries and the protocol are ours (store_timeout): a decision's
+# deadline depends on them.
+_OPTIONS = {"db", "username", "password", "client_name", "socket_keepalive"}
+_TLS_OPTIONS = {
+    "ssl_keyfile",
+    "ssl_certfile",
+    "ssl_cert_reqs",
+    "ssl_ca_certs",
+    "ssl_ca_data",
+    "ssl_ca_path",
+    "ssl_check_hostname",
+    "ssl_password",
+    "ssl_min_version",
+    "ssl_ciphers",
+}
+_OURS = {
+    "socket_timeout",
+    "socket_connect_timeout",
+    "timeout",
+    "health_check_interval",
+    "protocol",
+    "retry",
+    "retry_on_timeout",
+    "retry_on_error",
+    "max_connections",
+    "decode_responses",
+}
+
+
+def _check_options(url: str, query: str, kind: str, tls: bool) -> None:
+    if "@" in query:  # a password with an unencoded '?': name none of its pieces
+        raise ConfigError(
+            f"redis_url: {redacted(url)!r} cannot be parsed: percent-encode '/', '?', '#' and "
+            "'@' in the password"
+        )
+    allowed = _OPTIONS | (_TLS_OPTIONS if tls else set())
+    if kind == "sentinel":
+        allowed |= set(_SENTINEL_OPTIONS)
+    for name, _ in parse_qsl(query, keep_blank_values=True):
+        if name in _OURS:
+            raise ConfigError(
+                f"redis_url: option {name!r} is set by xsp-middleware itself (store_timeout, no "
+                "retries, RESP2): remove it from the URL"
+            )
+        if name not in allowed:
+            hint = " (TLS options need rediss://)" if name in _TLS_OPTIONS else ""
+            raise ConfigError(f"redis_url: unknown option {name!r}{hint} in {redacted(url)!r}")
+
+
+def _check_with_redis_py(url: str, node_url: str) -> None:
+    """What redis-py will make of the URL, found out now rather than on every request."""
+    from redis.connection import parse_url
+
+    try:
+        parse_url(node_url)  # type: ignore[no-untyped-call]
+    except ValueError:
+        # redis-py's message may quote a fragment of the password: say what to check instead.
+        raise ConfigError(
+            f"redis_url: {redacted(url)!r} cannot be parsed: check the host, the port and the "
+            "options, and percent-encode '/', '?', '#' and '@' in the password"
+        ) from None
 
 
 def _host_port(text: str, default_port: int, url: str) -> tuple[str, int]:
     text = text.strip()
     if text.startswith("["):  # [IPv6]:port
-        host, _, tail = text[1:].partition("]")
+        host, closed, tail = text[1:].partition("]")
+        if not closed or (tail and not tail.startswith(":")):
+            raise ConfigError(f"redis_url: {redacted(url)!r}: malformed IPv6 address")
         port_text = tail.removeprefix(":")
     else:
         host, _, port_text = text.partition(":")
@@ -290,23 +360,17 @@ def _expected() -> str:
 
 
 def redacted(url: str) -> str:
-    """The URL without its credentials: the user info and any ``*password*`` option."""
+    """The URL without its credentials: everything up to the last ``@`` (a password may hold
+    an unencoded ``/``, ``?`` or ``@``), and the value of any ``*password*`` option."""
     scheme, sep, rest = url.partition("://")
-    if not sep:  # not a URL at all: show nothing that could be a secret
+    if not sep:  # not even a URL: show nothing that could be a secret
         scheme, rest = "", url
+    if "@" in rest:
+        rest = "***@" + rest.rpartition("@")[2]
     rest, qmark, query = rest.partition("?")
-    netloc, slash, path = rest.partition("/")
-    if "@" in netloc:
-        netloc = "***@" + netloc.rpartition("@")[2]
     if qmark:
-        options = [
+        query = "&".join(
             f"{name}=***" if "password" in name.lower() else f"{name}{eq}{value}"
             for name, eq, value in (part.partition("=") for part in query.split("&"))
-        ]
-        query = "&".join(options)
-    text = f"{netloc}{slash}{path}{qmark}{query}"
-    return (
-        f"{scheme}{sep}{text}"
-        if sep
-        else ("***@" + text.rpartition("@")[2] if "@" in text else text)
-    )
+        )
+    return f"{scheme}{sep}{rest}{qmark}{query}"

@@ -109,7 +109,7 @@ def store_problem(s: Settings) -> str | None:
     }
     try:
         client = sync_client(parse_store_url(url), options)
-    except (RedisError, RedisClusterException, OSError, ValueError) as exc:
+    except (RedisError, RedisClusterException, OSError, ValueError, TypeError) as exc:
         return f"{type(exc).__name__}: {exc}"
     try:
         client.ping()
