@@ -281,3 +281,38 @@ def test_a_dead_master_degrades_only_its_slots_under_wsgi_too(cluster: RedisClus
                     assert text.startswith("True|served") and text.endswith("|True"), where
                 else:
                     assert text.startswith("True|served") and text.endswith("|False"), where
+
+
+async def test_a_fresh_process_with_stale_caps_never_lets_a_user_past_the_stored_cap(
+    cluster_url: str,
+) -> None:
+    """The user's half trims the log with the caps this process last saw. A fresh process only
+    knows the settings' caps (1/1m) while the store says 3/1d: its first decision for the
+    campaign retries with the stored caps, and the times its stale write trimmed are put back."""
+    from xsp_middleware.settings import Rules, Settings
+    from xsp_middleware.store import Store
+
+    rules = Rules.from_settings(
+        Settings(
+            redis_url=cluster_url,
+            secret_key="test-secret-key-0123456789",
+            campaigns=[Campaign(id="c1", budget="100", cpm="1.00", caps=["1/1m"])],
+        )
+    )
+    rule = rules.rule_for("c1")
+    now = 1_800_000_000_000
+    admin = Store(rules)
+    await admin.set_campaign("c1", caps=["3/1d"])
+    user = admin.user_key("alice")
+    first = Store(rules)
+    for at in (now - 2 * 3_600_000, now - 3_600_000):
+        first.clock = lambda at=at: at
+        assert (await first.reserve("c1", user, None, rule)).reserved
+    fresh = Store(rules)
+    outcomes = []
+    for minutes in (0, 1, 2, 3):
+        fresh.clock = lambda minutes=minutes: now + minutes * 60_000
+        outcomes.append((await fresh.reserve("c1", user, None, rule)).reason)
+    assert outcomes == ["served", "frequency_capped", "frequency_capped", "frequency_capped"]
+    for store in (admin, first, fresh):
+        await store.aclose()

@@ -422,3 +422,40 @@ async def test_on_denied_nofill_answers_204_without_running_handler(build: Any) 
     assert denied.headers["x-xsp-decision"] in DENIAL_REASONS
     assert denied.headers["x-xsp-decision"] == "budget_exhausted"
     assert denied.content == b""
+
+
+async def test_a_release_after_the_exhaustion_flip_reactivates_and_refires(
+    build: Callable[..., XSPMiddleware],
+) -> None:
+    """The impression that took the last of the budget is released after a later request
+    flipped the campaign to exhausted: the campaign is active again and serves that budget,
+    and the exhaustion that really ends it fires the hook again."""
+    from xsp_middleware import Campaign
+
+    fired: list[str] = []
+    app = build(
+        campaigns=[Campaign(id="c8", budget="0.002", cpm="2.00")],
+        default_caps=["5/1h"],
+        on_budget_exhausted=lambda cid, kind: fired.append(kind),
+    )
+    store = app.store
+    rule = store.rules.rule_for("c8")
+    held = await store.reserve("c8", store.user_key("u1"), None, rule)
+    assert held.reserved
+    assert (await store.reserve("c8", store.user_key("u2"), None, rule)).reason == (
+        "budget_exhausted"
+    )
+    assert (await store.get_campaign("c8")).status == "exhausted"
+    await store.release(held)  # e.g. the response was not a 2xx
+    assert (await store.get_campaign("c8")).status == "active"
+    assert (await store.reserve("c8", store.user_key("u3"), None, rule)).reserved
+    assert (await store.reserve("c8", store.user_key("u4"), None, rule)).reason == (
+        "budget_exhausted"
+    )
+    for _ in range(50):
+        if len(fired) == 2:
+            break
+        await asyncio.sleep(0.02)
+    assert fired == ["lifetime", "lifetime"]
+    view = await store.get_campaign("c8")
+    assert (view.status, view.spent_units, view.impressions) == ("exhausted", 20_000, 1)

@@ -133,7 +133,7 @@ def test_parsed_credentials_and_options_reach_every_data_node() -> None:
     assert tls.node_url("h", 7000).startswith("rediss://")
 
     sentinel = parse_store_url(
-        f"redis+sentinel://user:{PASSWORD}@s1/mymaster/1?sentinel_password=sp&ssl_cert_reqs=none"
+        f"rediss+sentinel://user:{PASSWORD}@s1/mymaster/1?sentinel_password=sp&ssl_cert_reqs=none"
     )
     # sentinel_* authenticate to the sentinels; the rest apply to the master.
     assert sentinel.sentinel_kwargs == {"password": "sp"}
@@ -157,6 +157,15 @@ BAD_URLS = [
     ("redis+cluster://127.0.0.1:7000/3", "only database 0"),
     ("redis+cluster://", "no host"),
     ("redis+cluster://127.0.0.1:7000,", "no host"),
+    # Options: ones that would fail every request, refused at start-up instead.
+    ("redis+cluster://127.0.0.1:7000?socket_timeout=5", "set by xsp-middleware itself"),
+    ("redis://127.0.0.1:6379/0?protocol=3", "set by xsp-middleware itself"),
+    ("redis+cluster://127.0.0.1:7000?foo=1", "unknown option 'foo'"),
+    ("redis+sentinel://s1/mymaster?ssl_cert_reqs=none", "TLS options need rediss://"),
+    ("redis+cluster://127.0.0.1:7000?db=3", "only database 0"),
+    ("redis+sentinel://s1/mymaster/3?db=5", "give the database once"),
+    ("redis+cluster://[::1:7000", "malformed IPv6"),
+    ("redis://127.0.0.1:notaport/0", "check the host, the port"),
 ]
 
 
@@ -220,6 +229,10 @@ REDACTED_URLS = [
     f"redis:/user:{PASSWORD}@host:6379",
     f"redis+sentinel://127.0.0.1:26379?sentinel_password={PASSWORD}",
     f"redis+sentinel://127.0.0.1:26379/mymaster/x?password={PASSWORD}",
+    # Unencoded '/' or '?' in the password: the parse fails, and nothing of it may show.
+    f"redis+cluster://:{PASSWORD}/x@127.0.0.1:7000",
+    f"redis://:{PASSWORD}?x@127.0.0.1:6379/0",
+    f"redis://:x/{PASSWORD}@127.0.0.1:6379/0",
 ]
 
 
