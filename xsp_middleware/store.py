@@ -427,9 +427,7 @@ class Store:
     def learn_zone(self, campaign_id: str, reply: Any) -> str:
         """The reserve script answered "retry": the campaign's zone changed in the store."""
         tz = _text(reply[9])
-        if len(self._zones) > 100_000:
-            self._zones.clear()
-        self._zones[campaign_id] = tz
+        self.learn_config(campaign_id, (TZ_RETRY, tz, True))
         return tz
 
     async def reserve(
@@ -539,28 +537,15 @@ class Store:
         self, context: Context, split: Split, campaign: Any, user: Any
     ) -> list[tuple[str, int, Script, int, bytes]]:
         """The releases a combined outcome needs: (which half, slot, script, count, args)."""
-        campaign_id, user_key, counts = context
         calls: list[tuple[str, int, Script, int, bytes]] = []
         if split.undo_campaign is not None:
-            cfg, st = self.campaign_keys(campaign_id)
-            args = (
-                2,
-                cfg,
-                st,
-                campaign_id,
-                campaign[2],
-                campaign[5],
-                "1" if counts else "0",
-                campaign[7],
-                0,
-                split.undo_campaign,
-            )
-            calls.append(("campaign", slot_of(cfg), RELEASE, len(args), pack_args(args)))
-        if split.undo_user and user_key is not None:
-            user_args = (1, user_key, campaign_id, user[3], user[4], *_dropped(user))
-            calls.append(
-                ("user", slot_of(user_key), RELEASE_USER, len(user_args), pack_args(user_args))
-            )
+            undo = self.campaign_undo(context, campaign, split.undo_campaign)
+            if undo is not None:
+                calls.append(("campaign", *undo))
+        if split.undo_user:
+            undo = self.user_undo(context, user)
+            if undo is not None:
+                calls.append(("user", *undo))
         return calls
 
     async def _reserve_split(
@@ -714,8 +699,11 @@ class Store:
             elif not future.cancelled() and future.exception() is None:
                 orphan(context, future.result())
 
-    def campaign_undo(self, context: Any, reply: Any) -> tuple[int, Script, int, bytes] | None:
-        """The release of a campaign half that passed (None: nothing to undo)."""
+    def campaign_undo(
+        self, context: Any, reply: Any, counter: str | None = None
+    ) -> tuple[int, Script, int, bytes] | None:
+        """The release of a campaign half that passed (None: nothing to undo), counted under
+        ``counter`` (None: ``n:released``; '' nothing)."""
         try:
             passed = reply[0] == 1
         except (TypeError, IndexError):
@@ -725,7 +713,19 @@ class Store:
             return None
         campaign_id, _, counts = context
         cfg, st = self.campaign_keys(campaign_id)
-        args = (2, cfg, st, campaign_id, reply[2], reply[5], "1" if counts else "0", reply[7], 0)
+        args: tuple[str | int, ...] = (
+            2,
+            cfg,
+            st,
+            campaign_id,
+            reply[2],
+            reply[5],
+            "1" if counts else "0",
+            reply[7],
+            0,
+        )
+        if counter is not None:
+            args += (counter,)
         return slot_of(cfg), RELEASE, len(args), pack_args(args)
 
     def user_undo(self, context: Any, reply: Any) -> tuple[int, Script, int, bytes] | None:

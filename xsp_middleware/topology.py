@@ -124,15 +124,7 @@ def async_client(topology: StoreURL, options: dict[str, Any]) -> Any:
         _ask_any_master(cluster)
         return cluster
     if topology.kind == "sentinel":
-        from redis.asyncio.sentinel import Sentinel, SentinelManagedSSLConnection
-
-        kwargs = topology.sentinel_master_kwargs(SentinelManagedSSLConnection, asyncio=True)
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            list(topology.nodes),
-            sentinel_kwargs={**_sentinel_options(options), **topology.sentinel_kwargs},
-        )
-        assert topology.service is not None
-        return sentinel.master_for(topology.service, redis_class=aredis.Redis, **kwargs, **options)
+        return _sentinel_master(topology, options, asyncio=True)
     return aredis.Redis.from_url(topology.url, **options)
 
 
@@ -166,9 +158,25 @@ def _ask_any_master(cluster: Any) -> None:
     parser.initialize = initialize
 
 
-def _sentinel_options(options: dict[str, Any]) -> dict[str, Any]:
-    """The timeouts of the data nodes, for the connections to the sentinels."""
-    return {k: v for k, v in options.items() if k in ("socket_connect_timeout", "socket_timeout")}
+def _sentinel_master(topology: StoreURL, options: dict[str, Any], *, asyncio: bool) -> Any:
+    """A client of the master Sentinel names for the service (asyncio or sync): its
+    connections ask the sentinels for the master again on every reconnect. The sentinels get
+    the data nodes' timeouts and the URL's sentinel credentials."""
+    from importlib import import_module
+
+    clients: Any = import_module("redis.asyncio" if asyncio else "redis")
+    sentinels: Any = import_module("redis.asyncio.sentinel" if asyncio else "redis.sentinel")
+    kwargs = topology.sentinel_master_kwargs(
+        sentinels.SentinelManagedSSLConnection, asyncio=asyncio
+    )
+    timeouts = {
+        k: v for k, v in options.items() if k in ("socket_connect_timeout", "socket_timeout")
+    }
+    sentinel = sentinels.Sentinel(
+        list(topology.nodes), sentinel_kwargs={**timeouts, **topology.sentinel_kwargs}
+    )
+    assert topology.service is not None
+    return sentinel.master_for(topology.service, redis_class=clients.Redis, **kwargs, **options)
 
 
 def sync_client(topology: StoreURL, options: dict[str, Any]) -> Any:
@@ -198,17 +206,7 @@ def sync_client(topology: StoreURL, options: dict[str, Any]) -> Any:
                     node.redis_connection.set_retry(no_retry)
         return cluster
     if topology.kind == "sentinel":
-        from redis.sentinel import Sentinel, SentinelManagedSSLConnection
-
-        kwargs = topology.sentinel_master_kwargs(SentinelManagedSSLConnection, asyncio=False)
-        sentinel = Sentinel(  # type: ignore[no-untyped-call]
-            list(topology.nodes),
-            sentinel_kwargs={**_sentinel_options(options), **topology.sentinel_kwargs},
-        )
-        assert topology.service is not None
-        return sentinel.master_for(  # type: ignore[no-untyped-call]
-            topology.service, redis_class=redis.Redis, **kwargs, **options
-        )
+        return _sentinel_master(topology, options, asyncio=False)
     return redis.Redis.from_url(topology.url, **options)
 
 
