@@ -21,6 +21,8 @@ def free_port() -> int:
 class RedisServer:
     """A redis-server child process that keeps nothing on disk unless asked to."""
 
+    name = "redis-server"
+
     def __init__(self, *extra: str, port: int | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
@@ -36,8 +38,9 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self) -> None:
-        args = [
+    def arguments(self) -> list[str]:
+        """The redis-server command line (a sentinel builds its own)."""
+        return [
             self.binary,
             "--port",
             str(self.port),
@@ -53,15 +56,20 @@ class RedisServer:
             str(self.dir / "log"),
             *self.extra,
         ]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def start(self) -> None:
+        what = self.name
+        self.proc = subprocess.Popen(
+            self.arguments(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
+                raise RuntimeError(f"{what} exited with {self.proc.returncode}")
             if self.ping():
                 return
             time.sleep(0.02)
-        raise RuntimeError("redis-server did not answer PING within 10 s")
+        raise RuntimeError(f"{what} did not answer PING within 10 s")
 
     def ping(self) -> bool:
         try:

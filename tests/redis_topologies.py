@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import atexit
 import shutil
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import redis
 from redis.backoff import NoBackoff
@@ -377,17 +375,6 @@ class RedisClusterNodes:
             node.stop()
             shutil.rmtree(node.dir, ignore_errors=True)
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
 
 # --------------------------------------------------------------------------------------
 # Sentinel
@@ -396,7 +383,9 @@ class RedisClusterNodes:
 
 class _Sentinel(_Process):
     """``redis-server <dir>/sentinel.conf --sentinel``: the config file must come first and
-    be writable (sentinel rewrites it), so RedisServer.start() cannot be reused as is."""
+    be writable (sentinel rewrites it)."""
+
+    name = "redis-server --sentinel"
 
     def __init__(self, config: str, port: int) -> None:
         self.config = config
@@ -406,10 +395,10 @@ class _Sentinel(_Process):
     def config_file(self) -> Path:
         return self.dir / "sentinel.conf"
 
-    def start(self) -> None:
+    def arguments(self) -> list[str]:
         if not self.config_file.exists():
             self.config_file.write_text(self.config)
-        args = [
+        return [
             self.binary,
             str(self.config_file),
             "--sentinel",
@@ -422,15 +411,6 @@ class _Sentinel(_Process):
             "--logfile",
             str(self.dir / "log"),
         ]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server --sentinel exited with {self.proc.returncode}")
-            if self.ping():
-                return
-            time.sleep(0.02)
-        raise RuntimeError("redis-server --sentinel did not answer PING within 10 s")
 
 
 class RedisSentinelSetup:
@@ -635,14 +615,3 @@ class RedisSentinelSetup:
         for server in reversed(self._owned):
             server.stop()
             shutil.rmtree(server.dir, ignore_errors=True)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
