@@ -49,7 +49,7 @@ def cookie_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes |
     Surrounding double quotes are removed. Never raises on hostile input.
     """
     for key, value in headers:
-        if key != b"cookie":
+        if key != b"cookie" or name not in value:  # (a cheap scan rules most headers out)
             continue
         for part in value.split(b";"):
             k, sep, v = part.partition(b"=")
@@ -355,20 +355,17 @@ class Guard:
         none), a refusal, or a fresh id to assign."""
         user_id, optout_cookie, gpc = identity_headers(headers, self.cookie, self.optout_cookie)
         tracking = True
-        consent = self.rules.consent
-        signals = []
-        if gpc:
-            signals.append("gpc")
-        if optout_cookie:
-            signals.append("optout_cookie")
-        if (b"gdpr" in query or b"%" in query) and _tcf_refuses(query):
-            signals.append("tcf")
-        for signal in signals:
-            policy = consent[signal]
-            if policy == "deny":
-                facts.refusal = "no_consent"
-            elif policy == "no_tracking":
-                tracking = False
+        tcf = (b"gdpr" in query or b"%" in query) and _tcf_refuses(query)
+        if gpc or optout_cookie or tcf:
+            consent = self.rules.consent
+            for signal, present in (("gpc", gpc), ("optout_cookie", optout_cookie), ("tcf", tcf)):
+                if not present:
+                    continue
+                policy = consent[signal]
+                if policy == "deny":
+                    facts.refusal = "no_consent"
+                elif policy == "no_tracking":
+                    tracking = False
         usable = user_id is not None and 0 < len(user_id) <= MAX_USER_ID_BYTES
         facts.anonymous = not usable
         facts.personalized = tracking

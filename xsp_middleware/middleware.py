@@ -88,7 +88,11 @@ class XSPMiddleware:
 
     def _routes_changed(self) -> bool:
         lists = self._route_lists
-        return lists is not None and any(len(routes) != n for routes, n in lists)
+        if lists is not None:
+            for routes, n in lists:
+                if len(routes) != n:
+                    return True
+        return False
 
     def _install_route_guards(self) -> None:
         """Find the app's router (through its middleware stack) and wrap every HTTP route's
@@ -186,9 +190,11 @@ async def guard_request(
     """Decide for one HTTP request, then run ``app``. The reservation is confirmed or released
     by whoever observes the response: ``outcome`` (the middleware, in route mode), or here."""
     query: bytes = scope.get("query_string", b"")
+    method = scope["method"]
     if (
         scope.get(DECIDED_KEY)  # decided once already (nested apps, each with a guard)
-        or not guard.guards_method(scope["method"])
+        or method == "HEAD"  # Guard.guards_method, inline: HEAD and OPTIONS deliver no ad
+        or method == "OPTIONS"
         or (
             route is None
             and (
@@ -212,9 +218,10 @@ async def guard_request(
         return
     if facts.assigned is not None:  # anonymous="assign": the browser gets its id
         send = _adding_headers(send, [guard.set_cookie(facts.assigned)])
-    started = time.perf_counter()
+    debug = guard.debug_headers
+    started = time.perf_counter() if debug else 0.0
     decision, reservation = await guard.decide(facts)
-    if guard.debug_headers:
+    if debug:
         details = guard.detail_headers(decision, time.perf_counter() - started)
         if not decision.allowed and not guard.pass_denied:
             details = details[:1] + details[2:]  # the denial carries its own X-XSP-Decision

@@ -8,12 +8,18 @@ fewer connections. Each script is still atomic on the server, so exactness is un
 Timeouts never cancel I/O: a caller's future fails at its deadline while the batch carries on,
 so the connection never desyncs. A reply that arrives for a caller who already gave up is
 handed to ``on_orphan`` (the store releases an orphaned reservation).
+
+Per call, the hot path costs one future and a list append or two: the deadlines of all pending
+calls are watched by one timer per pipeline (not one timer per call), and the replies of a
+batch are parsed straight from the connection's hiredis reader, one socket read for many
+replies (not one ``read_response`` coroutine, with its own timeout, per reply).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,8 +33,18 @@ from redis.exceptions import (
     ResponseError,
     TryAgainError,
 )
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .errors import StoreUnavailable
+
+try:  # redis-py's own parser over hiredis, whose reader the pipeline feeds directly
+    from redis._parsers.hiredis import NOT_ENOUGH_DATA as _NOT_ENOUGH_DATA
+    from redis._parsers.hiredis import _AsyncHiredisParser
+except ImportError:  # pragma: no cover - another redis-py layout: read_response everywhere
+    _AsyncHiredisParser = None  # type: ignore[assignment,misc]
+    _NOT_ENOUGH_DATA = object()
+
+_STOCK_READ_RESPONSE = AbstractConnection.read_response
 
 logger = logging.getLogger("xsp_middleware")
 
@@ -64,7 +80,7 @@ def pack_args(args: Sequence[str | int]) -> bytes:
 
 
 class _Call:
-    __slots__ = ("body", "context", "future", "nargs", "on_orphan", "script", "timer")
+    __slots__ = ("body", "context", "deadline", "future", "nargs", "on_orphan", "script")
 
     def __init__(
         self,
@@ -74,6 +90,7 @@ class _Call:
         future: asyncio.Future[Any],
         on_orphan: Orphan | None,
         context: Any,
+        deadline: float,
     ) -> None:
         self.script = script
         self.nargs = nargs
@@ -81,7 +98,8 @@ class _Call:
         self.context = context
         self.future = future
         self.on_orphan = on_orphan
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = deadline
+        """Loop time at which the caller stops waiting."""
 
     def command(self, by_sha: bool) -> bytes:
         script = self.script
@@ -91,13 +109,12 @@ class _Call:
         return b"*%d\r\n" % (self.nargs + 2) + head + self.body
 
     def resolve(self, reply: Any) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        if not self.future.done():
+        future = self.future
+        if not future.done():
             if isinstance(reply, BaseException):
-                self.future.set_exception(reply)
+                future.set_exception(reply)
             else:
-                self.future.set_result(reply)
+                future.set_result(reply)
         elif self.on_orphan is not None and not isinstance(reply, BaseException):
             self.on_orphan(self.context, reply)
 
@@ -111,14 +128,6 @@ class Redirected(StoreUnavailable):
 
 class _StaleConnection(ConnectionError):
     """A reused connection failed before any reply: safe to retry on a fresh one."""
-
-
-def _deadline(future: asyncio.Future[Any], timeout: float) -> None:
-    """The deadline passed. After a stall of the loop (a GC pause, a busy handler) asyncio runs
-    expired timers before the reads that became ready meanwhile: give those one more turn, so
-    a reply that already arrived still counts."""
-    if not future.done():
-        future.get_loop().call_soon(_expire, future, timeout)
 
 
 def _expire(future: asyncio.Future[Any], timeout: float) -> None:
@@ -148,6 +157,10 @@ class AutoPipeline:
         self._flush_scheduled = False
         self._timeout = timeout
         self._tasks: set[asyncio.Task[None]] = set()
+        # Every call whose caller may still be waiting, oldest first. The timeout is the same
+        # for all, so deadlines come in this order too: one timer, for the oldest, is enough.
+        self._waiting: deque[_Call] = deque()
+        self._watchdog: asyncio.TimerHandle | None = None
 
     def call(
         self,
@@ -161,15 +174,41 @@ class AutoPipeline:
         them). The future fails with StoreUnavailable after the timeout; a reply that comes
         later goes to ``on_orphan(context, reply)``."""
         loop = self._loop
-        call = _Call(script, nargs, body, loop.create_future(), on_orphan, context)
-        call.timer = loop.call_later(self._timeout, _deadline, call.future, self._timeout)
+        future = loop.create_future()
+        call = _Call(script, nargs, body, future, on_orphan, context, loop.time() + self._timeout)
         self._queue.append(call)
+        waiting = self._waiting
+        while waiting and waiting[0].future.done():  # answered already: forget them
+            waiting.popleft()
+        waiting.append(call)
+        if self._watchdog is None:
+            self._watchdog = loop.call_at(waiting[0].deadline, self._watch)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
-        return call.future
+        return future
+
+    def _watch(self) -> None:
+        """The oldest waiting call's deadline passed: fail every call whose deadline has. After
+        a stall of the loop (a GC pause, a busy handler) asyncio runs expired timers before the
+        reads that became ready meanwhile: each expiring call gets one more turn (``call_soon``)
+        so a reply that already arrived still counts."""
+        self._watchdog = None
+        loop = self._loop
+        waiting = self._waiting
+        now = loop.time()
+        while waiting:
+            call = waiting[0]
+            if not call.future.done():
+                if call.deadline > now:  # (a timer may fire a clock tick early)
+                    self._watchdog = loop.call_at(call.deadline, self._watch)
+                    return
+                loop.call_soon(_expire, call.future, self._timeout)
+            waiting.popleft()
 
     def _flush(self) -> None:
+        """Send the queued calls on an idle connection: written at once when it is connected,
+        the replies read by a task of their own."""
         self._flush_scheduled = False
         if not self._idle:
             return  # a connection coming back re-schedules the flush
@@ -179,15 +218,35 @@ class AutoPipeline:
         if not batch:
             return
         conn = self._idle.pop()
-        task = self._loop.create_task(self._send(conn, batch))
+        commands = [c.command(True) for c in batch]
+        written = False
+        if conn.is_connected:
+            streams = _hiredis_streams(conn)
+            if streams is not None:
+                # Written now, not on the task's first step (the next loop iteration). A
+                # transport that refuses the write leaves it to the task, which reconnects.
+                try:
+                    streams[0].write(b"".join(commands))
+                    written = True
+                except (RuntimeError, OSError) as exc:
+                    logger.debug("writing a batch at once failed: %s", exc)
+        task = self._loop.create_task(self._send(conn, batch, commands, written))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _send(self, conn: AbstractConnection, batch: Sequence[_Call]) -> None:
+    async def _send(
+        self,
+        conn: AbstractConnection,
+        batch: Sequence[_Call],
+        commands: list[bytes],
+        written: bool,
+    ) -> None:
+        """Send ``batch`` (its ``commands``, unless ``written`` already), read its replies and
+        resolve every call."""
         replies: list[Any] = []
         try:
             try:
-                await self._round_trip(conn, [c.command(True) for c in batch], replies)
+                await self._round_trip(conn, commands, replies, written)
             except _StaleConnection:
                 # An idle connection goes stale when Redis restarts or fails over: reconnect
                 # once. The server may have run the batch before the connection broke, so only
@@ -235,44 +294,125 @@ class AutoPipeline:
                 self._loop.call_soon(self._flush)
 
     async def _round_trip(
-        self, conn: AbstractConnection, commands: list[bytes], replies: list[Any]
+        self,
+        conn: AbstractConnection,
+        commands: list[bytes],
+        replies: list[Any],
+        written: bool = False,
     ) -> None:
-        """One write, then the replies in order, appended to ``replies`` (script errors as
-        StoreUnavailable values). Raises _StaleConnection if a reused connection broke before
-        any reply came back."""
-        reused = conn.is_connected
+        """One write (already done if ``written``), then the replies in order, appended to
+        ``replies`` (script errors as StoreUnavailable values). Raises _StaleConnection if a
+        reused connection broke before any reply came back."""
+        reused = written or conn.is_connected
         if not reused:
             await conn.connect()  # type: ignore[no-untyped-call]
             commands = self._preload + commands
         preloaded = len(self._preload) if not reused else 0
         try:
-            await conn.send_packed_command(b"".join(commands))
-            for i in range(len(commands)):
-                try:
-                    reply = await conn.read_response()
-                except NoScriptError as exc:
-                    reply = exc
-                except (
-                    AskError,
-                    TryAgainError,
-                    ClusterDownError,
-                ) as exc:  # MovedError is an AskError
-                    reply = Redirected(f"the cluster redirected the call: {exc}")
-                except ResponseError as exc:
-                    reply = StoreUnavailable(f"the store answered an error: {exc}")
-                if i < preloaded:
-                    if isinstance(reply, BaseException):
-                        logger.error("loading the xsp Lua scripts failed: %s", reply)
-                else:
+            streams = _hiredis_streams(conn)
+            if streams is not None:
+                payload = b"" if written else b"".join(commands)
+                await self._exchange(conn, *streams, payload, len(commands), replies)
+            else:  # another parser or connection class: redis-py's reads, one per reply
+                await conn.send_packed_command(b"".join(commands))
+                for _ in range(len(commands)):
+                    try:
+                        reply = await conn.read_response()
+                    except ResponseError as exc:
+                        reply = exc
                     replies.append(reply)
         except (ConnectionError, OSError) as exc:
-            if reused and not replies:
+            if reused and len(replies) <= preloaded:
                 raise _StaleConnection from exc
             raise
+        finally:
+            if preloaded:
+                for reply in replies[:preloaded]:
+                    if isinstance(reply, BaseException):
+                        logger.error("loading the xsp Lua scripts failed: %s", reply)
+                del replies[:preloaded]
+            for i, reply in enumerate(replies):
+                if isinstance(reply, ResponseError):
+                    replies[i] = _error_reply(reply)
+
+    async def _exchange(
+        self,
+        conn: AbstractConnection,
+        writer: asyncio.StreamWriter,
+        stream: asyncio.StreamReader,
+        reader: Any,
+        read_size: int,
+        payload: bytes,
+        count: int,
+        replies: list[Any],
+    ) -> None:
+        """Write ``payload`` (if any: it may be written already), then parse ``count`` replies
+        with the connection's own hiredis reader, feeding it whole socket reads: a batch's
+        replies usually arrive in one read.
+        Errors as redis-py's ``read_response`` gives them: ConnectionError, TimeoutError (after
+        the connection's ``socket_timeout`` without progress), error replies as values."""
+        loop = self._loop
+        timeout = conn.socket_timeout or None
+        try:
+            async with asyncio.timeout(timeout) as deadline:
+                if payload:
+                    writer.write(payload)
+                await writer.drain()
+                while len(replies) < count:
+                    reply = reader.gets()
+                    if reply is _NOT_ENOUGH_DATA or reply is False:
+                        data = await stream.read(read_size)
+                        if not data:
+                            raise ConnectionError("Connection closed by server.")
+                        reader.feed(data)
+                        if timeout is not None:  # the timeout is per read, as redis-py's
+                            deadline.reschedule(loop.time() + timeout)
+                    elif isinstance(reply, ConnectionError):  # LOADING, NOAUTH...
+                        raise reply
+                    else:
+                        replies.append(reply)
+        except TimeoutError as exc:  # the builtin one: asyncio.timeout expired
+            raise RedisTimeoutError(f"Timeout reading from {_peer(conn)}") from exc
+        except OSError as exc:
+            raise ConnectionError(f"Error while reading from {_peer(conn)} : {exc.args}") from exc
 
     async def aclose(self) -> None:
         for conn in self._all:
             await _discard(conn)
+
+
+def _error_reply(exc: ResponseError) -> BaseException:
+    """An error reply as the caller gets it: NOSCRIPT as is (the batch sends the script whole
+    again), a cluster redirection as Redirected, anything else as StoreUnavailable."""
+    if isinstance(exc, NoScriptError):
+        return exc
+    if isinstance(exc, AskError | TryAgainError | ClusterDownError):  # MovedError is an AskError
+        return Redirected(f"the cluster redirected the call: {exc}")
+    return StoreUnavailable(f"the store answered an error: {exc}")
+
+
+def _hiredis_streams(
+    conn: AbstractConnection,
+) -> tuple[asyncio.StreamWriter, asyncio.StreamReader, Any, int] | None:
+    """The connected socket streams and hiredis reader of a stock redis-py connection (what its
+    ``read_response`` uses), or None: another parser, or a connection class of its own
+    (fakeredis), is read through ``read_response``."""
+    if _AsyncHiredisParser is None or type(conn).read_response is not _STOCK_READ_RESPONSE:
+        return None
+    parser = getattr(conn, "_parser", None)
+    if not isinstance(parser, _AsyncHiredisParser):
+        return None
+    writer = getattr(conn, "_writer", None)
+    stream = getattr(parser, "_stream", None)
+    reader = getattr(parser, "_reader", None)
+    if writer is None or stream is None or reader is None:
+        return None
+    return writer, stream, reader, getattr(parser, "_read_size", 65536)
+
+
+def _peer(conn: AbstractConnection) -> str:
+    describe = getattr(conn, "_host_error", None)
+    return str(describe()) if callable(describe) else "the store"
 
 
 async def _discard(conn: AbstractConnection) -> None:
