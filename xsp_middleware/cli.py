@@ -67,6 +67,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     set_.add_argument("--cpm", metavar="D", help="price when a request carries none")
     set_.add_argument("--pacing", choices=PACINGS, help="delivery pacing")
+    set_.add_argument(
+        "--leasing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="spend the budget from per-process leases (hot campaigns); --no-leasing: off",
+    )
     for name, help_text in (
         ("show", "print a campaign, its spend and its pacing"),
         ("pause", "stop serving a campaign (campaign_paused)"),
@@ -157,6 +163,8 @@ def view_dict(view: CampaignView) -> dict[str, Any]:
         "pacing_target": money(view.pacing_target_units),
         "denied": dict(view.denials),
         "released": view.released,
+        "leasing": c.leasing,
+        "leased": format_units(view.leased_units),
     }
 
 
@@ -182,6 +190,7 @@ async def campaign_set(args: argparse.Namespace, store: Store) -> int:
         start=args.start,
         end=args.end,
         pacing=args.pacing,
+        leasing=args.leasing,
     )
     print(f"campaign {view.id} saved: " + json.dumps(view_dict(view)))
     return 0

@@ -63,6 +63,8 @@ class XSPMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                receive = self._returning_leases(receive)
             await self.app(scope, receive, send)
             return
         if not self._installed or self._routes_changed():
@@ -85,6 +87,17 @@ class XSPMiddleware:
         finally:
             if outcome.reservation is not None and not outcome.kept:
                 await asyncio.shield(self.guard.release(outcome.reservation, outcome.why))
+
+    def _returning_leases(self, receive: Receive) -> Receive:
+        """Lifespan: at shutdown, give the budget leases back before the app shuts down."""
+
+        async def wrapped() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                await self.guard.store.return_leases()
+            return message
+
+        return wrapped
 
     def _routes_changed(self) -> bool:
         lists = self._route_lists

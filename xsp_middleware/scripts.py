@@ -27,6 +27,10 @@ RELEASE_USER = _load_script("release_user", retry_safe=False)
 PEEK_USER = _load_script("peek_user", retry_safe=True)
 CAMPAIGN_CONFIG = _load_script("campaign_config", retry_safe=True)
 
+# Budget leasing (any topology): a grant, a report, or a return of unspent units. Not retry-safe:
+# a return run twice would give the units back twice.
+LEASE = _load_script("lease", retry_safe=False)
+
 REASONS = (
     "served",
     "frequency_capped",
@@ -40,8 +44,10 @@ REASONS = (
 """The scripts' reason codes (their index). 9 and 10 ask the app to retry: the campaign's
 stored time zone (9) or caps (10) differ from what it sent."""
 
-STANDALONE_SCRIPTS = (RESERVE, RELEASE, PEEK)
+# A leased decision runs only the user's half, on one server too.
+STANDALONE_SCRIPTS = (RESERVE, RELEASE, PEEK, RESERVE_USER, RELEASE_USER, LEASE)
 CLUSTER_SCRIPTS = (
+    LEASE,
     RESERVE_CAMPAIGN,
     RESERVE_USER,
     RELEASE,

@@ -52,6 +52,8 @@ class Campaign:
     * ``caps``: rolling (``3/1h``), calendar (``4/day``, ``10/week``, ``30/month``) or lifetime.
     * ``cpm``: the price when a request carries none.
     * ``pacing``: ``asap``, ``even`` or ``frontloaded`` (needs a daily budget or a flight).
+    * ``leasing``: spend the budget from leases this process takes in slices (see
+      :mod:`xsp_middleware.leases`), for campaigns hot enough to load their Redis shard.
 
     >>> Campaign(id="c1", budget="500.00", caps=["5/1d"], cpm="4.00").config(defaults()).caps
     (FrequencyCap(max_impressions=5, window_seconds=86400, calendar=None),)
@@ -67,9 +69,12 @@ class Campaign:
     start: str | datetime | None = None
     end: str | datetime | None = None
     pacing: Literal["asap", "even", "frontloaded"] | None = None
+    leasing: bool | None = None
 
     def __post_init__(self) -> None:
         validate_campaign_id(self.id)
+        if self.leasing is not None and not isinstance(self.leasing, bool):
+            raise ConfigError(f"campaign {self.id} leasing: must be true or false")
         self.config(defaults())  # validate every field now
 
     def config(self, base: CampaignConfig) -> CampaignConfig:
@@ -93,6 +98,7 @@ class Campaign:
             end_ms=None if self.end is None else instant_ms(self.end, tz, end=True),
             pacing=base.pacing if self.pacing is None else self.pacing,
             status=self.status,
+            leasing=base.leasing if self.leasing is None else self.leasing,
         )
 
 
@@ -141,6 +147,8 @@ class CampaignConfig:
     end_ms: int | None = None
     pacing: str = "asap"
     status: str = "active"
+    leasing: bool = False
+    """Spend from budget leases (not part of ``wire``: the scripts never need it)."""
     caps_spec: str = field(init=False, default="")
     wire: tuple[str, ...] = field(init=False, default=())
 
@@ -200,6 +208,7 @@ class CampaignConfig:
             end_ms=units("end", self.end_ms),
             pacing=stored.get("pacing") or self.pacing,
             status=stored.get("status") or self.status,
+            leasing=stored["leasing"] == "1" if stored.get("leasing") else self.leasing,
         )
 
 
@@ -286,6 +295,16 @@ class Settings:
     circuit_breaker: str | None = "5/1s"
     """``N/T``: after N consecutive store failures, stop calling the store for T (``1s``,
     ``500ms``) and then probe it; ``off`` (or None) disables the breaker."""
+    leasing: bool = False
+    """Lease the budget of every campaign (``Campaign(leasing=...)`` and the store's flag
+    decide per campaign). See :mod:`xsp_middleware.leases`."""
+    lease_above_rps: int | None = None
+    """Lease the budget of any campaign whose decisions in this process pass this many per
+    second (None: only campaigns with ``leasing`` on). See :mod:`xsp_middleware.leases`."""
+    lease_seconds: float = 1.0
+    """How long a budget lease may be spent from before its unspent part goes back (renewals
+    extend it). It also bounds how long a pause or a caps change takes to reach a process that
+    is spending from a lease."""
     preferences_origins: Sequence[str] = ()
     """Origins (``https://example.com``) allowed to change preferences cross-origin; the
     preferences app always allows its own origin."""
@@ -321,12 +340,13 @@ _LIST_SETTINGS = {"default_caps", "paths", "user_caps", "preferences_origins"}
 _BOOL_SETTINGS = {
     "frequency_fail_open",
     "budget_fail_open",
+    "leasing",
     "cookie_secure",
     "cookie_httponly",
     "debug_headers",
 }
-_INT_SETTINGS = {"cookie_max_age"}
-_FLOAT_SETTINGS = {"store_timeout"}
+_INT_SETTINGS = {"cookie_max_age", "lease_above_rps"}
+_FLOAT_SETTINGS = {"store_timeout", "lease_seconds"}
 
 
 def _from_env_text(name: str, raw: str) -> Any:
@@ -498,6 +518,20 @@ class Rules:
             raise ConfigError("store_timeout: must be a number of seconds")
         if not 0 < s.store_timeout <= 60:
             raise ConfigError(f"store_timeout: {s.store_timeout} must be in (0, 60] seconds")
+        if not isinstance(s.leasing, bool):
+            raise ConfigError("leasing: must be True or False")
+        if s.lease_above_rps is not None and (
+            isinstance(s.lease_above_rps, bool)
+            or not isinstance(s.lease_above_rps, int)
+            or s.lease_above_rps < 1
+        ):
+            raise ConfigError("lease_above_rps: a whole number of decisions per second, or None")
+        if (
+            isinstance(s.lease_seconds, bool)
+            or not isinstance(s.lease_seconds, int | float)
+            or not 0.1 <= s.lease_seconds <= 60
+        ):
+            raise ConfigError(f"lease_seconds: {s.lease_seconds!r} must be in [0.1, 60] seconds")
         for name in ("frequency_fail_open", "budget_fail_open"):
             if not isinstance(getattr(s, name), bool):
                 raise ConfigError(f"{name}: must be True or False")
@@ -521,6 +555,7 @@ class Rules:
             cost_units=default_cost,
             caps=_caps(s.default_caps, "default_caps"),
             timezone=s.timezone,
+            leasing=s.leasing,
         )
         rules: dict[str, CampaignConfig] = {}
         for c in s.campaigns:

@@ -39,13 +39,15 @@ from . import observe
 from .breaker import CircuitBreaker
 from .caps import CALENDAR_PERIODS, FrequencyCap, parse_caps
 from .clock import Calendars, bounds, wall_ms, zone
-from .cluster import TZ_RETRY, Context, Shards, Split, combine, settle, slot_of
+from .cluster import CAPS_RETRY, TZ_RETRY, Context, Shards, Split, combine, settle, slot_of
 from .errors import ConfigError, StoreUnavailable
+from .leases import LEASE_SHARE, LEASING_OFF, RETRY_MS, Lease
 from .money import amount_to_units, cpm_to_cost_units, units_to_decimal
 from .pipeline import AutoPipeline, Redirected, Script, pack_args
 from .scripts import (
     CAMPAIGN_CONFIG,
     CLUSTER_SCRIPTS,
+    LEASE,
     PEEK,
     PEEK_USER,
     REASONS,
@@ -128,6 +130,8 @@ class Reservation:
     """Why one half of a cluster reservation failed, when the failure policy served anyway."""
     degraded_check: str | None = None
     """Which check that failure skipped: ``budget`` or ``frequency``."""
+    lease: int | None = None
+    """The generation of the budget lease that paid for it (None: the store's spend did)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +149,9 @@ class CampaignView:
     now_ms: int
     pacing_target_units: int | None
     """What pacing allows the period's spend to reach right now (None: asap)."""
+    leased_units: int = 0
+    """Units processes hold in budget leases, unspent or not yet reported as served. They are
+    not in ``spent_units`` (spend on impressions) but no reservation can take them either."""
 
     @property
     def recorded(self) -> bool:
@@ -174,7 +181,7 @@ class CampaignView:
 
     @property
     def remaining_units(self) -> int:
-        return max(0, self.budget_units - self.spent_units)
+        return max(0, self.budget_units - self.spent_units)  # leased units included
 
     @property
     def budget(self) -> Decimal:
@@ -227,12 +234,15 @@ def reservation_from(context: tuple[str, str | None, bool], reply: Any) -> Reser
 
 
 class _LoopState:
-    __slots__ = ("client", "pipeline", "shards")
+    __slots__ = ("client", "lease_tasks", "leases", "pipeline", "shards")
 
     def __init__(self, client: Any, pipeline: AutoPipeline | None, shards: Shards | None) -> None:
         self.client = client
         self.pipeline = pipeline
         self.shards = shards
+        self.leases: dict[str, Lease] = {}
+        """Budget leases of this event loop, per campaign (see leases.py)."""
+        self.lease_tasks: set[asyncio.Task[None]] = set()
 
 
 class Store:
@@ -269,6 +279,10 @@ class Store:
         (the user's half needs them and cannot read the campaign's slot)."""
         self.clock: Callable[[], int] | None = None
         """Test-only: epoch ms that the scripts use instead of Redis TIME (simulated days)."""
+        self._lease_ms = float(rules.settings.lease_seconds) * 1000.0
+        self._lease_auto = rules.settings.lease_above_rps
+        self._stored_leasing: dict[str, bool] = {}
+        """The leasing flag in the store, per campaign, as reserve and lease replies report it."""
         self._loops: dict[asyncio.AbstractEventLoop, _LoopState] = {}
 
     # -- keys -------------------------------------------------------------------------------
@@ -444,6 +458,10 @@ class Store:
         tz = self._zones.get(campaign_id, rule.timezone)
         context = (campaign_id, user_key, counts_impression)
         state = self._state()
+        if counts_impression and (rule.leasing or self._lease_auto or self._stored_leasing):
+            leased = await self._reserve_leased(state, context, cost_units, rule, tz)
+            if leased is not None:
+                return leased
         if state.shards is not None:
             return await self._reserve_split(state.shards, context, cost_units, rule, tz)
         pipeline = state.pipeline
@@ -471,6 +489,409 @@ class Store:
         else:
             raise StoreUnavailable(f"campaign {campaign_id}: its time zone keeps changing")
         return self.reserved(context, reply, started)
+
+    # -- budget leasing (see leases.py) ----------------------------------------------------
+
+    def _lease_now(self) -> float:
+        """The clock leases expire on (ms): monotonic, or the test clock."""
+        return float(self.clock()) if self.clock is not None else time.monotonic() * 1000.0
+
+    def learn_leasing(self, campaign_id: str, raw: Any) -> None:
+        """A script reported the campaign's stored leasing flag ('1', '0' or '': unset)."""
+        if raw in (b"1", "1", b"0", "0"):
+            if len(self._stored_leasing) > 100_000:
+                self._stored_leasing.clear()
+            self._stored_leasing[campaign_id] = raw in (b"1", "1")
+        else:
+            self._stored_leasing.pop(campaign_id, None)
+
+    def _lease_of(
+        self, state: _LoopState, campaign_id: str, rule: CampaignConfig
+    ) -> tuple[Lease | None, bool]:
+        """The campaign's lease in this loop (None: leasing is off for it), and whether it may
+        ask for more (on by config, or above the automatic rate)."""
+        stored = self._stored_leasing.get(campaign_id)
+        on = rule.leasing if stored is None else stored
+        lease = state.leases.get(campaign_id)
+        if not on and self._lease_auto is None:
+            return (lease, False) if lease is not None and lease.balance else (None, False)
+        if lease is None:
+            if len(state.leases) > 10_000:
+                for cid in [cid for cid, old in state.leases.items() if old.idle]:
+                    del state.leases[cid]
+            lease = state.leases[campaign_id] = Lease(campaign_id)
+        lease.count(self._lease_now())
+        if not on:
+            assert self._lease_auto is not None
+            on = lease.rate >= self._lease_auto
+        if not on and not lease.balance:
+            return None, False
+        return lease, on
+
+    async def _reserve_leased(
+        self,
+        state: _LoopState,
+        context: Context,
+        cost_units: int | None,
+        rule: CampaignConfig,
+        tz: str,
+    ) -> Reservation | None:
+        """A decision paid from the campaign's lease: only the user's half runs in the store
+        (none for an anonymous request). None: the lease cannot pay; take the ordinary path."""
+        campaign_id, user_key, _ = context
+        lease, may_renew = self._lease_of(state, campaign_id, rule)
+        if lease is None:
+            return None
+        lease.context = (rule, tz)
+        now = self._lease_now()
+        if lease.expires and now >= lease.expires:
+            self._return_soon(state, lease)
+        cost = cost_units if cost_units is not None else lease.price
+        if cost is None:
+            cost = rule.cost_units
+        asked = may_renew and lease.wants_renewal(now, self._lease_ms)
+        if asked:
+            lease.renewing = True
+            lease.pending = self._lease_task(state, self._renew(state, lease, cost))
+        if not lease.take(cost, now):
+            if asked or lease.pending is None or lease.pending.done():
+                return None  # the ordinary path, alongside the grant just asked for
+            # The lease is empty and a grant is on its way: wait for it rather than race it
+            # to the campaign's shard (where the units it will hold already count as spent).
+            waited = time.monotonic()
+            await asyncio.wait((lease.pending,))
+            if lease.error is not None and time.monotonic() - waited >= self.timeout / 2:
+                # The grant timed out: the failure policy applies now, rather than after a
+                # second timeout on the ordinary path. (A fast failure, such as a connection
+                # lost to a restart, leaves time for the ordinary path, which reconnects.)
+                raise lease.error
+            now = self._lease_now()
+            if not lease.take(cost, now):
+                return None
+        generation = lease.generation
+        started = time.monotonic()
+
+        def reservation(
+            reserved: bool, reason: int, left: int = -1, at: int = 0, logs: int = 0, **kw: Any
+        ) -> Reservation:
+            return Reservation(
+                reserved=reserved,
+                reason=REASONS[reason],
+                cost_units=cost,
+                remaining_budget_units=None
+                if lease.remaining is None
+                else lease.remaining + lease.balance,
+                remaining_impressions=None if left < 0 else left,
+                at_ms=at or self.now_ms(),
+                campaign_id=campaign_id,
+                user_key=user_key,
+                day_start_ms=lease.day_start,
+                logs=logs,
+                lease=generation if reserved else None,
+                **kw,
+            )
+
+        if user_key is None:
+            return reservation(True, 0)
+        reply = await self._user_half(state, context, rule, tz, lease, generation, cost)
+        if isinstance(reply, StoreUnavailable):
+            if self.rules.settings.frequency_fail_open:
+                return reservation(
+                    True, 0, degraded=f"user shard: {reply}", degraded_check="frequency"
+                )
+            lease.give_back(generation, cost, "")
+            raise reply
+        try:
+            passed, reason, left = reply[0] == 1, int(reply[1]), int(reply[2])
+            at, logs, personal = int(reply[3]), int(reply[4]), reply[5] == 1
+        except (TypeError, ValueError, IndexError):
+            lease.give_back(generation, cost, "")
+            raise StoreUnavailable(f"unexpected reply from the user's script: {reply!r}") from None
+        if observe.current is not None:
+            observe.current.store_call(time.monotonic() - started)
+        if not passed:
+            lease.give_back(generation, cost, f"n:{reason}")
+            return reservation(False, reason, left, at, personalized=personal)
+        return reservation(True, 0, left, at, logs, personalized=personal)
+
+    async def _user_half(
+        self,
+        state: _LoopState,
+        context: Context,
+        rule: CampaignConfig,
+        tz: str,
+        lease: Lease,
+        generation: int,
+        cost: int,
+    ) -> Any:
+        """Run a leased decision's user half: its reply, or its failure as a value."""
+        campaign_id, user_key, _ = context
+        assert user_key is not None
+        static = self._static_part(campaign_id, rule, tz)
+        now = "" if self.clock is None else str(self.clock())
+        body = b"".join(
+            (
+                b"$1\r\n1\r\n",
+                pack_args((user_key, campaign_id, self._caps.get(campaign_id, rule.caps_spec))),
+                static.user_tail,
+                pack_args((now,)),
+                self._optout_policy,
+            )
+        )
+        node: str | None = None
+        shards = state.shards
+        future: asyncio.Future[Any] | None = None
+        try:
+            if shards is not None:
+                try:
+                    await shards.ready()
+                except StoreUnavailable as exc:
+                    return exc
+                slot = slot_of(user_key)
+                node, future = shards.send(slot, RESERVE_USER, 9, body, self._orphan_user, context)
+                reply = await settle(future)
+                if isinstance(reply, Redirected):
+                    try:
+                        await shards.refresh()
+                    except StoreUnavailable as exc:
+                        logger.warning("re-learning the cluster's slot map failed: %s", exc)
+                    node, future = shards.send(
+                        slot, RESERVE_USER, 9, body, self._orphan_user, context
+                    )
+                    reply = await settle(future)
+            else:
+                assert state.pipeline is not None
+                future = state.pipeline.call(RESERVE_USER, 9, body, self._orphan_user, context)
+                reply = await settle(future)
+        except asyncio.CancelledError:
+            lease.give_back(generation, cost, "n:released")
+            if future is not None:
+                if not future.done():
+                    future.cancel()
+                elif not future.cancelled() and future.exception() is None:
+                    self._orphan_user(context, future.result())
+            raise
+        if isinstance(reply, StoreUnavailable):
+            if shards is not None and node is not None:
+                self.split_outcome(node, reply, [])
+                shards.refresh_soon()
+            else:
+                self.call_failed(reply)
+        elif node is not None:
+            self.breaker_for(node).success()
+            self.breaker.success()
+        else:
+            self.breaker.success()
+        return reply
+
+    def _lease_task(self, state: _LoopState, work: Any) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(work)
+        state.lease_tasks.add(task)
+        task.add_done_callback(state.lease_tasks.discard)
+        return task
+
+    def _lease_call(
+        self, lease: Lease, wanted: int, back: int, back_day: int, smallest: int
+    ) -> tuple[int, int, bytes]:
+        """The slot and packed arguments of one lease.lua call, with the lease's report."""
+        rule, tz = lease.context
+        used, counters = lease.report()
+        cfg_key, state_key = self.campaign_keys(lease.campaign_id)
+        bounds = self._calendars.span(tz, self.now_ms())[0]
+        args = (
+            2,
+            cfg_key,
+            state_key,
+            lease.campaign_id,
+            *rule.wire,
+            tz,
+            bounds,
+            self._allowance,
+            "" if self.clock is None else str(self.clock()),
+            wanted,
+            back,
+            back_day,
+            used,
+            counters,
+            smallest,
+            LEASE_SHARE,
+        )
+        return slot_of(cfg_key) if self.is_cluster else 0, len(args), pack_args(args)
+
+    async def _send_lease(self, state: _LoopState, slot: int, nargs: int, body: bytes) -> Any:
+        if state.shards is not None:
+            return await self._call_slot(slot, LEASE, nargs, body)
+        assert state.pipeline is not None
+        return await state.pipeline.call(LEASE, nargs, body)
+
+    async def _renew(self, state: _LoopState, lease: Lease, cost: int) -> None:
+        """Ask for more budget before the lease runs out (and report what it served)."""
+        try:
+            sent = self._lease_now()
+            wanted = lease.wanted(cost, self._lease_ms, sent)
+            call = self._lease_call(lease, wanted, 0, 0, cost)
+            reply = await self._send_lease(state, *call)
+            lease.error = None
+            self._granted(state, lease, reply, sent)
+        except StoreUnavailable as exc:
+            lease.error = exc
+            lease.retry_at = self._lease_now() + RETRY_MS
+            logger.warning("campaign %s: a budget lease failed: %s", lease.campaign_id, exc)
+        finally:
+            lease.renewing = False
+
+    def _granted(self, state: _LoopState, lease: Lease, reply: Any, sent: float) -> None:
+        """Apply a grant. Its validity counts from when it was asked for (``sent``): the
+        store's clock read it later than that, so the lease never outlives a day or flight."""
+        try:
+            granted, reason, units, left, _, day_start, valid_ms = (int(v) for v in reply[:7])
+            tz, caps, price, flag = (_text(v) for v in reply[7:11])
+        except (TypeError, ValueError, IndexError):
+            raise StoreUnavailable(f"unexpected reply from the lease script: {reply!r}") from None
+        campaign_id = lease.campaign_id
+        rule = lease.context[0]
+        self.learn_leasing(campaign_id, flag)
+        self.learn_config(campaign_id, (CAPS_RETRY, caps, caps != rule.caps_spec))
+        lease.price = int(price) if price.isdigit() else None
+        lease.remaining = max(0, left)
+        now = self._lease_now()
+        if reason == TZ_RETRY:
+            self.learn_config(campaign_id, (TZ_RETRY, tz, True))
+            return
+        lease.exhausted = granted != 1 and reason == 2
+        if granted != 1:
+            lease.retry_at = now + RETRY_MS
+            if reason in (3, 5, LEASING_OFF):  # paused, outside its flight, or off: stop now
+                self._return_soon(state, lease)
+            return
+        if units <= 0:
+            return
+        if lease.balance and day_start != lease.day_start:
+            self._return_soon(state, lease)  # the day turned: the old units go back to it
+        lease.balance += units
+        lease.day_start = day_start
+        lease.last_grant = units
+        lease.granted_at = now
+        lease.expires = sent + min(self._lease_ms, float(valid_ms))
+        self._arm_expiry(state, lease)
+
+    def _arm_expiry(self, state: _LoopState, lease: Lease) -> None:
+        if lease.timer is not None:
+            lease.timer.cancel()
+        delay = max(0.0, (lease.expires - self._lease_now()) / 1000.0) + 0.005
+        lease.timer = asyncio.get_running_loop().call_later(delay, self._expired, state, lease)
+
+    def _expired(self, state: _LoopState, lease: Lease) -> None:
+        lease.timer = None
+        if lease.expires and self._lease_now() < lease.expires:
+            self._arm_expiry(state, lease)  # renewed meanwhile
+        elif not lease.idle:
+            self._return_soon(state, lease)
+
+    def _return_soon(self, state: _LoopState, lease: Lease) -> asyncio.Task[None] | None:
+        """Give the lease's unspent units back (and report what it served), in the background."""
+        back_day = lease.day_start
+        back = lease.settle()
+        if lease.timer is not None:
+            lease.timer.cancel()
+            lease.timer = None
+        if lease.idle and not back:
+            return None
+        call = self._lease_call(lease, 0, back, back_day, 1)
+        return self._lease_task(state, self._give_back(state, lease.campaign_id, back, call))
+
+    async def _give_back(
+        self, state: _LoopState, campaign_id: str, back: int, call: tuple[int, int, bytes]
+    ) -> None:
+        try:
+            await self._send_lease(state, *call)
+        except StoreUnavailable as exc:
+            # Not retried: the return may have applied. The units stay counted as spent
+            # (under-delivery, never an overspend).
+            logger.warning(
+                "campaign %s: could not give back %d leased units: %s", campaign_id, back, exc
+            )
+
+    async def _report_lease(self, campaign_id: str) -> None:
+        """Report what this loop's lease of the campaign served (not its balance)."""
+        state = self._loops.get(asyncio.get_running_loop())
+        lease = None if state is None else state.leases.get(campaign_id)
+        if state is None or lease is None or lease.context is None:
+            return
+        if lease.renewing and state.lease_tasks:
+            await asyncio.gather(*list(state.lease_tasks), return_exceptions=True)
+        if lease.used or any(lease.counters.values()):
+            call = self._lease_call(lease, 0, 0, 0, 1)
+            try:
+                await self._send_lease(state, *call)
+            except StoreUnavailable as exc:
+                logger.warning("campaign %s: could not report a lease: %s", campaign_id, exc)
+
+    async def _drop_lease(self, campaign_id: str) -> None:
+        """Give back this loop's lease of the campaign now (its config changed)."""
+        state = self._loops.get(asyncio.get_running_loop())
+        lease = None if state is None else state.leases.get(campaign_id)
+        if state is None or lease is None or lease.context is None:
+            return
+        if lease.pending is not None and not lease.pending.done():
+            await asyncio.wait((lease.pending,))
+        lease.retry_at = 0.0
+        lease.exhausted = False
+        task = self._return_soon(state, lease)
+        if task is not None:
+            await asyncio.wait((task,))
+
+    async def return_leases(self) -> None:
+        """Give back every budget lease this event loop holds (shutdown): their unspent units
+        return to the campaigns' budgets and their served impressions are reported."""
+        state = self._loops.get(asyncio.get_running_loop())
+        if state is None:
+            return
+        # A grant still in flight would land after the return: let it land first.
+        if state.lease_tasks:
+            await asyncio.gather(*list(state.lease_tasks), return_exceptions=True)
+        for lease in state.leases.values():
+            if not lease.idle and lease.context is not None:
+                self._return_soon(state, lease)
+        if state.lease_tasks:
+            await asyncio.gather(*list(state.lease_tasks), return_exceptions=True)
+
+    async def _release_leased(self, state: _LoopState, r: Reservation) -> None:
+        """Undo a leased reservation: its units go back to the lease (or to the store when the
+        lease has been returned since), and its time comes out of the user's logs."""
+        lease = state.leases.get(r.campaign_id)
+        calls: list[tuple[int, Script, int, bytes]] = []
+        assert r.lease is not None
+        if lease is not None and lease.exhausted and r.lease == lease.generation:
+            # The budget is at its end: the units go back to the store, where any process can
+            # spend them and where they reactivate an exhausted campaign (as without leasing).
+            # The lease reports first, so the store has the impression this release takes back.
+            task = self._return_soon(state, lease)
+            if task is not None:
+                await asyncio.wait((task,))
+        if lease is None or not lease.give_back(r.lease, r.cost_units, "n:released"):
+            cfg_key, state_key = self.campaign_keys(r.campaign_id)
+            args: tuple[str | int, ...] = (
+                2,
+                cfg_key,
+                state_key,
+                r.campaign_id,
+                r.cost_units,
+                r.at_ms,
+                "1",
+                r.day_start_ms,
+                0,
+            )
+            calls.append((slot_of(cfg_key), RELEASE, len(args), pack_args(args)))
+        if r.logs and r.user_key is not None:
+            args = (1, r.user_key, r.campaign_id, r.at_ms, r.logs)
+            calls.append((slot_of(r.user_key), RELEASE_USER, len(args), pack_args(args)))
+        for slot, script, nargs, body in calls:
+            if state.shards is not None:
+                await self._call_slot(slot, script, nargs, body)
+            else:
+                assert state.pipeline is not None
+                await state.pipeline.call(script, nargs, body)
 
     # -- Redis Cluster: a reservation in two halves (see cluster.py) ------------------------
 
@@ -611,6 +1032,12 @@ class Store:
             except asyncio.CancelledError:
                 self._abandon(context, c_future, u_future)
                 raise
+            if (
+                isinstance(campaign, list)
+                and len(campaign) > 11
+                and (campaign[11] or campaign_id in self._stored_leasing)
+            ):
+                self.learn_leasing(campaign_id, campaign[11])
             failures: list[StoreUnavailable] = []
             self.split_outcome(c_node, campaign, failures)
             self.split_outcome(u_node, user, failures)
@@ -756,9 +1183,12 @@ class Store:
             self._send_soon(*undo)
 
     def _send_soon(self, slot: int, script: Script, nargs: int, body: bytes) -> None:
-        shards = self._state().shards
-        assert shards is not None
-        future = shards.send(slot, script, nargs, body)[1]
+        state = self._state()
+        if state.shards is not None:
+            future = state.shards.send(slot, script, nargs, body)[1]
+        else:  # one server: a leased decision's user half
+            assert state.pipeline is not None
+            future = state.pipeline.call(script, nargs, body)
         future.add_done_callback(_log_release_failure)
 
     async def _call_slot(self, slot: int, script: Script, nargs: int, body: bytes) -> Any:
@@ -797,6 +1227,8 @@ class Store:
         if observe.current is not None:
             observe.current.store_call(time.monotonic() - started)
         reservation = reservation_from(context, reply)
+        if len(reply) > 11 and (reply[11] or context[0] in self._stored_leasing):
+            self.learn_leasing(context[0], reply[11])
         if reply[6]:
             self._exhausted(context[0], "lifetime" if reply[6] == 1 else "daily")
         return reservation
@@ -804,6 +1236,9 @@ class Store:
     async def release(self, reservation: Reservation) -> None:
         """Give back a reservation's spend and impression. Raises StoreUnavailable."""
         state = self._state()
+        if reservation.lease is not None:
+            await self._release_leased(state, reservation)
+            return
         if state.shards is None:
             assert state.pipeline is not None
             await state.pipeline.call(RELEASE, *self.release_call(reservation))
@@ -982,8 +1417,11 @@ class Store:
         start: str | datetime | None = None,
         end: str | datetime | None = None,
         pacing: str | None = None,
+        leasing: bool | None = None,
     ) -> CampaignView:
         """Create or update a campaign's stored config; fields left as None keep their value.
+        ``leasing`` turns budget leasing on or off for every process (see
+        :mod:`xsp_middleware.leases`).
 
         Money is given as decimal strings (``budget="500.00"``, ``cpm="4.00"``). Every process
         sees the change on its next decision: the reserve script reads the stored config in the
@@ -1023,7 +1461,10 @@ class Store:
             end_ms=old.end_ms if end is None else instant_ms(end, tz, end=True),
             pacing=old.pacing if pacing is None else pacing,
             status=new_status,
+            leasing=old.leasing if leasing is None else leasing,
         )
+        if leasing is not None and not isinstance(leasing, bool):
+            raise ConfigError("leasing: must be True or False")
         # Store what was given, even where it equals this process's settings: another process
         # may have other settings, and the store must win there too.
         given = {
@@ -1039,8 +1480,13 @@ class Store:
         fields = config.fields()
         write = {k: fields[k] for k, value in given.items() if value is not None}
         write["status"] = new_status
+        if leasing is not None:
+            write["leasing"] = "1" if leasing else "0"
         cfg_key, _ = self.campaign_keys(campaign_id)
         await self._admin(self.client.hset(cfg_key, mapping=write))
+        # This process sees its own change at once: its lease goes back and the next grant
+        # reads the new config. Other processes see it at their next grant.
+        await self._drop_lease(campaign_id)
         return await self.get_campaign(campaign_id)
 
     def _cpm(self, cpm: Money) -> int:
@@ -1075,7 +1521,9 @@ class Store:
         return hashes, now
 
     async def get_campaign(self, campaign_id: str) -> CampaignView:
-        """The campaign's effective config and state. Unconfigured campaigns show the defaults."""
+        """The campaign's effective config and state. Unconfigured campaigns show the defaults.
+        This process's budget leases report what they served first (read your own writes)."""
+        await self._report_lease(campaign_id)
         cfg_key, state_key = self.campaign_keys(campaign_id)
         (cfg_raw, st_raw), now = await self._hashes_and_time(cfg_key, state_key)
         stored = {_text(k): _text(v) for k, v in cfg_raw.items()}
@@ -1083,10 +1531,12 @@ class Store:
         config = self.rules.rule_for(campaign_id).over(stored)
         day_spent = 0
         day_start = day_end = 0
+        # Leased units are charged to the spend (and the day's) when granted: show them apart.
+        leased = max(0, int(state.get("leased", "0")))
         if config.daily_budget_units is not None:
             day_start, day_end = day_span(config.timezone, now)
-            day_spent = int(state.get(f"day:{day_start}", "0"))
-        spent = int(state.get("spent", "0"))
+            day_spent = max(0, int(state.get(f"day:{day_start}", "0")) - leased)
+        spent = max(0, int(state.get("spent", "0")) - leased)
         return CampaignView(
             id=campaign_id,
             configured=bool(stored) or campaign_id in self.rules.campaign_rules,
@@ -1102,6 +1552,7 @@ class Store:
             released=int(state.get("n:released", "0")),
             now_ms=now,
             pacing_target_units=self._pacing_target(config, now, day_start, day_end),
+            leased_units=leased,
         )
 
     def _pacing_target(
@@ -1127,6 +1578,7 @@ class Store:
         """Forget a campaign's stored config and state (spend, counters). Users' logs expire on
         their own. Returns whether anything was stored."""
         validate_campaign_id(campaign_id)
+        await self._drop_lease(campaign_id)
         deleted = await self._admin(self.client.delete(*self.campaign_keys(campaign_id)))
         return bool(deleted)
 
@@ -1235,7 +1687,9 @@ class Store:
         await self._admin(self.client.ping())
 
     async def aclose(self) -> None:
-        """Close this loop's connections (optional: they are also freed with the loop)."""
+        """Give back this loop's budget leases, then close its connections (optional: they are
+        also freed with the loop, but unreturned leases stay counted as spent)."""
+        await self.return_leases()
         loop = asyncio.get_running_loop()
         state = self._loops.pop(loop, None)
         if state is not None:

@@ -13,20 +13,23 @@
 -- Reply: {reserved 1/0, reason, cost, remaining budget, remaining impressions (-1: no caps),
 --   reservation time ms, exhaustion fired (0 none, 1 lifetime, 2 daily), day start ms (0: no
 --   daily budget), logs written (1: the campaign's, 2: the user's across campaigns; a sum),
---   time zone (reason 9 only, else ''), 1 if the user's state was used (0: not tracked)}.
+--   time zone (reason 9 only, else ''), 1 if the user's state was used (0: not tracked),
+--   the stored leasing flag ('1', '0' or '': unset; processes learn it from here)}.
 -- Reasons: 0 served, 1 frequency_capped, 2 budget_exhausted, 3 campaign_paused, 4 paced,
 --   5 campaign_inactive, 6 no_consent, 7 user_blocked,
 --   9 retry: the config's time zone differs from ARGV[11].
 local cid = ARGV[1]
 local c = xsp_config(KEYS[1], 2)
 local tz = c.tz or 'UTC'
-if tz ~= ARGV[11] then return {0, 9, 0, 0, -1, 0, 0, 0, 0, tz, 1} end
+local leasing = redis.call('HGET', KEYS[1], 'leasing') or ''
+if tz ~= ARGV[11] then return {0, 9, 0, 0, -1, 0, 0, 0, 0, tz, 1, leasing} end
 
 local k = xsp_campaign_start(KEYS[2], c, ARGV[16], ARGV[17])
 local u = {personal = 1, left = -1}
 local function deny(reason)
   redis.call('HINCRBY', KEYS[2], 'n:' .. reason, 1)
-  return {0, reason, k.cost, k.remaining, u.left, k.now, k.fired, k.deny_day, 0, '', u.personal}
+  return {0, reason, k.cost, k.remaining, u.left, k.now, k.fired, k.deny_day, 0, '', u.personal,
+    leasing}
 end
 
 local reason = xsp_campaign_open(c, k)
@@ -38,4 +41,5 @@ if reason then return deny(reason) end
 
 xsp_campaign_commit(KEYS[2], k, ARGV[18])
 local logs = xsp_user_commit(u, cid, k.now)
-return {1, 0, k.cost, k.remaining - k.cost, u.left, k.now, 0, k.day_start, logs, '', u.personal}
+return {1, 0, k.cost, k.remaining - k.cost, u.left, k.now, 0, k.day_start, logs, '', u.personal,
+  leasing}

@@ -6,18 +6,20 @@
 -- caps the user's half was given; when they differ from the stored ones the app must retry
 -- with these (reason 10), like a time zone change (reason 9). Absent for anonymous requests.
 -- Reply: as reserve.lua's; the user's fields (remaining impressions, logs) are -1 and 0, and
--- element 10 holds the time zone (reason 9) or the caps (reason 10).
+-- element 10 holds the time zone (reason 9) or the caps (reason 10); element 12 the stored
+-- leasing flag.
 local c = xsp_config(KEYS[1], 2)
 local tz = c.tz or 'UTC'
-if tz ~= ARGV[11] then return {0, 9, 0, 0, -1, 0, 0, 0, 0, tz, 1} end
+local leasing = redis.call('HGET', KEYS[1], 'leasing') or ''
+if tz ~= ARGV[11] then return {0, 9, 0, 0, -1, 0, 0, 0, 0, tz, 1, leasing} end
 if ARGV[20] and (c.caps or '') ~= ARGV[20] then
-  return {0, 10, 0, 0, -1, 0, 0, 0, 0, c.caps or '', 1}
+  return {0, 10, 0, 0, -1, 0, 0, 0, 0, c.caps or '', 1, leasing}
 end
 
 local k = xsp_campaign_start(KEYS[2], c, ARGV[16], ARGV[17])
 local function deny(reason)
   redis.call('HINCRBY', KEYS[2], 'n:' .. reason, 1)
-  return {0, reason, k.cost, k.remaining, -1, k.now, k.fired, k.deny_day, 0, '', 1}
+  return {0, reason, k.cost, k.remaining, -1, k.now, k.fired, k.deny_day, 0, '', 1, leasing}
 end
 
 local reason = xsp_campaign_open(c, k)
@@ -25,4 +27,4 @@ if reason then return deny(reason) end
 reason = xsp_campaign_budget(KEYS[1], KEYS[2], c, k, ARGV[12], ARGV[15])
 if reason then return deny(reason) end
 xsp_campaign_commit(KEYS[2], k, ARGV[18])
-return {1, 0, k.cost, k.remaining - k.cost, -1, k.now, 0, k.day_start, 0, '', 1}
+return {1, 0, k.cost, k.remaining - k.cost, -1, k.now, 0, k.day_start, 0, '', 1, leasing}

@@ -1,0 +1,120 @@
+-- Budget leasing for hot campaigns: one process takes a slice of the campaign's remaining
+-- budget, spends it locally, and reports back. Leased units are added to the spend when they are
+-- granted, so every other process (and every non-leased decision) sees them as spent: no
+-- overspend, whatever the concurrency. Unspent units come back with ARGV[16] (expiry, shutdown).
+-- KEYS[1] campaign config hash, KEYS[2] campaign state hash.
+-- ARGV[1] campaign id   ARGV[2..10] fallback config (see xsp_config)
+-- ARGV[11] time zone the bounds were computed in   ARGV[12] campaign calendar bounds
+-- ARGV[13] pacing burst allowance (parts per 10000)   ARGV[14] now override ms ('' = TIME)
+-- ARGV[15] units wanted ('0': only report)   ARGV[16] unspent units given back
+-- ARGV[17] the day start ms those units were charged to ('0': no daily budget)
+-- ARGV[18] leased units spent since the last report (they leave the 'leased' gauge)
+-- ARGV[19] counters to add, "field=n,field=n" (impressions served from the lease, denials)
+-- ARGV[20] the smallest grant worth having (one impression at the price the app will charge)
+-- ARGV[21] the largest share of what is left one grant may take, as a divisor (8: an eighth)
+-- Reply: {granted 1/0, reason (0, or 2 budget_exhausted, 3 campaign_paused, 4 paced,
+--   5 campaign_inactive, 9 retry: the stored time zone differs from ARGV[11], 11 leasing is
+--   off in the store), units granted,
+--   remaining budget after the grant, server time ms, day start ms of the grant (0: no daily
+--   budget), ms until the grant must stop being used (the end of the day, flight or pacing
+--   period), the stored time zone, the stored caps, the stored price, the stored leasing flag}.
+local c = xsp_config(KEYS[1], 2)
+local tz = c.tz or 'UTC'
+local now = xsp_now_ms(ARGV[14])
+local leasing = redis.call('HGET', KEYS[1], 'leasing') or ''
+
+-- 1. The report: what the lease served and gives back. It applies whatever else happens.
+local back = tonumber(ARGV[16])
+local function give_back(field)
+  local value = tonumber(redis.call('HGET', KEYS[2], field) or '0')
+  if value >= back then redis.call('HINCRBY', KEYS[2], field, '-' .. ARGV[16]) end
+end
+if back > 0 then
+  give_back('spent')
+  if ARGV[17] ~= '0' then give_back('day:' .. ARGV[17]) end
+end
+-- Units used since the last report leave the gauge (negative: a reported ad was released and
+-- its units went back into the lease).
+local settled = back + tonumber(ARGV[18])
+if settled ~= 0 then
+  local out = tonumber(redis.call('HGET', KEYS[2], 'leased') or '0')
+  if out >= settled then
+    redis.call('HINCRBY', KEYS[2], 'leased', xsp_int(-settled))
+  elseif out > 0 then
+    redis.call('HDEL', KEYS[2], 'leased')  -- the state was reset meanwhile
+  end
+end
+for field, n in string.gmatch(ARGV[19], '([%w:]+)=(-?%d+)') do
+  redis.call('HINCRBY', KEYS[2], field, n)
+end
+if back > 0 and redis.call('HGET', KEYS[1], 'status') == 'exhausted' then
+  -- As release.lua: units coming back can make an exhausted campaign serve again.
+  local ran_out = tonumber(redis.call('HGET', KEYS[2], 'lx') or '')
+  local spent = tonumber(redis.call('HGET', KEYS[2], 'spent') or '0')
+  if ran_out and ran_out - spent >= (tonumber(c.cost) or 1) then
+    redis.call('HSET', KEYS[1], 'status', 'active')
+    redis.call('HDEL', KEYS[2], 'lx')
+  end
+end
+
+local function reply(granted, reason, units, left, day_start, valid_ms)
+  return {granted, reason, units, left, now, day_start, valid_ms, tz, c.caps or '',
+    c.cost or '', leasing}
+end
+local wanted = tonumber(ARGV[15])
+if tz ~= ARGV[11] then return reply(0, 9, 0, 0, 0, 0) end
+if wanted <= 0 then return reply(1, 0, 0, 0, 0, 0) end
+if leasing == '0' then return reply(0, 11, 0, 0, 0, 0) end  -- turned off in the store
+
+-- 2. The grant: the gates of a reservation, then as much as the budgets and pacing allow now.
+local k = xsp_campaign_start(KEYS[2], c, '0', ARGV[14])
+k.now = now
+local reason = xsp_campaign_open(c, k)
+if reason then return reply(0, reason, 0, k.remaining, 0, 0) end
+if c.status == 'exhausted' then return reply(0, 2, 0, k.remaining, 0, 0) end
+local valid_until = now + 86400000
+if c['end'] then valid_until = math.min(valid_until, tonumber(c['end'])) end
+local room = k.remaining
+local daily = tonumber(c.daily_budget)
+local day_start, day_end, day_spent = 0, 0, 0
+if daily then
+  day_start, day_end = xsp_period(xsp_bounds(ARGV[12]).day, now)
+  day_spent = tonumber(redis.call('HGET', KEYS[2], 'day:' .. xsp_int(day_start)) or '0')
+  room = math.min(room, daily - day_spent)
+  valid_until = math.min(valid_until, day_end)
+end
+-- Pacing: no more than the ideal curve plus the burst allowance allows right now.
+if c.pacing == 'even' or c.pacing == 'frontloaded' then
+  local p_start, p_end, p_budget, p_spent
+  if daily then
+    p_start, p_end, p_budget, p_spent = day_start, day_end, daily, day_spent
+  elseif c.start and c['end'] then
+    p_start, p_end, p_budget, p_spent = tonumber(c.start), tonumber(c['end']), k.budget, k.spent
+  end
+  if p_start and p_end > p_start then
+    local f = (now - p_start) / (p_end - p_start)
+    local allowance = tonumber(ARGV[13]) / 10000
+    if c.pacing == 'frontloaded' then allowance = 0.40 - (0.40 - allowance) * f end
+    room = math.min(room, math.floor(p_budget * (f + allowance) - p_spent))
+  end
+end
+local smallest = tonumber(ARGV[20])
+if smallest < 1 then smallest = 1 end
+if room < smallest then
+  local why = 2
+  if k.remaining >= smallest and (not daily or daily - day_spent >= smallest) then why = 4 end
+  return reply(0, why, 0, k.remaining, day_start, 0)
+end
+-- Leases shrink as the budget nears its end: one grant takes at most a share of what is left
+-- (but always one impression), so what sits unspent in other processes stays small.
+local grant = math.min(wanted, room, math.max(smallest, math.floor(room / tonumber(ARGV[21]))))
+-- Whole impressions at the asked price: a fraction would sit unspendable in the lease.
+grant = math.floor(grant / smallest) * smallest
+local grant_s = xsp_int(grant)
+redis.call('HINCRBY', KEYS[2], 'spent', grant_s)
+redis.call('HINCRBY', KEYS[2], 'leased', grant_s)
+if daily then
+  redis.call('HINCRBY', KEYS[2], 'day:' .. xsp_int(day_start), grant_s)
+  redis.call('HDEL', KEYS[2], 'day:' .. xsp_int(day_start - 2 * 86400000))
+end
+return reply(1, 0, grant, k.remaining - grant, day_start, valid_until - now)
