@@ -1,9 +1,9 @@
-"""In-process ASGI throughput of XSPMiddleware against a bare app and the tutorial's approach.
+"""In-process ASGI throughput of XSPMiddleware against a bare app, the tutorial's way and slowapi.
 
 What is measured: requests per second (and per-request latency) of one ASGI app called directly,
 with no HTTP server and no HTTP client, by 64 concurrent worker coroutines in one asyncio event
 loop, each sending ``GET /ad?campaign_id=cN&cpm=2.50`` back to back with a distinct
-``user_id`` cookie per request (campaigns spread over 10 ids). Three variants:
+``user_id`` cookie per request (campaigns spread over 10 ids). The variants:
 
 * ``bare``: a Starlette app whose one route returns a small VAST 4.2 XML document;
 * ``xsp``: the same app wrapped in ``XSPMiddleware`` on a real Redis (default caps 3/1h; every
@@ -12,16 +12,33 @@ loop, each sending ``GET /ad?campaign_id=cN&cpm=2.50`` back to back with a disti
 * ``xsp-cluster``: ``xsp`` on a 3-master Redis Cluster (throwaway, from ``redis-server``):
   each decision is two scripts, the campaign's half and the user's half, sent concurrently to
   their shards' auto-pipelines (one round trip of latency);
+* ``xsp-leasing``: ``xsp`` with every campaign's budget spent from leases (``leasing=True``):
+  each decision runs only the user's script; the campaigns' scripts run once per lease;
 * ``tutorial``: the same app under ``benchmarks/tutorial_middleware.py``, the public tutorial's
-  check-then-act sequence (GET, GET, GET, INCRBYFLOAT, handler, INCR+EXPIRE pipeline).
+  check-then-act sequence (GET, GET, GET, INCRBYFLOAT, handler, INCR+EXPIRE pipeline);
+* ``slowapi``: the same app with slowapi's ``Limiter`` on the route (one limit,
+  ``1000000/minute`` keyed on the ``user_id`` cookie, so nothing is refused), its storage on the
+  same Redis as ``xsp`` (``storage_uri``): a plain rate limit, no caps or budget, for scale.
+  slowapi's Redis calls are blocking (the ``limits`` library's synchronous storage), as slowapi
+  makes them. Skipped, with a message, when slowapi is not installed
+  (``pip install 'xsp-middleware[bench]'``).
 
-Each round runs every variant in turn (bare, xsp, tutorial, bare, xsp, ...) so machine noise
+Each round runs every variant in turn (bare, xsp, tutorial, slowapi, bare, ...) so machine noise
 hits them alike; each run flushes the Redis database, warms up (0.5 s), then measures for
 ``--seconds``. Only 200 responses count as throughput; anything else is reported. The figures
 are the median over ``--rounds`` of each run's requests/s, p50 and p99 latency. The Python process
-(one core) is the bottleneck, so the figures compare the CPU cost per request of each variant,
-Redis round trips included. The bare app never suspends, so its requests run one after another
-(its latency is pure handler time); the guarded variants interleave at every Redis wait.
+(one core) is the main bottleneck, so the figures compare the CPU cost per request of each
+variant, Redis round trips included; for ``xsp`` the server's time running the script (tens of
+microseconds per decision, on the other core) adds to it where the process waits for a batch's
+replies. The bare app never suspends, so its requests run one after another
+(its latency is pure handler time); the guarded variants interleave at every Redis wait, except
+``slowapi``, whose blocking Redis calls hold the event loop (its requests run one after another,
+each with its Redis round trip).
+
+Then, at low load (one request in flight), the decision latency of ``xsp`` and
+``xsp-cluster``, and of ``xsp-unpipelined``: the same middleware with auto-pipelining off (each
+script call written at once, alone, on its connection, instead of on the next loop iteration
+with whatever else arrived), which is the comparator for "no added latency at light traffic".
 
 Run from the repository root::
 
@@ -55,6 +72,8 @@ from starlette.routing import Route
 
 from xsp_middleware import XSPMiddleware
 from xsp_middleware.demo import vast_xml
+from xsp_middleware.pipeline import AutoPipeline
+from xsp_middleware.scripts import STANDALONE_SCRIPTS
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -65,7 +84,8 @@ CAMPAIGNS = 10
 WARMUP_SECONDS = 0.5
 SECRET_KEY = "bench-secret-key-0123456789"
 BUDGET = "900000000.00"
-VARIANTS = ("bare", "xsp", "xsp-cluster", "tutorial")
+VARIANTS = ("bare", "xsp", "xsp-leasing", "xsp-cluster", "tutorial", "slowapi")
+SLOWAPI_LIMIT = "1000000/minute"
 
 
 async def ad(request: Request) -> Response:
@@ -75,6 +95,56 @@ async def ad(request: Request) -> Response:
 
 def make_app() -> Starlette:
     return Starlette(routes=[Route("/ad", ad)])
+
+
+def make_slowapi_app(redis_url: str) -> Starlette | None:
+    """The same app with slowapi's Limiter on its route, its counters on ``redis_url``; None
+    when slowapi is not installed."""
+    try:
+        from slowapi import Limiter, _rate_limit_exceeded_handler
+        from slowapi.errors import RateLimitExceeded
+    except ImportError:
+        return None
+
+    def user_id(request: Request) -> str:
+        return request.cookies.get("user_id") or "anonymous"
+
+    limiter = Limiter(key_func=user_id, storage_uri=redis_url)
+
+    @limiter.limit(SLOWAPI_LIMIT)
+    async def limited_ad(request: Request) -> Response:
+        return await ad(request)
+
+    app = Starlette(
+        routes=[Route("/ad", limited_ad)],
+        exception_handlers={RateLimitExceeded: _rate_limit_exceeded_handler},
+    )
+    app.state.limiter = limiter
+    return app
+
+
+class Unpipelined(AutoPipeline):
+    """Auto-pipelining off: every call is written at once, alone (no coalescing)."""
+
+    def call(self, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
+        future = super().call(*args, **kwargs)
+        self._flush()  # the flush scheduled by the call then finds nothing to send
+        return future
+
+
+async def unpipelined(app: XSPMiddleware) -> XSPMiddleware:
+    """``app`` with this event loop's pipeline replaced by :class:`Unpipelined`."""
+    store = app.store
+    state = store._state()
+    assert state.pipeline is not None
+    await state.pipeline.aclose()
+    state.pipeline = Unpipelined(
+        state.client.connection_pool.make_connection,
+        slots=8,
+        timeout=store.timeout,
+        preload=STANDALONE_SCRIPTS,
+    )
+    return app
 
 
 # -- driving ------------------------------------------------------------------------------------
@@ -196,14 +266,32 @@ async def run(
     )
     tutorial = TutorialMiddleware(base, redis_url, max_connections=CONCURRENCY)
     apps = {"bare": base, "xsp": xsp, "tutorial": tutorial}
-    variants_run = [name for name in VARIANTS if name != "xsp-cluster" or cluster is not None]
+    apps["xsp-leasing"] = XSPMiddleware(
+        base, redis_url=redis_url, secret_key=SECRET_KEY, default_budget=BUDGET, leasing=True
+    )
+    slowapi = make_slowapi_app(redis_url)
+    if slowapi is None:
+        progress(
+            "slowapi is not installed (pip install 'xsp-middleware[bench]'): "
+            "skipping the slowapi variant"
+        )
+    else:
+        apps["slowapi"] = slowapi
     if cluster is not None:
         apps["xsp-cluster"] = XSPMiddleware(
             base, redis_url=cluster.url, secret_key=SECRET_KEY, default_budget=BUDGET
         )
+    variants_run = [name for name in VARIANTS if name in apps]
     users = itertools.count()
     rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in variants_run}
-    low_load: dict[str, list[dict[str, Any]]] = {"xsp": [], "xsp-cluster": []}
+    low_load: dict[str, list[dict[str, Any]]] = {
+        "xsp": [],
+        "xsp-unpipelined": [],
+        "xsp-cluster": [],
+    }
+    apps["xsp-unpipelined"] = await unpipelined(
+        XSPMiddleware(base, redis_url=redis_url, secret_key=SECRET_KEY, default_budget=BUDGET)
+    )
     try:
         for round_no in range(1, args.rounds + 1):
             for name in variants_run:
@@ -230,7 +318,7 @@ async def run(
         # Low load: one request in flight, so the latency is one decision's round trip (two
         # concurrent halves on the cluster) with no queueing behind other requests.
         for round_no in range(1, args.rounds + 1):
-            for name in ("xsp", "xsp-cluster"):
+            for name in low_load:
                 if name not in apps:
                     continue
                 await drive(apps[name], WARMUP_SECONDS, users, concurrency=1)
@@ -250,6 +338,8 @@ async def run(
                 )
     finally:
         await xsp.store.aclose()
+        await apps["xsp-unpipelined"].store.aclose()
+        await apps["xsp-leasing"].store.aclose()
         if "xsp-cluster" in apps:
             await apps["xsp-cluster"].store.aclose()
         await tutorial.aclose()
@@ -272,6 +362,7 @@ async def run(
     rps = {name: variants[name]["requests_per_s"] for name in variants_run}
     ratios = {
         "xsp/bare": rps["xsp"] / rps["bare"],
+        "xsp-leasing/bare": rps["xsp-leasing"] / rps["bare"],
         "tutorial/bare": rps["tutorial"] / rps["bare"],
         "xsp/tutorial": rps["xsp"] / rps["tutorial"],
         # The same ratio within each round (the variants ran back to back), then the median:
@@ -281,6 +372,12 @@ async def run(
             for x, t in zip(rounds["xsp"], rounds["tutorial"], strict=True)
         ),
     }
+    if "slowapi" in rps:
+        ratios["slowapi/bare"] = rps["slowapi"] / rps["bare"]
+        ratios["xsp/slowapi per round"] = statistics.median(
+            x["requests_per_s"] / s["requests_per_s"]
+            for x, s in zip(rounds["xsp"], rounds["slowapi"], strict=True)
+        )
     if cluster is not None:
         ratios["cluster/standalone per round"] = statistics.median(
             c["requests_per_s"] / x["requests_per_s"]
@@ -289,6 +386,14 @@ async def run(
         ratios["cluster/standalone p99"] = (
             variants["xsp-cluster"]["p99_ms"] / variants["xsp"]["p99_ms"]
         )
+    low_p99 = {
+        name: statistics.median(r["p99_ms"] for r in runs)
+        for name, runs in low_load.items()
+        if runs
+    }
+    if "xsp-unpipelined" in low_p99:
+        # Below 1.00x: auto-pipelining adds no latency at light traffic.
+        ratios["low-load p99 xsp/unpipelined"] = low_p99["xsp"] / low_p99["xsp-unpipelined"]
     return {
         "config": {
             "concurrency": CONCURRENCY,
@@ -333,13 +438,13 @@ def print_table(report: dict[str, Any]) -> None:
         print(f"  {name:<12} p50 {v['p50_ms']:.3f} ms  p99 {v['p99_ms']:.3f} ms")
     print()
     for name, value in report["ratios"].items():
-        print(f"{name:<24}{value:>6.2f}x")
+        print(f"{name:<30}{value:>6.2f}x")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per run")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds over the three variants")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over the variants")
     parser.add_argument("--redis-url", help="use this Redis (its database is flushed)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument(
