@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 from decimal import Decimal
 from typing import Any
 
@@ -12,10 +13,12 @@ import pytest
 import redis
 from conftest import SECRET, as_user, client
 from http_load import fire
+from redis_server import RedisServer
 from redis_topologies import RedisClusterNodes
 from test_processes import _env, uvicorn
 
 from xsp_middleware import Campaign, ConfigError, Settings, XSPMiddleware
+from xsp_middleware.errors import StoreUnavailable
 from xsp_middleware.settings import Rules
 from xsp_middleware.store import Store
 
@@ -311,3 +314,67 @@ async def test_two_uvicorn_processes_return_their_leases_when_they_shut_down(
     # Both servers shut down (SIGTERM, lifespan shutdown): every lease came back.
     view = await _observer(redis_url).get_campaign("c1")
     assert (view.spent_units, view.leased_units, view.impressions) == (600 * COST, 0, 600)
+
+
+async def test_a_grant_whose_reply_was_lost_is_neither_lost_nor_applied_twice() -> None:
+    """The store stalls past the timeout while granting: the grant runs late, its reply is lost
+    to the caller. The same call, sent again, gets the same answer and applies nothing twice,
+    so the units come back at shutdown."""
+    server = RedisServer()
+    try:
+        campaigns = [Campaign(id="hot", budget="2.00", cpm="2.00", leasing=True)]
+        store = Store(
+            Rules.from_settings(
+                Settings(
+                    redis_url=server.url,
+                    secret_key=SECRET,
+                    store_timeout=0.2,
+                    circuit_breaker="off",
+                    campaigns=campaigns,
+                )
+            )
+        )
+        rule = store.rules.rule_for("hot")
+        await store.ping()
+        await store.get_campaign("hot")  # connected
+        server.signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(StoreUnavailable):
+                await store.reserve("hot", None, COST, rule)
+            await asyncio.sleep(0.3)  # the grant's deadline passes too
+        finally:
+            server.signal(signal.SIGCONT)
+        await asyncio.sleep(0.3)  # the late grant runs
+        served = 0
+        for _ in range(5):
+            served += (await store.reserve("hot", None, COST, rule)).reserved
+        await store.return_leases()
+        view = await _observer(server.url).get_campaign("hot")
+        assert (view.spent_units, view.impressions, view.leased_units) == (
+            served * COST,
+            served,
+            0,
+        )
+    finally:
+        server.stop()
+
+
+async def test_leases_come_back_when_the_connections_were_dropped(
+    redis_server: RedisServer, redis_url: str
+) -> None:
+    """Leased decisions make no campaign call, so the connections sit idle; a restart or a
+    proxy's idle timeout drops them. The return at shutdown is sent again and lands once."""
+    campaigns = [Campaign(id="hot", budget="2.00", cpm="2.00", leasing=True)]
+    store = Store(
+        Rules.from_settings(
+            Settings(redis_url=redis_url, secret_key=SECRET, lease_seconds=30, campaigns=campaigns)
+        )
+    )
+    rule = store.rules.rule_for("hot")
+    served = 0
+    for _ in range(40):  # anonymous: mostly from the lease, no round trip
+        served += (await store.reserve("hot", None, COST, rule)).reserved
+    redis_server.command("CLIENT", "KILL", "TYPE", "normal")
+    await store.return_leases()
+    view = await _observer(redis_url).get_campaign("hot")
+    assert (view.spent_units, view.impressions, view.leased_units) == (served * COST, served, 0)

@@ -89,6 +89,12 @@ class Lease:
     """The grant request in flight, if any."""
     error: Exception | None = None
     """Why the last grant request failed (the store did not answer), or None."""
+    seq: int = 0
+    """The sequence number of the last lease.lua call."""
+    lock: asyncio.Lock | None = None
+    """Keeps this lease's calls in order, one at a time."""
+    unacked: Any = None
+    """A call whose reply was lost, and what to do with its reply: sent again first."""
     context: Any = None
     """What the store needs to ask for more: the campaign's rule and time zone."""
 

@@ -27,9 +27,9 @@ RELEASE_USER = _load_script("release_user", retry_safe=False)
 PEEK_USER = _load_script("peek_user", retry_safe=True)
 CAMPAIGN_CONFIG = _load_script("campaign_config", retry_safe=True)
 
-# Budget leasing (any topology): a grant, a report, or a return of unspent units. Not retry-safe:
-# a return run twice would give the units back twice.
-LEASE = _load_script("lease", retry_safe=False)
+# Budget leasing (any topology): a grant, a report, or a return of unspent units. Each call
+# carries a sequence number the script applies at most once, so sending it again is safe.
+LEASE = _load_script("lease", retry_safe=True)
 
 REASONS = (
     "served",

@@ -18,6 +18,7 @@ import hmac
 import inspect
 import itertools
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -234,7 +235,7 @@ def reservation_from(context: tuple[str, str | None, bool], reply: Any) -> Reser
 
 
 class _LoopState:
-    __slots__ = ("client", "lease_tasks", "leases", "pipeline", "shards")
+    __slots__ = ("client", "lease_client", "lease_tasks", "leases", "pipeline", "shards")
 
     def __init__(self, client: Any, pipeline: AutoPipeline | None, shards: Shards | None) -> None:
         self.client = client
@@ -243,6 +244,8 @@ class _LoopState:
         self.leases: dict[str, Lease] = {}
         """Budget leases of this event loop, per campaign (see leases.py)."""
         self.lease_tasks: set[asyncio.Task[None]] = set()
+        self.lease_client = secrets.token_hex(8)
+        """Names this loop's lease calls (their sequence numbers are per lease)."""
 
 
 class Store:
@@ -568,7 +571,9 @@ class Store:
             now = self._lease_now()
             if not lease.take(cost, now):
                 return None
-        generation = lease.generation
+        # Taken now, before any await: the lease may be settled (a new generation, a new day)
+        # while the user's half runs, and a release must go where these units came from.
+        generation, day_start = lease.generation, lease.day_start
         started = time.monotonic()
 
         def reservation(
@@ -585,7 +590,7 @@ class Store:
                 at_ms=at or self.now_ms(),
                 campaign_id=campaign_id,
                 user_key=user_key,
-                day_start_ms=lease.day_start,
+                day_start_ms=day_start,
                 logs=logs,
                 lease=generation if reserved else None,
                 **kw,
@@ -691,17 +696,20 @@ class Store:
         return task
 
     def _lease_call(
-        self, lease: Lease, wanted: int, back: int, back_day: int, smallest: int
+        self, state: _LoopState, lease: Lease, wanted: int, back: int, back_day: int, smallest: int
     ) -> tuple[int, int, bytes]:
-        """The slot and packed arguments of one lease.lua call, with the lease's report."""
+        """The slot and packed arguments of one lease.lua call, with the lease's report and the
+        next sequence number (which makes sending it again safe)."""
         rule, tz = lease.context
         used, counters = lease.report()
+        lease.seq += 1
         cfg_key, state_key = self.campaign_keys(lease.campaign_id)
         bounds = self._calendars.span(tz, self.now_ms())[0]
         args = (
-            2,
+            3,
             cfg_key,
             state_key,
+            f"{self._prefix}:c:{{{lease.campaign_id}}}:q:{state.lease_client}",
             lease.campaign_id,
             *rule.wire,
             tz,
@@ -715,6 +723,7 @@ class Store:
             counters,
             smallest,
             LEASE_SHARE,
+            lease.seq,
         )
         return slot_of(cfg_key) if self.is_cluster else 0, len(args), pack_args(args)
 
@@ -724,15 +733,44 @@ class Store:
         assert state.pipeline is not None
         return await state.pipeline.call(LEASE, nargs, body)
 
+    async def _lease_exchange(
+        self,
+        state: _LoopState,
+        lease: Lease,
+        build: Callable[[], tuple[int, int, bytes]],
+        handle: Callable[[Any], None],
+    ) -> None:
+        """One lease.lua call, in order with the lease's others. A call whose reply was lost
+        (a timeout, a dropped connection) stays pending and is sent again, with the same
+        sequence number, before the next one: the script applies it at most once, so a grant,
+        a report or a return is never lost nor applied twice. Raises StoreUnavailable."""
+        if lease.lock is None:
+            lease.lock = asyncio.Lock()
+        async with lease.lock:
+            if lease.unacked is not None:
+                call, then = lease.unacked
+                reply = await self._send_lease(state, *call)
+                lease.unacked = None
+                then(reply)
+            call = build()
+            lease.unacked = (call, handle)
+            reply = await self._send_lease(state, *call)
+            lease.unacked = None
+            handle(reply)
+
     async def _renew(self, state: _LoopState, lease: Lease, cost: int) -> None:
         """Ask for more budget before the lease runs out (and report what it served)."""
+        sent = self._lease_now()
         try:
-            sent = self._lease_now()
-            wanted = lease.wanted(cost, self._lease_ms, sent)
-            call = self._lease_call(lease, wanted, 0, 0, cost)
-            reply = await self._send_lease(state, *call)
+            await self._lease_exchange(
+                state,
+                lease,
+                lambda: self._lease_call(
+                    state, lease, lease.wanted(cost, self._lease_ms, sent), 0, 0, cost
+                ),
+                lambda reply: self._granted(state, lease, reply, sent),
+            )
             lease.error = None
-            self._granted(state, lease, reply, sent)
         except StoreUnavailable as exc:
             lease.error = exc
             lease.retry_at = self._lease_now() + RETRY_MS
@@ -761,13 +799,17 @@ class Store:
         lease.exhausted = granted != 1 and reason == 2
         if granted != 1:
             lease.retry_at = now + RETRY_MS
-            if reason in (3, 5, LEASING_OFF):  # paused, outside its flight, or off: stop now
+            # Paused, outside its flight, leasing turned off, or over a budget lowered since
+            # the units were granted: stop spending them now.
+            if reason in (3, 5, LEASING_OFF) or (reason == 2 and left < 0):
                 self._return_soon(state, lease)
             return
         if units <= 0:
             return
-        if lease.balance and day_start != lease.day_start:
-            self._return_soon(state, lease)  # the day turned: the old units go back to it
+        if day_start != lease.day_start:
+            # The day turned: what the lease holds (and what it served) belongs to the old day,
+            # and so does any release of it; a new generation keeps them apart.
+            self._return_soon(state, lease)
         lease.balance += units
         lease.day_start = day_start
         lease.last_grant = units
@@ -785,7 +827,7 @@ class Store:
         lease.timer = None
         if lease.expires and self._lease_now() < lease.expires:
             self._arm_expiry(state, lease)  # renewed meanwhile
-        elif not lease.idle:
+        elif not lease.idle or lease.unacked is not None:
             self._return_soon(state, lease)
 
     def _return_soon(self, state: _LoopState, lease: Lease) -> asyncio.Task[None] | None:
@@ -795,21 +837,30 @@ class Store:
         if lease.timer is not None:
             lease.timer.cancel()
             lease.timer = None
-        if lease.idle and not back:
+        if lease.idle and not back and lease.unacked is None:
             return None
-        call = self._lease_call(lease, 0, back, back_day, 1)
-        return self._lease_task(state, self._give_back(state, lease.campaign_id, back, call))
+        return self._lease_task(state, self._give_back(state, lease, back, back_day))
 
-    async def _give_back(
-        self, state: _LoopState, campaign_id: str, back: int, call: tuple[int, int, bytes]
-    ) -> None:
+    async def _give_back(self, state: _LoopState, lease: Lease, back: int, back_day: int) -> None:
+        def build() -> tuple[int, int, bytes]:
+            # A grant whose lost reply was just replayed (see _lease_exchange) went into the
+            # settled lease: it goes back too.
+            nonlocal back, back_day
+            if lease.balance and (not back or lease.day_start == back_day):
+                back_day = lease.day_start
+                back += lease.settle()
+            return self._lease_call(state, lease, 0, back, back_day, 1)
+
         try:
-            await self._send_lease(state, *call)
+            await self._lease_exchange(state, lease, build, _ignore)
         except StoreUnavailable as exc:
-            # Not retried: the return may have applied. The units stay counted as spent
-            # (under-delivery, never an overspend).
+            # Pending: sent again before the lease's next call (or at shutdown). Until then the
+            # units stay counted as spent: under-delivery, never an overspend.
             logger.warning(
-                "campaign %s: could not give back %d leased units: %s", campaign_id, back, exc
+                "campaign %s: could not give back %d leased units yet: %s",
+                lease.campaign_id,
+                back,
+                exc,
             )
 
     async def _report_lease(self, campaign_id: str) -> None:
@@ -818,12 +869,11 @@ class Store:
         lease = None if state is None else state.leases.get(campaign_id)
         if state is None or lease is None or lease.context is None:
             return
-        if lease.renewing and state.lease_tasks:
-            await asyncio.gather(*list(state.lease_tasks), return_exceptions=True)
-        if lease.used or any(lease.counters.values()):
-            call = self._lease_call(lease, 0, 0, 0, 1)
+        if lease.used or any(lease.counters.values()) or lease.unacked is not None:
             try:
-                await self._send_lease(state, *call)
+                await self._lease_exchange(
+                    state, lease, lambda: self._lease_call(state, lease, 0, 0, 0, 1), _ignore
+                )
             except StoreUnavailable as exc:
                 logger.warning("campaign %s: could not report a lease: %s", campaign_id, exc)
 
@@ -851,7 +901,7 @@ class Store:
         if state.lease_tasks:
             await asyncio.gather(*list(state.lease_tasks), return_exceptions=True)
         for lease in state.leases.values():
-            if not lease.idle and lease.context is not None:
+            if (not lease.idle or lease.unacked is not None) and lease.context is not None:
                 self._return_soon(state, lease)
         if state.lease_tasks:
             await asyncio.gather(*list(state.lease_tasks), return_exceptions=True)
@@ -1698,6 +1748,10 @@ class Store:
             if state.shards is not None:
                 await state.shards.aclose()
             await state.client.aclose()
+
+
+def _ignore(reply: Any) -> None:
+    """A lease call whose reply needs nothing more (a report, a return)."""
 
 
 def day_span(tz: str, now_ms: int) -> tuple[int, int]:

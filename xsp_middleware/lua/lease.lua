@@ -2,7 +2,8 @@
 -- budget, spends it locally, and reports back. Leased units are added to the spend when they are
 -- granted, so every other process (and every non-leased decision) sees them as spent: no
 -- overspend, whatever the concurrency. Unspent units come back with ARGV[16] (expiry, shutdown).
--- KEYS[1] campaign config hash, KEYS[2] campaign state hash.
+-- KEYS[1] campaign config hash, KEYS[2] campaign state hash, KEYS[3] this lease's last answer
+-- (one key per process and campaign, in the campaign's slot; it expires after a day).
 -- ARGV[1] campaign id   ARGV[2..10] fallback config (see xsp_config)
 -- ARGV[11] time zone the bounds were computed in   ARGV[12] campaign calendar bounds
 -- ARGV[13] pacing burst allowance (parts per 10000)   ARGV[14] now override ms ('' = TIME)
@@ -12,16 +13,42 @@
 -- ARGV[19] counters to add, "field=n,field=n" (impressions served from the lease, denials)
 -- ARGV[20] the smallest grant worth having (one impression at the price the app will charge)
 -- ARGV[21] the largest share of what is left one grant may take, as a divisor (8: an eighth)
+-- ARGV[22] the call's sequence number for this lease. A call whose number was already applied
+-- (sent again after its reply was lost) applies nothing and gets the same answer: the app can
+-- always send a call again, so a lost reply never loses a grant, a report or a return.
 -- Reply: {granted 1/0, reason (0, or 2 budget_exhausted, 3 campaign_paused, 4 paced,
 --   5 campaign_inactive, 9 retry: the stored time zone differs from ARGV[11], 11 leasing is
 --   off in the store), units granted,
 --   remaining budget after the grant, server time ms, day start ms of the grant (0: no daily
 --   budget), ms until the grant must stop being used (the end of the day, flight or pacing
 --   period), the stored time zone, the stored caps, the stored price, the stored leasing flag}.
+--   When refused for budget (reason 2), the remaining budget is negative if the campaign is now
+--   over its budget (lowered meanwhile): the app gives its lease back at once.
 local c = xsp_config(KEYS[1], 2)
 local tz = c.tz or 'UTC'
 local now = xsp_now_ms(ARGV[14])
 local leasing = redis.call('HGET', KEYS[1], 'leasing') or ''
+local seq = tonumber(ARGV[22])
+
+local function reply(granted, reason, units, left, day_start, valid_ms)
+  local valid_until = 0
+  if valid_ms > 0 then valid_until = now + valid_ms end
+  redis.call('SET', KEYS[3], table.concat({xsp_int(seq), granted, reason, xsp_int(units),
+    xsp_int(left), xsp_int(day_start), xsp_int(valid_until)}, '|'), 'PX', 86400000)
+  return {granted, reason, units, left, now, day_start, valid_ms, tz, c.caps or '',
+    c.cost or '', leasing}
+end
+
+local last = redis.call('GET', KEYS[3])
+if last then
+  local p = xsp_split(last, '|')
+  if tonumber(p[1]) >= seq then
+    local valid_ms = 0
+    if tonumber(p[7]) > 0 then valid_ms = math.max(0, tonumber(p[7]) - now) end
+    return {tonumber(p[2]), tonumber(p[3]), tonumber(p[4]), tonumber(p[5]), now,
+      tonumber(p[6]), valid_ms, tz, c.caps or '', c.cost or '', leasing}
+  end
+end
 
 -- 1. The report: what the lease served and gives back. It applies whatever else happens.
 local back = tonumber(ARGV[16])
@@ -57,10 +84,6 @@ if back > 0 and redis.call('HGET', KEYS[1], 'status') == 'exhausted' then
   end
 end
 
-local function reply(granted, reason, units, left, day_start, valid_ms)
-  return {granted, reason, units, left, now, day_start, valid_ms, tz, c.caps or '',
-    c.cost or '', leasing}
-end
 local wanted = tonumber(ARGV[15])
 if tz ~= ARGV[11] then return reply(0, 9, 0, 0, 0, 0) end
 if wanted <= 0 then return reply(1, 0, 0, 0, 0, 0) end
@@ -103,7 +126,9 @@ if smallest < 1 then smallest = 1 end
 if room < smallest then
   local why = 2
   if k.remaining >= smallest and (not daily or daily - day_spent >= smallest) then why = 4 end
-  return reply(0, why, 0, k.remaining, day_start, 0)
+  local left = k.remaining
+  if daily and daily - day_spent < left then left = daily - day_spent end
+  return reply(0, why, 0, left, day_start, 0)
 end
 -- Leases shrink as the budget nears its end: one grant takes at most a share of what is left
 -- (but always one impression), so what sits unspent in other processes stays small.
