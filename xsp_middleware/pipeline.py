@@ -135,6 +135,14 @@ def _expire(future: asyncio.Future[Any], timeout: float) -> None:
         future.set_exception(StoreUnavailable(f"the store did not answer within {timeout}s"))
 
 
+EARLY_FLUSH = 16
+"""A queue this long goes out at once, on an idle connected connection, rather than at the end
+of the loop iteration: the server runs it while the process prepares the next calls."""
+WARM_SLOTS = 4
+"""Connections the first batch opens (its own and three more, concurrently): enough batches in
+flight for the overlap, few sockets per event loop. More open only when these break."""
+
+
 class AutoPipeline:
     """Coalesces script calls on one event loop over at most ``slots`` connections."""
 
@@ -161,6 +169,8 @@ class AutoPipeline:
         # for all, so deadlines come in this order too: one timer, for the oldest, is enough.
         self._waiting: deque[_Call] = deque()
         self._watchdog: asyncio.TimerHandle | None = None
+        self._warm = False
+        """Whether the first batch has connected every slot (see _send)."""
 
     def call(
         self,
@@ -183,6 +193,11 @@ class AutoPipeline:
         waiting.append(call)
         if self._watchdog is None:
             self._watchdog = loop.call_at(waiting[0].deadline, self._watch)
+        if len(self._queue) >= EARLY_FLUSH:
+            for conn in self._idle:
+                if conn.is_connected:
+                    self._send_queue(conn)
+                    return future
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
@@ -212,12 +227,22 @@ class AutoPipeline:
         self._flush_scheduled = False
         if not self._idle:
             return  # a connection coming back re-schedules the flush
+        for conn in self._idle:  # a connected one first: a new one costs a connect
+            if conn.is_connected:
+                break
+        else:
+            if any(c.is_connected for c in self._all if c not in self._idle):
+                return  # all connected ones are busy: the first back takes the queue
+        self._send_queue(conn)
+
+    def _send_queue(self, conn: AbstractConnection) -> None:
+        """Send the queued calls on ``conn`` (an idle connection)."""
         # Calls whose caller already gave up (timeout, cancellation) are never sent.
         batch = [c for c in self._queue if not c.future.done()]
         self._queue.clear()
         if not batch:
             return
-        conn = self._idle.pop()
+        self._idle.remove(conn)
         commands = [c.command(True) for c in batch]
         written = False
         if conn.is_connected:
@@ -246,7 +271,28 @@ class AutoPipeline:
         replies: list[Any] = []
         try:
             try:
-                await self._round_trip(conn, commands, replies, written)
+                if not self._warm:
+                    # The first batch connects WARM_SLOTS - 1 more slots, concurrently (each
+                    # with its SCRIPT LOADs in its first write): a full queue can then go out at
+                    # once on another connected slot (EARLY_FLUSH) without a connect, or a
+                    # preload, in the middle of traffic.
+                    self._warm = True
+                    cold = [c for c in self._idle if not c.is_connected][: WARM_SLOTS - 1]
+                    for other in cold:
+                        self._idle.remove(other)
+                    try:
+                        # Every connect is over before a slot goes back to the idle list.
+                        first, *_ = await asyncio.gather(
+                            self._round_trip(conn, commands, replies, written),
+                            *(self._connect(other) for other in cold),
+                            return_exceptions=True,
+                        )
+                    finally:
+                        self._idle.extend(cold)
+                    if isinstance(first, BaseException):
+                        raise first
+                else:
+                    await self._round_trip(conn, commands, replies, written)
             except _StaleConnection:
                 # An idle connection goes stale when Redis restarts or fails over: reconnect
                 # once. The server may have run the batch before the connection broke, so only
@@ -292,6 +338,14 @@ class AutoPipeline:
             if self._queue and not self._flush_scheduled and not self._loop.is_closed():
                 self._flush_scheduled = True
                 self._loop.call_soon(self._flush)
+
+    async def _connect(self, conn: AbstractConnection) -> None:
+        """Connect an idle slot ahead of need (its preload rides in its first write)."""
+        try:
+            await self._round_trip(conn, [], [])
+        except (TimeoutError, RedisError, OSError) as exc:
+            await _discard(conn)  # connected again when a batch needs it
+            logger.debug("connecting a store connection ahead of need failed: %s", exc)
 
     async def _round_trip(
         self,
