@@ -121,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--serve", action="store_true", help="serve the demo on 127.0.0.1:8000")
     demo.add_argument("--plot", metavar="FILE.png", help="chart even pacing over a simulated day")
-    demo.add_argument("--users", type=int, default=3000, help="simulated users (default 3000)")
+    demo.add_argument("--users", type=int, default=2000, help="simulated users (default 2000)")
     return parser
 
 

@@ -31,9 +31,9 @@ CAMPAIGNS = (
     # The tutorial's three campaigns...
     Campaign(id="campaign_premium", caps=["5/1d"], cpm="4.00"),
     Campaign(id="campaign_standard", caps=["3/1h"], cpm="2.00"),
-    Campaign(id="campaign_budget", caps=["10/1h"], cpm="1.00", budget="2.00"),
+    Campaign(id="campaign_budget", caps=["10/1h"], cpm="1.00", budget="1.50"),
     # ...and one paced evenly over the day, so pacing shows too.
-    Campaign(id="campaign_even", caps=["3/1h"], cpm="2.00", daily_budget="5.00", pacing="even"),
+    Campaign(id="campaign_even", caps=["3/1h"], cpm="2.00", daily_budget="3.00", pacing="even"),
 )
 WEIGHTS = (0.3, 0.35, 0.2, 0.15)
 CONCURRENCY = 64
