@@ -51,6 +51,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 from redis_topologies import RedisClusterNodes  # noqa: E402
 
+sys.path.insert(0, str(HERE))
+from cluster_compensation import call  # noqa: E402
+
 SECRET_KEY = "bench-secret-key-0123456789"
 COST_UNITS = 20_000  # CPM 2.00
 
@@ -70,35 +73,6 @@ def make_app(url: str, campaign: Campaign) -> XSPMiddleware:
     )
 
 
-async def call(app: Any, query: bytes, uid: bytes) -> int:
-    status = 0
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        nonlocal status
-        if message["type"] == "http.response.start":
-            status = message["status"]
-
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.4"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": "/ad",
-        "raw_path": b"/ad",
-        "root_path": "",
-        "query_string": query,
-        "headers": [(b"host", b"bench"), (b"cookie", b"user_id=" + uid)],
-        "client": ("127.0.0.1", 50000),
-        "server": ("127.0.0.1", 8000),
-    }
-    await app(scope, receive, send)
-    return status
-
-
 def script_calls(node: redis.Redis) -> int:
     stats = node.info("commandstats")
     return sum(stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("evalsha", "eval"))
@@ -111,10 +85,10 @@ class Users:
         self._ids = (f"{tag}-{i}" for i in itertools.count())
         self._cluster, self._store, self._shard = cluster, app.store, shard
 
-    def __next__(self) -> bytes:
+    def __next__(self) -> str:
         for uid in self._ids:
             if self._cluster.index_for_key(self._store.user_key(uid)) != self._shard:
-                return uid.encode()
+                return uid
         raise StopIteration
 
 
@@ -126,9 +100,8 @@ async def steady(
     shard = cluster.index_for_key(app.store.campaign_keys(cid)[0])
     users = Users(cluster, app, shard, f"r{run}")
     pool = [next(users) for _ in range(int(args.seconds * 20_000) + 5_000)]
-    query = f"campaign_id={cid}".encode()
     # Warm up: connections, scripts, the first lease.
-    await asyncio.gather(*(call(app, query, pool.pop()) for _ in range(200)))
+    await asyncio.gather(*(call(app, cid, pool.pop()) for _ in range(200)))
     before = [script_calls(n) for n in nodes]
     served = denied = 0
     end = time.monotonic() + args.seconds
@@ -137,7 +110,7 @@ async def steady(
     async def worker() -> None:
         nonlocal served, denied
         while time.monotonic() < end:
-            if await call(app, query, pool.pop()) == 200:
+            if await call(app, cid, pool.pop()) == 200:
                 served += 1
             else:
                 denied += 1
@@ -164,7 +137,6 @@ async def end_of_budget(cluster: RedisClusterNodes, args: Any) -> dict[str, Any]
     cid = "ending"
     campaign = Campaign(id=cid, budget=f"{args.budget * 0.002:.3f}", cpm="2.00", leasing=True)
     apps = [make_app(cluster.url, campaign) for _ in range(3)]
-    query = f"campaign_id={cid}".encode()
     ids = itertools.count()
 
     async def wave(n: int) -> int:
@@ -173,7 +145,7 @@ async def end_of_budget(cluster: RedisClusterNodes, args: Any) -> dict[str, Any]
         async def worker(app: XSPMiddleware) -> None:
             nonlocal served
             for _ in range(n // (3 * 32)):
-                if await call(app, query, b"e%d" % next(ids)) == 200:
+                if await call(app, cid, f"e{next(ids)}") == 200:
                     served += 1
 
         await asyncio.gather(*(worker(app) for app in apps for _ in range(32)))

@@ -910,7 +910,6 @@ class Store:
         """Undo a leased reservation: its units go back to the lease (or to the store when the
         lease has been returned since), and its time comes out of the user's logs."""
         lease = state.leases.get(r.campaign_id)
-        calls: list[tuple[int, Script, int, bytes]] = []
         assert r.lease is not None
         if lease is not None and lease.exhausted and r.lease == lease.generation:
             # The budget is at its end: the units go back to the store, where any process can
@@ -919,23 +918,9 @@ class Store:
             task = self._return_soon(state, lease)
             if task is not None:
                 await asyncio.wait((task,))
-        if lease is None or not lease.give_back(r.lease, r.cost_units, "n:released"):
-            cfg_key, state_key = self.campaign_keys(r.campaign_id)
-            args: tuple[str | int, ...] = (
-                2,
-                cfg_key,
-                state_key,
-                r.campaign_id,
-                r.cost_units,
-                r.at_ms,
-                "1",
-                r.day_start_ms,
-                0,
-            )
-            calls.append((slot_of(cfg_key), RELEASE, len(args), pack_args(args)))
-        if r.logs and r.user_key is not None:
-            args = (1, r.user_key, r.campaign_id, r.at_ms, r.logs)
-            calls.append((slot_of(r.user_key), RELEASE_USER, len(args), pack_args(args)))
+        # Back into the lease when it still holds this generation; otherwise to the store.
+        into_lease = lease is not None and lease.give_back(r.lease, r.cost_units, "n:released")
+        calls = self.release_split_calls(r, campaign=not into_lease)
         for slot, script, nargs, body in calls:
             if state.shards is not None:
                 await self._call_slot(slot, script, nargs, body)
@@ -1301,11 +1286,14 @@ class Store:
             if isinstance(result, BaseException):
                 raise result
 
-    def release_split_calls(self, r: Reservation) -> list[tuple[int, Script, int, bytes]]:
-        """A cluster reservation's releases: the campaign's half and the user's half."""
+    def release_split_calls(
+        self, r: Reservation, *, campaign: bool = True
+    ) -> list[tuple[int, Script, int, bytes]]:
+        """A cluster (or leased) reservation's releases: the campaign's half (unless
+        ``campaign`` is false) and the user's half."""
         calls = []
         cfg_key, state_key = self.campaign_keys(r.campaign_id)
-        if r.campaign_held:
+        if r.campaign_held and campaign:
             args: tuple[str | int, ...] = (
                 2,
                 cfg_key,

@@ -52,14 +52,7 @@ end
 
 -- 1. The report: what the lease served and gives back. It applies whatever else happens.
 local back = tonumber(ARGV[16])
-local function give_back(field)
-  local value = tonumber(redis.call('HGET', KEYS[2], field) or '0')
-  if value >= back then redis.call('HINCRBY', KEYS[2], field, '-' .. ARGV[16]) end
-end
-if back > 0 then
-  give_back('spent')
-  if ARGV[17] ~= '0' then give_back('day:' .. ARGV[17]) end
-end
+if back > 0 then xsp_give_back(KEYS[2], ARGV[16], ARGV[17]) end
 -- Units used since the last report leave the gauge (negative: a reported ad was released and
 -- its units went back into the lease).
 local settled = back + tonumber(ARGV[18])
@@ -74,15 +67,7 @@ end
 for field, n in string.gmatch(ARGV[19], '([%w:]+)=(-?%d+)') do
   redis.call('HINCRBY', KEYS[2], field, n)
 end
-if back > 0 and redis.call('HGET', KEYS[1], 'status') == 'exhausted' then
-  -- As release.lua: units coming back can make an exhausted campaign serve again.
-  local ran_out = tonumber(redis.call('HGET', KEYS[2], 'lx') or '')
-  local spent = tonumber(redis.call('HGET', KEYS[2], 'spent') or '0')
-  if ran_out and ran_out - spent >= (tonumber(c.cost) or 1) then
-    redis.call('HSET', KEYS[1], 'status', 'active')
-    redis.call('HDEL', KEYS[2], 'lx')
-  end
-end
+if back > 0 then xsp_reactivate(KEYS[1], KEYS[2], tonumber(c.cost) or 1) end
 
 local wanted = tonumber(ARGV[15])
 if tz ~= ARGV[11] then return reply(0, 9, 0, 0, 0, 0) end

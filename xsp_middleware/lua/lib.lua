@@ -368,3 +368,28 @@ local function xsp_campaign_commit(st_key, k, counts)
     redis.call('HDEL', st_key, 'day:' .. xsp_int(k.day_start - 2 * 86400000))
   end
 end
+
+-- Spend coming back (a release, a lease's unspent units): take `amount_s` (a non-negative
+-- integer string) off the spend and off its day's spend (day '0': none), never below zero
+-- (the campaign's state may have been reset in between).
+local function xsp_give_back(st_key, amount_s, day)
+  local amount = tonumber(amount_s)
+  for _, field in ipairs({'spent', day ~= '0' and ('day:' .. day) or nil}) do
+    local value = tonumber(redis.call('HGET', st_key, field) or '0')
+    if value >= amount then redis.call('HINCRBY', st_key, field, '-' .. amount_s) end
+  end
+end
+
+-- After spend came back: a campaign flipped to exhausted is active again when the budget that
+-- ran out ('lx') can pay `need` once more. Otherwise a released last impression (a cluster's
+-- compensation, a lease's return) would leave budget unspent for good. The marker goes too, so
+-- the exhaustion that really ends the budget fires the hook again.
+local function xsp_reactivate(cfg_key, st_key, need)
+  if redis.call('HGET', cfg_key, 'status') ~= 'exhausted' then return end
+  local ran_out = tonumber(redis.call('HGET', st_key, 'lx') or '')
+  local spent = tonumber(redis.call('HGET', st_key, 'spent') or '0')
+  if ran_out and ran_out - spent >= need then
+    redis.call('HSET', cfg_key, 'status', 'active')
+    redis.call('HDEL', st_key, 'lx')
+  end
+end
