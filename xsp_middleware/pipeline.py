@@ -193,7 +193,10 @@ class AutoPipeline:
         waiting.append(call)
         if self._watchdog is None:
             self._watchdog = loop.call_at(waiting[0].deadline, self._watch)
-        if len(self._queue) >= EARLY_FLUSH:
+        if len(self._queue) >= EARLY_FLUSH or len(self._idle) == len(self._all):
+            # A full queue, or a call while nothing is in flight (light traffic): it goes out
+            # now rather than at the end of the loop iteration. While batches are in flight,
+            # calls wait for the flush and share its write.
             for conn in self._idle:
                 if conn.is_connected:
                     self._send_queue(conn)
