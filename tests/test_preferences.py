@@ -50,6 +50,10 @@ CHANGES: list[tuple[str, str, dict[str, Any]]] = [
 
 def make_prefs(url: str, **options: Any) -> PreferencesApp:
     options.setdefault("secret_key", SECRET)
+    # As conftest's make_app: behaviour tests, not latency tests. With the default 50 ms, a
+    # Sentinel connect (ask a sentinel, then connect to the master) on a busy CI box failed one
+    # run with "Timeout connecting to server". Tests of timeouts set store_timeout themselves.
+    options.setdefault("store_timeout", 2.0)
     return preferences_app(redis_url=url, **options)
 
 
