@@ -58,7 +58,8 @@ def make_prefs(url: str, **options: Any) -> PreferencesApp:
 
 
 def store_for(url: str) -> Store:
-    return Store(Rules.from_settings(Settings(redis_url=url, secret_key=SECRET)))
+    settings = Settings(redis_url=url, secret_key=SECRET, store_timeout=2.0)
+    return Store(Rules.from_settings(settings))
 
 
 def problem(r: httpx.Response, status: int) -> dict[str, Any]:

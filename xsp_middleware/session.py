@@ -43,6 +43,19 @@ class UpstreamSession:
         self.rules = Rules.from_settings(settings)
         self.store = Store(self.rules)
 
+    async def aclose(self) -> None:
+        """Give back this event loop's budget leases and close its Redis connections.
+
+        Call it (or use ``async with UpstreamSession(...)``) when the session ends: a lease
+        that is never returned stays counted as spent."""
+        await self.store.aclose()
+
+    async def __aenter__(self) -> UpstreamSession:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
     def _campaign(self, value: object) -> str:
         problem = campaign_id_problem(value)
         if problem is not None:
