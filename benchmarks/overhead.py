@@ -35,6 +35,13 @@ replies. The bare app never suspends, so its requests run one after another
 ``slowapi``, whose blocking Redis calls hold the event loop (its requests run one after another,
 each with its Redis round trip).
 
+Each round also runs the reserve script alone: ``xsp``'s own packed calls (for new users)
+through its own auto-pipeline, 64 in flight, with no ASGI, no parsing, no HMAC and no decision.
+Every row reports this process's CPU per request (``time.process_time``; Redis is another
+process), so the table shows where the time goes: with the bare app's CPU ``B`` and the script
+alone's ``S``, ``B / (B + S)`` is the most that any middleware making one pipelined script call
+per request could reach while doing nothing else in Python (the ``ceiling`` ratio).
+
 Then, at low load (one request in flight), the decision latency of ``xsp`` and
 ``xsp-cluster``, and of ``xsp-unpipelined``: the same middleware with auto-pipelining off (each
 script call written at once, alone, on its connection, instead of on the next loop iteration
@@ -74,6 +81,7 @@ from xsp_middleware import XSPMiddleware
 from xsp_middleware.demo import vast_xml
 from xsp_middleware.pipeline import AutoPipeline
 from xsp_middleware.scripts import STANDALONE_SCRIPTS
+from xsp_middleware.store import RESERVE
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -182,6 +190,11 @@ class Phase:
         self.statuses: dict[str, int] = {}
         self.latencies: list[float] = []
         self.elapsed = 0.0
+        self.cpu = 0.0  # this process's CPU seconds (Redis runs in its own process)
+
+    @property
+    def handled(self) -> int:
+        return self.ok + sum(self.statuses.values())
 
 
 def request_once() -> Callable[[], Any]:
@@ -237,9 +250,48 @@ async def drive(
                 statuses[str(status)] = statuses.get(str(status), 0) + 1
 
     start = clock()
+    cpu = time.process_time()
     deadline = start + seconds
     await asyncio.gather(*(worker(deadline) for _ in range(concurrency)))
     phase.elapsed = clock() - start
+    phase.cpu = time.process_time() - cpu
+    return phase
+
+
+def script_calls(xsp: XSPMiddleware, count: int) -> list[tuple[int, bytes]]:
+    """``count`` packed reserve calls, each for a distinct new user, as ``xsp`` packs them."""
+    store = xsp.store
+    rule = store.rules.rule_for("c0")
+    cost = 25_000  # CPM 2.50 in units of 1e-7 per impression
+    return [
+        store.reserve_call(f"c{n % CAMPAIGNS}", store.user_key(f"s{n}"), cost, rule, True, "UTC")
+        for n in range(count)
+    ]
+
+
+async def drive_script(xsp: XSPMiddleware, seconds: float, calls: list[tuple[int, bytes]]) -> Phase:
+    """The reserve script alone: ``CONCURRENCY`` workers send ``xsp``'s packed calls through
+    its own auto-pipeline back to back, with no ASGI, no parsing, no HMAC and no decision.
+    Its CPU per call is what one pipelined script call costs this process."""
+    state = xsp.store._state()
+    assert state.pipeline is not None
+    pipeline = state.pipeline
+    phase = Phase()
+    clock = time.perf_counter
+    next_call = itertools.cycle(calls).__next__
+
+    async def worker(deadline: float) -> None:
+        while clock() < deadline:
+            nargs, body = next_call()
+            await pipeline.call(RESERVE, nargs, body)
+            phase.ok += 1
+
+    start = clock()
+    cpu = time.process_time()
+    deadline = start + seconds
+    await asyncio.gather(*(worker(deadline) for _ in range(CONCURRENCY)))
+    phase.elapsed = clock() - start
+    phase.cpu = time.process_time() - cpu
     return phase
 
 
@@ -289,6 +341,8 @@ async def run(
         "xsp-unpipelined": [],
         "xsp-cluster": [],
     }
+    script_rounds: list[dict[str, float]] = []
+    calls = script_calls(xsp, 200_000)
     apps["xsp-unpipelined"] = await unpipelined(
         XSPMiddleware(base, redis_url=redis_url, secret_key=SECRET_KEY, default_budget=BUDGET)
     )
@@ -308,13 +362,32 @@ async def run(
                     "ok": phase.ok,
                     "non_200": dict(phase.statuses),
                     "seconds": phase.elapsed,
+                    "cpu_us": phase.cpu / max(1, phase.handled) * 1e6,
                 }
                 rounds[name].append(result)
                 progress(
                     f"round {round_no}/{args.rounds} {name:<8} "
                     f"{result['requests_per_s']:>9.0f} req/s  p50 {result['p50_ms']:.2f} ms  "
-                    f"p99 {result['p99_ms']:.2f} ms  non-200 {sum(phase.statuses.values())}"
+                    f"p99 {result['p99_ms']:.2f} ms  non-200 {sum(phase.statuses.values())}  "
+                    f"CPU {result['cpu_us']:.1f} us/request"
                 )
+            # The floor under any middleware that makes this one script call per request.
+            await admin.flushdb()
+            await drive_script(xsp, WARMUP_SECONDS, calls)
+            phase = await drive_script(xsp, args.seconds, calls)
+            script_rounds.append(
+                {
+                    "calls_per_s": phase.ok / phase.elapsed,
+                    "cpu_us": phase.cpu / max(1, phase.ok) * 1e6,
+                    "busy": phase.cpu / phase.elapsed,
+                }
+            )
+            last = script_rounds[-1]
+            progress(
+                f"round {round_no}/{args.rounds} reserve script alone "
+                f"{last['calls_per_s']:>9.0f} calls/s  CPU {last['cpu_us']:.1f} us/call  "
+                f"process busy {last['busy']:.0%}"
+            )
         # Low load: one request in flight, so the latency is one decision's round trip (two
         # concurrent halves on the cluster) with no queueing behind other requests. The
         # variants alternate in slices of a tenth of a run, so drift on this noisy machine hits
@@ -325,8 +398,10 @@ async def run(
                 if name in apps:
                     await drive(apps[name], WARMUP_SECONDS / 5, users, concurrency=1)
                     pooled[name] = Phase()
-            for _ in range(10):
-                for name, total in pooled.items():
+            for slice_no in range(10):
+                # Every other slice runs the variants in reverse, so none always goes first.
+                order = list(pooled.items())
+                for name, total in order if slice_no % 2 == 0 else reversed(order):
                     phase = await drive(apps[name], args.seconds / 10, users, concurrency=1)
                     total.latencies += phase.latencies
                     total.ok += phase.ok
@@ -367,6 +442,7 @@ async def run(
             "p99_ms": statistics.median(r["p99_ms"] for r in runs),
             "non_200": non_200,
             "rounds": [round(r["requests_per_s"], 1) for r in runs],
+            "cpu_us_per_request": statistics.median(r["cpu_us"] for r in runs),
         }
     rps = {name: variants[name]["requests_per_s"] for name in variants_run}
     ratios = {
@@ -395,6 +471,16 @@ async def run(
         ratios["cluster/standalone p99"] = (
             variants["xsp-cluster"]["p99_ms"] / variants["xsp"]["p99_ms"]
         )
+    # Where the time goes: this process's CPU per request (Redis is another process). With
+    # bare's CPU B and the script's alone S, B / (B + S) is the most any middleware making one
+    # pipelined script call per request can reach while doing nothing else in Python.
+    ratios["xsp CPU/bare CPU per round"] = statistics.median(
+        x["cpu_us"] / b["cpu_us"] for x, b in zip(rounds["xsp"], rounds["bare"], strict=True)
+    )
+    ratios["ceiling: bare/(bare + script alone) per round"] = statistics.median(
+        b["cpu_us"] / (b["cpu_us"] + c["cpu_us"])
+        for b, c in zip(rounds["bare"], script_rounds, strict=True)
+    )
     low_p99 = {
         name: statistics.median(r["p99_ms"] for r in runs)
         for name, runs in low_load.items()
@@ -418,6 +504,10 @@ async def run(
             "python": sys.version.split()[0],
         },
         "variants": variants,
+        "reserve_script_alone": {
+            key: statistics.median(r[key] for r in script_rounds)
+            for key in ("calls_per_s", "cpu_us", "busy")
+        },
         "low_load": {
             name: {
                 key: statistics.median(r[key] for r in runs)
@@ -436,13 +526,21 @@ def print_table(report: dict[str, Any]) -> None:
         f"in-process ASGI, {cfg['concurrency']} concurrent requests, distinct users; "
         f"median of {cfg['rounds']} rounds x {cfg['seconds']} s (Python {cfg['python']})"
     )
-    print(f"{'variant':<10}{'requests/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'non-200':>9}")
+    print(
+        f"{'variant':<12}{'requests/s':>12}{'p50 ms':>10}{'p99 ms':>10}{'non-200':>9}"
+        f"{'CPU us/req':>12}"
+    )
     for name, v in report["variants"].items():
         non_200 = sum(v["non_200"].values())
         print(
-            f"{name:<10}{v['requests_per_s']:>12.0f}{v['p50_ms']:>10.2f}{v['p99_ms']:>10.2f}"
-            f"{non_200:>9}"
+            f"{name:<12}{v['requests_per_s']:>12.0f}{v['p50_ms']:>10.2f}{v['p99_ms']:>10.2f}"
+            f"{non_200:>9}{v['cpu_us_per_request']:>12.1f}"
         )
+    alone = report["reserve_script_alone"]
+    print(
+        f"reserve script alone, through the auto-pipeline: {alone['calls_per_s']:.0f} calls/s, "
+        f"CPU {alone['cpu_us']:.1f} us/call, process busy {alone['busy']:.0%}"
+    )
     for name, v in report["variants"].items():
         if v["non_200"]:
             print(f"  {name} non-200 responses: {v['non_200']}")
@@ -452,7 +550,7 @@ def print_table(report: dict[str, Any]) -> None:
         print(f"  {name:<16} p50 {v['p50_ms']:.3f} ms  p99 {v['p99_ms']:.3f} ms")
     print()
     for name, value in report["ratios"].items():
-        print(f"{name:<40}{value:>6.2f}x")
+        print(f"{name:<48}{value:>6.2f}x")
 
 
 def main(argv: list[str] | None = None) -> int:
