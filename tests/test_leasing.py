@@ -378,3 +378,133 @@ async def test_leases_come_back_when_the_connections_were_dropped(
     await store.return_leases()
     view = await _observer(redis_url).get_campaign("hot")
     assert (view.spent_units, view.impressions, view.leased_units) == (served * COST, served, 0)
+
+
+def _leasing_store(url: str, **settings: Any) -> Store:
+    campaigns = settings.pop("campaigns", None) or [
+        Campaign(id="hot", budget="2.00", cpm="2.00", leasing=True)
+    ]
+    return Store(
+        Rules.from_settings(
+            Settings(redis_url=url, secret_key=SECRET, campaigns=campaigns, **settings)
+        )
+    )
+
+
+async def _assert_exact(url: str, served: int) -> None:
+    view = await _observer(url).get_campaign("hot")
+    assert (view.spent_units, view.impressions, view.leased_units) == (served * COST, served, 0)
+
+
+async def test_a_return_that_fails_behind_an_unanswered_call_is_not_lost() -> None:
+    """A renewal's reply is lost (the store stalls past the timeout); the lease is returned
+    while the store is still stalled, so the renewal, sent again first, fails again. The units
+    being returned stay with the lease and go back once the store answers."""
+    server = RedisServer()
+    try:
+        store = _leasing_store(
+            server.url, store_timeout=0.2, circuit_breaker="off", lease_seconds=30
+        )
+        rule = store.rules.rule_for("hot")
+        served = 0
+        for _ in range(3):
+            served += (await store.reserve("hot", None, COST, rule)).reserved
+        await asyncio.sleep(0.05)
+        lease = store._state().leases["hot"]
+        server.signal(signal.SIGSTOP)
+        try:
+            while lease.balance * 2 >= lease.last_grant:  # spend until a renewal is due
+                served += (await store.reserve("hot", None, COST, rule)).reserved
+            served += (await store.reserve("hot", None, COST, rule)).reserved  # asks, times out
+            await asyncio.sleep(0.5)
+            await store.return_leases()  # its resend of the renewal fails too
+        finally:
+            server.signal(signal.SIGCONT)
+        await asyncio.sleep(0.3)
+        await store.return_leases()
+        await _assert_exact(server.url, served)
+    finally:
+        server.stop()
+
+
+async def test_a_request_denied_while_its_lease_is_returned_is_not_counted_as_served(
+    redis_url: str,
+) -> None:
+    """A capped user's request takes its units from the lease, then the lease is returned while
+    the user's script runs: the denial still gives the units back and counts as a denial."""
+    campaigns = [Campaign(id="hot", budget="2.00", cpm="2.00", caps=["1/1h"], leasing=True)]
+    store = _leasing_store(redis_url, campaigns=campaigns, lease_seconds=30)
+    rule = store.rules.rule_for("hot")
+    served = 0
+    for _ in range(5):
+        served += (await store.reserve("hot", None, COST, rule)).reserved
+    u1 = store.user_key("u1")
+    served += (await store.reserve("hot", u1, COST, rule)).reserved
+    denied, _ = await asyncio.gather(store.reserve("hot", u1, COST, rule), store.return_leases())
+    assert (denied.reserved, denied.reason) == (False, "frequency_capped")
+    await store.return_leases()
+    await _assert_exact(redis_url, served)
+    view = await _observer(redis_url).get_campaign("hot")
+    assert view.denials["frequency_capped"] == 1
+
+
+async def test_a_release_never_overtakes_the_report_of_what_it_releases() -> None:
+    """Leased reservations are released after their lease lapsed, while the lease's report of
+    them waits behind a renewal in flight: the releases go after the report, so the store ends
+    with nothing served, nothing spent and nothing leased."""
+    server = RedisServer()
+    try:
+        store = _leasing_store(
+            server.url, lease_seconds=0.6, store_timeout=5, circuit_breaker="off"
+        )
+        rule = store.rules.rule_for("hot")
+        first = await store.reserve("hot", None, COST, rule)  # the ordinary path; asks a grant
+        await asyncio.sleep(0.05)
+        await store.release(first)
+        lease = store._state().leases["hot"]
+        await asyncio.sleep(max(0.0, (lease.expires - store._lease_now()) / 1000 - 0.15))
+        server.signal(signal.SIGSTOP)
+        try:
+            taken = [await store.reserve("hot", None, COST, rule)]  # asks for a renewal
+            await asyncio.sleep(0.01)
+            taken += [await store.reserve("hot", None, COST, rule) for _ in range(4)]
+            assert all(r.lease is not None for r in taken)
+            await asyncio.sleep(0.25)  # the lease lapses while the renewal waits
+            releases = [asyncio.ensure_future(store.release(r)) for r in taken]
+            await asyncio.sleep(0.1)
+        finally:
+            server.signal(signal.SIGCONT)
+        await asyncio.gather(*releases)
+        await store.return_leases()
+        await _assert_exact(server.url, 0)
+    finally:
+        server.stop()
+
+
+async def test_a_lease_dropped_from_memory_and_made_again_has_its_calls_applied(
+    redis_url: str,
+) -> None:
+    """With automatic leasing every campaign gets a lease object; past 10,000 of them the idle
+    ones are dropped. The hot campaign's lease, made again, must number its calls above the old
+    one's: the store takes a number it has seen for a resend and applies nothing."""
+    campaigns = [Campaign(id="hot", budget="0.274", cpm="2.00", leasing=True)]  # 137 ads
+    store = _leasing_store(
+        redis_url, campaigns=campaigns, lease_above_rps=1_000_000, lease_seconds=30
+    )
+    rule = store.rules.rule_for("hot")
+    served = 0
+    for _ in range(40):
+        served += (await store.reserve("hot", None, COST, rule)).reserved
+    await store.return_leases()  # idle now
+    other = store.rules.rule_for("cold")
+    for i in range(10_001):  # anonymous, one each: a lease object per campaign, none leasing
+        await store.reserve(f"cold{i}", None, None, other)
+    assert "hot" not in store._state().leases
+    served += (await store.reserve("hot", None, COST, rule)).reserved  # asks for a grant
+    await asyncio.sleep(0.1)
+    assert (await _observer(redis_url).get_campaign("hot")).leased_units > 0  # applied
+    for _ in range(300):
+        served += (await store.reserve("hot", None, COST, rule)).reserved
+    assert served == 137
+    await store.return_leases()
+    await _assert_exact(redis_url, 137)

@@ -34,6 +34,7 @@ a lease at its next grant, so within ``lease_seconds``.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,12 @@ LEASING_OFF = 11
 RETRY_MS = 250.0
 """After a refused or failed grant, decisions use the ordinary path for this long before the
 next request for a lease."""
+UNACKED_MAX_SECONDS = 20 * 3600
+"""A lease call unanswered for longer is dropped, not sent again: lease.lua keeps a call's
+answer for a day (24 h), after which a resend could be applied twice."""
+
+
+_generations = itertools.count(1)
 
 
 @dataclass(slots=True, eq=False)
@@ -64,9 +71,10 @@ class Lease:
     """Units spent since the last report to the store."""
     counters: dict[str, int] = field(default_factory=dict)
     """Campaign counters (``impressions``, ``n:<reason>``, ``n:released``) not yet reported."""
-    generation: int = 0
-    """Bumped whenever the balance goes back: a release from an older generation is given back
-    in the store, not to this lease."""
+    generation: int = field(default_factory=lambda: next(_generations))
+    """Changed whenever the balance goes back: a release from an older generation is owed to
+    the store, not put back into this lease. Unique in the process, so a lease dropped and made
+    again never takes back another one's release."""
     last_grant: int = 0
     remaining: int | None = None
     """What the campaign had left after the last grant (for ``Decision.remaining_budget``)."""
@@ -89,12 +97,17 @@ class Lease:
     """The grant request in flight, if any."""
     error: Exception | None = None
     """Why the last grant request failed (the store did not answer), or None."""
-    seq: int = 0
-    """The sequence number of the last lease.lua call."""
+    owed: dict[int, int] = field(default_factory=dict)
+    """Units to give back to the store, per day start they were charged to: a settled balance,
+    or a take undone after its lease was settled. They go with the lease's next calls, one day
+    per call, so they are never lost and never overtake the report of what was served."""
+    flushing: asyncio.Task[None] | None = None
+    """The call sending ``owed`` back, if one is on its way."""
     lock: asyncio.Lock | None = None
     """Keeps this lease's calls in order, one at a time."""
     unacked: Any = None
-    """A call whose reply was lost, and what to do with its reply: sent again first."""
+    """A call whose reply was lost (its packed arguments, what to do with its reply, when it was
+    first sent): sent again, with the same sequence number, before the lease's next call."""
     context: Any = None
     """What the store needs to ask for more: the campaign's rule and time zone."""
 
@@ -116,18 +129,24 @@ class Lease:
         self.counters["impressions"] = self.counters.get("impressions", 0) + 1
         return True
 
-    def give_back(self, generation: int, cost: int, counter: str) -> bool:
-        """Undo a ``take`` of this generation (False: the lease has been settled since), counting
-        the reason under ``counter`` ('' for none). Counters may go below zero: an impression
-        already reported is taken back in the next report."""
-        if generation != self.generation:
-            return False
-        self.balance += cost
+    def give_back(self, generation: int, day_start: int, cost: int, counter: str) -> bool:
+        """Undo a ``take``, counting the reason under ``counter`` ('' for none). The units go
+        back into the balance when the lease still holds that generation (True); otherwise
+        (settled since) they are owed to the store, charged to ``day_start`` (False).
+
+        Either way the undo goes out with the lease's own calls, after the report that counted
+        the take: the counters may go below zero (an impression already reported is taken back
+        in the next report), and ``used`` too (its units leave the store's ``leased`` gauge with
+        the ones owed)."""
+        if generation == self.generation:
+            self.balance += cost
+        else:
+            self.owed[day_start] = self.owed.get(day_start, 0) + cost
         self.used -= cost
         self.counters["impressions"] = self.counters.get("impressions", 0) - 1
         if counter:
             self.counters[counter] = self.counters.get(counter, 0) + 1
-        return True
+        return generation == self.generation
 
     def count_denial(self, counter: str) -> None:
         self.counters[counter] = self.counters.get(counter, 0) + 1
@@ -159,15 +178,30 @@ class Lease:
         self.counters.clear()
         return used, text
 
-    def settle(self) -> int:
-        """Stop spending: the balance to give back (and a new generation)."""
-        back, self.balance = self.balance, 0
-        self.generation += 1
+    def settle(self) -> None:
+        """Stop spending: the balance is owed back to the store (and a new generation)."""
+        if self.balance:
+            self.owed[self.day_start] = self.owed.get(self.day_start, 0) + self.balance
+        self.balance = 0
+        self.generation = next(_generations)
         self.expires = 0.0
         self.last_grant = 0
-        return back
+
+    def take_owed(self) -> tuple[int, int]:
+        """One day's owed units for the next call: (units, day start), or (0, 0)."""
+        if not self.owed:
+            return 0, 0
+        day_start, units = self.owed.popitem()
+        return units, day_start
+
+    @property
+    def unreported(self) -> bool:
+        """Something the store does not know yet: served, undone, owed, or a call unanswered."""
+        return bool(
+            self.used or any(self.counters.values()) or self.owed or self.unacked is not None
+        )
 
     @property
     def idle(self) -> bool:
         """Nothing held and nothing to report."""
-        return self.balance == 0 and self.used == 0 and not any(self.counters.values())
+        return self.balance == 0 and not self.unreported

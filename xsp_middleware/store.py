@@ -42,7 +42,7 @@ from .caps import CALENDAR_PERIODS, FrequencyCap, parse_caps
 from .clock import Calendars, bounds, wall_ms, zone
 from .cluster import CAPS_RETRY, TZ_RETRY, Context, Shards, Split, combine, settle, slot_of
 from .errors import ConfigError, StoreUnavailable
-from .leases import LEASE_SHARE, LEASING_OFF, RETRY_MS, Lease
+from .leases import LEASE_SHARE, LEASING_OFF, RETRY_MS, UNACKED_MAX_SECONDS, Lease
 from .money import amount_to_units, cpm_to_cost_units, units_to_decimal
 from .pipeline import AutoPipeline, Redirected, Script, pack_args
 from .scripts import (
@@ -235,7 +235,15 @@ def reservation_from(context: tuple[str, str | None, bool], reply: Any) -> Reser
 
 
 class _LoopState:
-    __slots__ = ("client", "lease_client", "lease_tasks", "leases", "pipeline", "shards")
+    __slots__ = (
+        "client",
+        "lease_client",
+        "lease_seq",
+        "lease_tasks",
+        "leases",
+        "pipeline",
+        "shards",
+    )
 
     def __init__(self, client: Any, pipeline: AutoPipeline | None, shards: Shards | None) -> None:
         self.client = client
@@ -245,7 +253,11 @@ class _LoopState:
         """Budget leases of this event loop, per campaign (see leases.py)."""
         self.lease_tasks: set[asyncio.Task[None]] = set()
         self.lease_client = secrets.token_hex(8)
-        """Names this loop's lease calls (their sequence numbers are per lease)."""
+        """Names this loop's lease calls."""
+        self.lease_seq = 0
+        """The last sequence number of this loop's lease calls. One counter for all of them:
+        a campaign's lease dropped from ``leases`` and made again never reuses a number that
+        its key in the store has already recorded (the script would take it for a resend)."""
 
 
 class Store:
@@ -598,24 +610,27 @@ class Store:
 
         if user_key is None:
             return reservation(True, 0)
-        reply = await self._user_half(state, context, rule, tz, lease, generation, cost)
+        reply = await self._user_half(
+            state, context, rule, tz, (lease, generation, day_start, cost)
+        )
+        undo = (state, lease, generation, day_start, cost)
         if isinstance(reply, StoreUnavailable):
             if self.rules.settings.frequency_fail_open:
                 return reservation(
                     True, 0, degraded=f"user shard: {reply}", degraded_check="frequency"
                 )
-            lease.give_back(generation, cost, "")
+            self._undo_take(*undo, "")
             raise reply
         try:
             passed, reason, left = reply[0] == 1, int(reply[1]), int(reply[2])
             at, logs, personal = int(reply[3]), int(reply[4]), reply[5] == 1
         except (TypeError, ValueError, IndexError):
-            lease.give_back(generation, cost, "")
+            self._undo_take(*undo, "")
             raise StoreUnavailable(f"unexpected reply from the user's script: {reply!r}") from None
         if observe.current is not None:
             observe.current.store_call(time.monotonic() - started)
         if not passed:
-            lease.give_back(generation, cost, f"n:{reason}")
+            self._undo_take(*undo, f"n:{reason}")
             return reservation(False, reason, left, at, personalized=personal)
         return reservation(True, 0, left, at, logs, personalized=personal)
 
@@ -625,11 +640,11 @@ class Store:
         context: Context,
         rule: CampaignConfig,
         tz: str,
-        lease: Lease,
-        generation: int,
-        cost: int,
+        taken: tuple[Lease, int, int, int],
     ) -> Any:
-        """Run a leased decision's user half: its reply, or its failure as a value."""
+        """Run a leased decision's user half: its reply, or its failure as a value. ``taken``
+        is what the decision took from the lease (the lease, its generation, day start and the
+        units), given back if the decision is cancelled."""
         campaign_id, user_key, _ = context
         assert user_key is not None
         static = self._static_part(campaign_id, rule, tz)
@@ -669,7 +684,7 @@ class Store:
                 future = state.pipeline.call(RESERVE_USER, 9, body, self._orphan_user, context)
                 reply = await settle(future)
         except asyncio.CancelledError:
-            lease.give_back(generation, cost, "n:released")
+            self._undo_take(state, *taken, "n:released")
             if future is not None:
                 if not future.done():
                     future.cancel()
@@ -696,13 +711,15 @@ class Store:
         return task
 
     def _lease_call(
-        self, state: _LoopState, lease: Lease, wanted: int, back: int, back_day: int, smallest: int
+        self, state: _LoopState, lease: Lease, wanted: int, smallest: int
     ) -> tuple[int, int, bytes]:
-        """The slot and packed arguments of one lease.lua call, with the lease's report and the
-        next sequence number (which makes sending it again safe)."""
+        """The slot and packed arguments of one lease.lua call, with the lease's report, one
+        day's owed units and the loop's next sequence number (which makes sending it again
+        safe)."""
         rule, tz = lease.context
         used, counters = lease.report()
-        lease.seq += 1
+        back, back_day = lease.take_owed()
+        state.lease_seq += 1
         cfg_key, state_key = self.campaign_keys(lease.campaign_id)
         bounds = self._calendars.span(tz, self.now_ms())[0]
         args = (
@@ -723,7 +740,7 @@ class Store:
             counters,
             smallest,
             LEASE_SHARE,
-            lease.seq,
+            state.lease_seq,
         )
         return slot_of(cfg_key) if self.is_cluster else 0, len(args), pack_args(args)
 
@@ -748,12 +765,23 @@ class Store:
             lease.lock = asyncio.Lock()
         async with lease.lock:
             if lease.unacked is not None:
-                call, then = lease.unacked
-                reply = await self._send_lease(state, *call)
-                lease.unacked = None
-                then(reply)
+                call, then, first_sent = lease.unacked
+                if time.monotonic() - first_sent > UNACKED_MAX_SECONDS:
+                    # The store forgets a call's answer after a day: sent again now, it could
+                    # be applied twice. Dropped, it can only leave units counted as spent.
+                    logger.warning(
+                        "campaign %s: a lease call unanswered for %d h is dropped; what it "
+                        "returned or reported stays counted as spent",
+                        lease.campaign_id,
+                        UNACKED_MAX_SECONDS // 3600,
+                    )
+                    lease.unacked = None
+                else:
+                    reply = await self._send_lease(state, *call)
+                    lease.unacked = None
+                    then(reply)
             call = build()
-            lease.unacked = (call, handle)
+            lease.unacked = (call, handle, time.monotonic())
             reply = await self._send_lease(state, *call)
             lease.unacked = None
             handle(reply)
@@ -766,7 +794,7 @@ class Store:
                 state,
                 lease,
                 lambda: self._lease_call(
-                    state, lease, lease.wanted(cost, self._lease_ms, sent), 0, 0, cost
+                    state, lease, lease.wanted(cost, self._lease_ms, sent), cost
                 ),
                 lambda reply: self._granted(state, lease, reply, sent),
             )
@@ -809,7 +837,8 @@ class Store:
         if day_start != lease.day_start:
             # The day turned: what the lease holds (and what it served) belongs to the old day,
             # and so does any release of it; a new generation keeps them apart.
-            self._return_soon(state, lease)
+            lease.settle()
+            self._send_owed(state, lease)
         lease.balance += units
         lease.day_start = day_start
         lease.last_grant = units
@@ -827,40 +856,58 @@ class Store:
         lease.timer = None
         if lease.expires and self._lease_now() < lease.expires:
             self._arm_expiry(state, lease)  # renewed meanwhile
-        elif not lease.idle or lease.unacked is not None:
+        elif not lease.idle:
             self._return_soon(state, lease)
 
     def _return_soon(self, state: _LoopState, lease: Lease) -> asyncio.Task[None] | None:
         """Give the lease's unspent units back (and report what it served), in the background."""
-        back_day = lease.day_start
-        back = lease.settle()
+        lease.settle()
         if lease.timer is not None:
             lease.timer.cancel()
             lease.timer = None
-        if lease.idle and not back and lease.unacked is None:
+        if lease.idle:
             return None
-        return self._lease_task(state, self._give_back(state, lease, back, back_day))
+        return self._lease_task(state, self._give_back(state, lease, settle=True))
 
-    async def _give_back(self, state: _LoopState, lease: Lease, back: int, back_day: int) -> None:
+    def _undo_take(
+        self, state: _LoopState, lease: Lease, generation: int, day_start: int, cost: int, why: str
+    ) -> bool:
+        """Undo a decision's take from its lease (see Lease.give_back). Units owed to the store
+        because the lease was settled meanwhile are sent back in the background."""
+        if lease.give_back(generation, day_start, cost, why):
+            return True
+        self._send_owed(state, lease)
+        return False
+
+    def _send_owed(self, state: _LoopState, lease: Lease) -> asyncio.Task[None] | None:
+        """Send what the lease owes the store (and its report), unless a call will already."""
+        if lease.flushing is not None and not lease.flushing.done():
+            return lease.flushing
+        if not lease.owed or lease.context is None:
+            return None
+        lease.flushing = self._lease_task(state, self._give_back(state, lease, settle=False))
+        return lease.flushing
+
+    async def _give_back(self, state: _LoopState, lease: Lease, *, settle: bool) -> None:
+        """Send the lease's report and what it owes the store, one day per call; with
+        ``settle``, a balance it has meanwhile goes back too (a grant whose lost reply was
+        replayed first, see _lease_exchange, or one that was on its way)."""
+
         def build() -> tuple[int, int, bytes]:
-            # A grant whose lost reply was just replayed (see _lease_exchange) went into the
-            # settled lease: it goes back too.
-            nonlocal back, back_day
-            if lease.balance and (not back or lease.day_start == back_day):
-                back_day = lease.day_start
-                back += lease.settle()
-            return self._lease_call(state, lease, 0, back, back_day, 1)
+            if settle and lease.balance:
+                lease.settle()
+            return self._lease_call(state, lease, 0, 1)
 
         try:
             await self._lease_exchange(state, lease, build, _ignore)
+            while lease.owed:
+                await self._lease_exchange(state, lease, build, _ignore)
         except StoreUnavailable as exc:
-            # Pending: sent again before the lease's next call (or at shutdown). Until then the
-            # units stay counted as spent: under-delivery, never an overspend.
+            # Kept on the lease (in the unanswered call, or still owed): sent with its next
+            # call, or at shutdown. Until then the units stay counted as spent: under-delivery,
+            # never an overspend.
             logger.warning(
-                "campaign %s: could not give back %d leased units yet: %s",
-                lease.campaign_id,
-                back,
-                exc,
+                "campaign %s: could not give back leased units yet: %s", lease.campaign_id, exc
             )
 
     async def _report_lease(self, campaign_id: str) -> None:
@@ -869,11 +916,15 @@ class Store:
         lease = None if state is None else state.leases.get(campaign_id)
         if state is None or lease is None or lease.context is None:
             return
-        if lease.used or any(lease.counters.values()) or lease.unacked is not None:
+        if lease.unreported:
             try:
                 await self._lease_exchange(
-                    state, lease, lambda: self._lease_call(state, lease, 0, 0, 0, 1), _ignore
+                    state, lease, lambda: self._lease_call(state, lease, 0, 1), _ignore
                 )
+                while lease.owed:
+                    await self._lease_exchange(
+                        state, lease, lambda: self._lease_call(state, lease, 0, 1), _ignore
+                    )
             except StoreUnavailable as exc:
                 logger.warning("campaign %s: could not report a lease: %s", campaign_id, exc)
 
@@ -901,7 +952,7 @@ class Store:
         if state.lease_tasks:
             await asyncio.gather(*list(state.lease_tasks), return_exceptions=True)
         for lease in state.leases.values():
-            if (not lease.idle or lease.unacked is not None) and lease.context is not None:
+            if not lease.idle and lease.context is not None:
                 self._return_soon(state, lease)
         if state.lease_tasks:
             await asyncio.gather(*list(state.lease_tasks), return_exceptions=True)
@@ -911,16 +962,21 @@ class Store:
         lease has been returned since), and its time comes out of the user's logs."""
         lease = state.leases.get(r.campaign_id)
         assert r.lease is not None
-        if lease is not None and lease.exhausted and r.lease == lease.generation:
-            # The budget is at its end: the units go back to the store, where any process can
-            # spend them and where they reactivate an exhausted campaign (as without leasing).
-            # The lease reports first, so the store has the impression this release takes back.
-            task = self._return_soon(state, lease)
+        task = None
+        if lease is not None:
+            # Undone through the lease, whose calls are in order: after the report that counted
+            # the impression, never before it.
+            into_lease = lease.give_back(r.lease, r.day_start_ms, r.cost_units, "n:released")
+            if into_lease and lease.exhausted:
+                # The budget is at its end: the units go back to the store, where any process
+                # can spend them and where they reactivate an exhausted campaign.
+                task = self._return_soon(state, lease)
+            elif not into_lease:
+                task = self._send_owed(state, lease)
             if task is not None:
                 await asyncio.wait((task,))
-        # Back into the lease when it still holds this generation; otherwise to the store.
-        into_lease = lease is not None and lease.give_back(r.lease, r.cost_units, "n:released")
-        calls = self.release_split_calls(r, campaign=not into_lease)
+        # A lease made idle and dropped since (its report answered): the store undoes it.
+        calls = self.release_split_calls(r, campaign=lease is None)
         for slot, script, nargs, body in calls:
             if state.shards is not None:
                 await self._call_slot(slot, script, nargs, body)
