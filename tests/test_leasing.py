@@ -384,6 +384,7 @@ def _leasing_store(url: str, **settings: Any) -> Store:
     campaigns = settings.pop("campaigns", None) or [
         Campaign(id="hot", budget="2.00", cpm="2.00", leasing=True)
     ]
+    settings.setdefault("store_timeout", 2.0)  # behaviour, not latency: see conftest.make_app
     return Store(
         Rules.from_settings(
             Settings(redis_url=url, secret_key=SECRET, campaigns=campaigns, **settings)
@@ -508,3 +509,31 @@ async def test_a_lease_dropped_from_memory_and_made_again_has_its_calls_applied(
     assert served == 137
     await store.return_leases()
     await _assert_exact(redis_url, 137)
+
+
+async def test_a_release_from_a_lease_dropped_from_memory_is_undone_in_the_store(
+    redis_url: str,
+) -> None:
+    """Automatic leasing: the hot campaign's lease is dropped from memory (idle, past 10,000
+    leases) while one of its reservations is still out, and made again by a request below the
+    rate threshold. Releasing that reservation still gives its units and impression back."""
+    campaigns = [Campaign(id="hot", budget="2.00", cpm="2.00")]
+    store = _leasing_store(redis_url, campaigns=campaigns, lease_above_rps=1, lease_seconds=30)
+    rule = store.rules.rule_for("hot")
+    served = 0
+    for _ in range(5):
+        served += (await store.reserve("hot", None, COST, rule)).reserved
+    await asyncio.sleep(1.05)
+    served += (await store.reserve("hot", None, COST, rule)).reserved  # rate >= 1: asks a grant
+    await asyncio.sleep(0.1)
+    out = await store.reserve("hot", None, COST, rule)
+    assert out.reserved and out.lease is not None
+    await store.return_leases()  # the lease is idle; `out` is still out
+    other = store.rules.rule_for("cold")
+    for i in range(10_001):
+        await store.reserve(f"cold{i}", None, None, other)
+    assert "hot" not in store._state().leases
+    served += (await store.reserve("hot", None, COST, rule)).reserved  # made again, rate 0
+    await store.release(out)
+    await store.return_leases()
+    await _assert_exact(redis_url, served)

@@ -54,6 +54,7 @@ answer for a day (24 h), after which a resend could be applied twice."""
 
 
 _generations = itertools.count(1)
+_numbers = itertools.count(1)
 
 
 @dataclass(slots=True, eq=False)
@@ -61,6 +62,9 @@ class Lease:
     """One campaign's lease in one process (one event loop)."""
 
     campaign_id: str
+    number: int = field(default_factory=lambda: next(_numbers))
+    """Names this lease's key of answers in the store (with the event loop's): a lease dropped
+    from memory and made again never shares one with its predecessor's late calls."""
     balance: int = 0
     """Units this process may still spend."""
     day_start: int = 0
@@ -205,3 +209,13 @@ class Lease:
     def idle(self) -> bool:
         """Nothing held and nothing to report."""
         return self.balance == 0 and not self.unreported
+
+    @property
+    def prunable(self) -> bool:
+        """Idle, with no call queued or in flight: safe to forget."""
+        return (
+            self.idle
+            and not self.renewing
+            and (self.lock is None or not self.lock.locked())
+            and (self.flushing is None or self.flushing.done())
+        )

@@ -532,7 +532,7 @@ class Store:
             return (lease, False) if lease is not None and lease.balance else (None, False)
         if lease is None:
             if len(state.leases) > 10_000:
-                for cid in [cid for cid, old in state.leases.items() if old.idle]:
+                for cid in [cid for cid, old in state.leases.items() if old.prunable]:
                     del state.leases[cid]
             lease = state.leases[campaign_id] = Lease(campaign_id)
         lease.count(self._lease_now())
@@ -717,16 +717,19 @@ class Store:
         day's owed units and the loop's next sequence number (which makes sending it again
         safe)."""
         rule, tz = lease.context
+        cfg_key, state_key = self.campaign_keys(lease.campaign_id)
+        bounds = self._calendars.span(tz, self.now_ms())[0]
+        # Nothing below can fail: what the report and the owed units take off the lease is in
+        # the call, which is kept until it is answered.
         used, counters = lease.report()
         back, back_day = lease.take_owed()
         state.lease_seq += 1
-        cfg_key, state_key = self.campaign_keys(lease.campaign_id)
-        bounds = self._calendars.span(tz, self.now_ms())[0]
+        answers = f"{self._prefix}:c:{{{lease.campaign_id}}}:q:{state.lease_client}.{lease.number}"
         args = (
             3,
             cfg_key,
             state_key,
-            f"{self._prefix}:c:{{{lease.campaign_id}}}:q:{state.lease_client}",
+            answers,
             lease.campaign_id,
             *rule.wire,
             tz,
@@ -766,12 +769,14 @@ class Store:
         async with lease.lock:
             if lease.unacked is not None:
                 call, then, first_sent = lease.unacked
-                if time.monotonic() - first_sent > UNACKED_MAX_SECONDS:
+                if time.time() - first_sent > UNACKED_MAX_SECONDS:
                     # The store forgets a call's answer after a day: sent again now, it could
-                    # be applied twice. Dropped, it can only leave units counted as spent.
-                    logger.warning(
-                        "campaign %s: a lease call unanswered for %d h is dropped; what it "
-                        "returned or reported stays counted as spent",
+                    # be applied twice (a return twice would let the budget be overspent).
+                    # Dropped, it can only under-deliver: a grant or a return in it leaves its
+                    # units counted as spent, and the counts it reported are not recorded.
+                    logger.error(
+                        "campaign %s: a lease call unanswered for %d h is dropped: its units "
+                        "stay counted as spent and the counts it carried are lost",
                         lease.campaign_id,
                         UNACKED_MAX_SECONDS // 3600,
                     )
@@ -781,7 +786,8 @@ class Store:
                     lease.unacked = None
                     then(reply)
             call = build()
-            lease.unacked = (call, handle, time.monotonic())
+            # Wall-clock time: the store's day runs on while this host is suspended.
+            lease.unacked = (call, handle, time.time())
             reply = await self._send_lease(state, *call)
             lease.unacked = None
             handle(reply)
@@ -962,6 +968,10 @@ class Store:
         lease has been returned since), and its time comes out of the user's logs."""
         lease = state.leases.get(r.campaign_id)
         assert r.lease is not None
+        if lease is not None and lease.context is None:
+            # Made again after this reservation's lease was dropped (when idle: its report was
+            # answered), and never used since: the store undoes it, as below.
+            lease = None
         task = None
         if lease is not None:
             # Undone through the lease, whose calls are in order: after the report that counted
