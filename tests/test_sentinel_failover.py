@@ -176,6 +176,7 @@ async def _load_through_failover(
             # Blocking helpers run in a thread: the load goes on meanwhile.
             killed_at = loop.time()  # just before the SIGKILL (the thread sends it at once)
             killed_port = await asyncio.to_thread(setup.kill_master)
+            dead_at = loop.time()  # the old master has exited: only the new one decides now
             served_at_kill = served
             new_port = await asyncio.to_thread(setup.wait_failover, FAILOVER_TIMEOUT, killed_port)
             failed_over_at = marks["failed_over"] = loop.time()
@@ -249,7 +250,11 @@ async def _load_through_failover(
     assert not any(a.status == 200 and a.degraded for a in answers), counts
 
     # 2. Serving resumed on the new master, in the same app (no restart).
-    assert served_after, f"the new master served nothing after the failover: {_summary(after)}"
+    # Counted from the old master's death, not from when this test saw the failover settle: on
+    # a fast machine the app resumes, and may spend the whole budget, before that.
+    resumed = [a for a in answers if a.start >= dead_at and a.status == 200 and not a.degraded]
+    since_death = [a for a in answers if a.start >= dead_at]
+    assert resumed, f"the new master served nothing after the failover: {_summary(since_death)}"
 
     # 3. The budget is never overspent: not on the new master's books, and not in what the app
     # served. Spend the new master never heard of (lost with the old one) is sold again, so the
