@@ -203,11 +203,9 @@ async def guard_request(
     """Decide for one HTTP request, then run ``app``. The reservation is confirmed or released
     by whoever observes the response: ``outcome`` (the middleware, in route mode), or here."""
     query: bytes = scope.get("query_string", b"")
-    method = scope["method"]
     if (
         scope.get(DECIDED_KEY)  # decided once already (nested apps, each with a guard)
-        or method == "HEAD"  # Guard.guards_method, inline: HEAD and OPTIONS deliver no ad
-        or method == "OPTIONS"
+        or not guard.guards_method(scope["method"])
         or (
             route is None
             and (

@@ -610,10 +610,8 @@ class Store:
 
         if user_key is None:
             return reservation(True, 0)
-        reply = await self._user_half(
-            state, context, rule, tz, (lease, generation, day_start, cost)
-        )
         undo = (state, lease, generation, day_start, cost)
+        reply = await self._user_half(state, context, rule, tz, undo)
         if isinstance(reply, StoreUnavailable):
             if self.rules.settings.frequency_fail_open:
                 return reservation(
@@ -640,11 +638,11 @@ class Store:
         context: Context,
         rule: CampaignConfig,
         tz: str,
-        taken: tuple[Lease, int, int, int],
+        undo: tuple[_LoopState, Lease, int, int, int],
     ) -> Any:
-        """Run a leased decision's user half: its reply, or its failure as a value. ``taken``
-        is what the decision took from the lease (the lease, its generation, day start and the
-        units), given back if the decision is cancelled."""
+        """Run a leased decision's user half: its reply, or its failure as a value. ``undo``
+        is what the decision took from the lease (see _undo_take), given back if the decision
+        is cancelled."""
         campaign_id, user_key, _ = context
         assert user_key is not None
         static = self._static_part(campaign_id, rule, tz)
@@ -684,7 +682,7 @@ class Store:
                 future = state.pipeline.call(RESERVE_USER, 9, body, self._orphan_user, context)
                 reply = await settle(future)
         except asyncio.CancelledError:
-            self._undo_take(state, *taken, "n:released")
+            self._undo_take(*undo, "n:released")
             if future is not None:
                 if not future.done():
                     future.cancel()
@@ -913,7 +911,9 @@ class Store:
             # call, or at shutdown. Until then the units stay counted as spent: under-delivery,
             # never an overspend.
             logger.warning(
-                "campaign %s: could not give back leased units yet: %s", lease.campaign_id, exc
+                "campaign %s: could not report a lease or give back its units yet: %s",
+                lease.campaign_id,
+                exc,
             )
 
     async def _report_lease(self, campaign_id: str) -> None:
@@ -923,16 +923,7 @@ class Store:
         if state is None or lease is None or lease.context is None:
             return
         if lease.unreported:
-            try:
-                await self._lease_exchange(
-                    state, lease, lambda: self._lease_call(state, lease, 0, 1), _ignore
-                )
-                while lease.owed:
-                    await self._lease_exchange(
-                        state, lease, lambda: self._lease_call(state, lease, 0, 1), _ignore
-                    )
-            except StoreUnavailable as exc:
-                logger.warning("campaign %s: could not report a lease: %s", campaign_id, exc)
+            await self._give_back(state, lease, settle=False)
 
     async def _drop_lease(self, campaign_id: str) -> None:
         """Give back this loop's lease of the campaign now (its config changed)."""
