@@ -26,8 +26,39 @@ class InvalidParameter(XSPError, ValueError):
         self.detail = detail
 
 
+STORE_FAILURES = frozenset({"timeout", "connection", "error"})
+"""The kinds of :class:`StoreUnavailable` that are evidence about the store itself."""
+
+
 class StoreUnavailable(XSPError):
-    """The state store did not answer in time, or refused the connection."""
+    """The state store did not answer in time, or refused the connection.
+
+    ``kind`` says which: ``timeout`` (no reply within ``store_timeout`` of the call reaching
+    the store), ``connection`` (refused, reset, closed), ``error`` (the store answered an
+    error), ``circuit_open`` (not tried: the circuit is open) or ``cancelled`` (the caller or
+    the event loop went away first). Only the first three count against the circuit breaker.
+    """
+
+    def __init__(self, message: str, kind: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind if kind is not None else _kind_of(message)
+
+    @property
+    def is_store_failure(self) -> bool:
+        """Evidence about the store (not the caller's own lag, cancellation or circuit)."""
+        return self.kind in STORE_FAILURES
+
+
+def _kind_of(message: str) -> str:
+    if "circuit" in message:
+        return "circuit_open"
+    if "cancelled" in message:
+        return "cancelled"
+    if "did not answer" in message or "Timeout" in message:
+        return "timeout"
+    if "answered an error" in message:
+        return "error"
+    return "connection"
 
 
 class FrequencyCapExceeded(XSPError):

@@ -42,11 +42,7 @@ def install(observer: Observer | None) -> None:
 
 
 def error_kind(message: str) -> str:
-    """The ``store_error`` kind of a StoreUnavailable's message."""
-    if "circuit" in message:
-        return "circuit_open"
-    if "did not answer" in message or "Timeout" in message:
-        return "timeout"
-    if "answered an error" in message:
-        return "error"
-    return "connection"
+    """The ``store_error`` kind of a StoreUnavailable's message (see ``StoreUnavailable.kind``)."""
+    from .errors import _kind_of
+
+    return _kind_of(message)
