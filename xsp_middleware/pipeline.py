@@ -2,24 +2,42 @@
 
 Each caller gets a future; a flush, scheduled with ``call_soon``, packs every queued script call
 into one write on an idle connection and reads the replies in order. Light traffic pays no added
-latency (the flush runs on the next loop iteration); heavy traffic gets fewer syscalls and
-fewer connections. Each script is still atomic on the server, so exactness is unchanged.
+latency (a call made while nothing is in flight is written at once); heavy traffic gets fewer
+syscalls and fewer connections. Each script is still atomic on the server, so exactness is
+unchanged.
 
-Timeouts never cancel I/O: a caller's future fails at its deadline while the batch carries on,
-so the connection never desyncs. A reply that arrives for a caller who already gave up is
-handed to ``on_orphan`` (the store releases an orphaned reservation).
+**Deadlines judge the store, not the process.** A call fails (``StoreUnavailable``) only on
+evidence about the store:
 
-Per call, the hot path costs one future and a list append or two: the deadlines of all pending
-calls are watched by one timer per pipeline (not one timer per call), and the replies of a
-batch are parsed straight from the connection's hiredis reader, one socket read for many
-replies (not one ``read_response`` coroutine, with its own timeout, per reply).
+* a connection error or an error reply;
+* no reply within ``timeout`` of the call reaching the wire (its batch written to the socket),
+  or of the last reply bytes that came back on its connection (a batch's later replies wait in
+  the store behind its earlier calls, ours), and no reply bytes waiting to be read when that is
+  checked: a reply that arrived in time is on time however late the event loop gets to it;
+* for a call still queued in this process, every connection it waits for has gone silent (no
+  reply bytes for ``timeout`` while the store owes replies);
+* for a call riding a connect, the connect failing: refused at once, or not done within the
+  connection's ``socket_connect_timeout`` (the store gives it ``max(1 s, 10 x timeout)``).
+
+Time a call spends waiting for this process (a burst, a GC pause, a CPU-bound handler, the
+queue itself) is the app's lag and never fails it. One timer per pipeline (not one per call)
+checks all of this; a check that finds reply bytes waiting, or that ran late and has no direct
+evidence, looks again a moment later instead of failing anything.
+
+Timeouts never cancel I/O: a caller's future fails while the batch carries on, so the connection
+never desyncs. A reply that arrives for a caller who already gave up is handed to ``on_orphan``
+(the store releases an orphaned reservation).
+
+Per call, the hot path costs one future and a list append or two, and the replies of a batch are
+parsed straight from the connection's hiredis reader, one socket read for many replies.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
+import math
+import select
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -35,6 +53,7 @@ from redis.exceptions import (
 )
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from . import logs
 from .errors import StoreUnavailable
 
 try:  # redis-py's own parser over hiredis, whose reader the pipeline feeds directly
@@ -80,7 +99,7 @@ def pack_args(args: Sequence[str | int]) -> bytes:
 
 
 class _Call:
-    __slots__ = ("body", "context", "deadline", "future", "nargs", "on_orphan", "script")
+    __slots__ = ("body", "context", "future", "nargs", "on_orphan", "queued_at", "script")
 
     def __init__(
         self,
@@ -90,7 +109,7 @@ class _Call:
         future: asyncio.Future[Any],
         on_orphan: Orphan | None,
         context: Any,
-        deadline: float,
+        queued_at: float,
     ) -> None:
         self.script = script
         self.nargs = nargs
@@ -98,8 +117,8 @@ class _Call:
         self.context = context
         self.future = future
         self.on_orphan = on_orphan
-        self.deadline = deadline
-        """Loop time at which the caller stops waiting."""
+        self.queued_at = queued_at
+        """Loop time the call was made (store silence counts against it only from then)."""
 
     def command(self, by_sha: bool) -> bytes:
         script = self.script
@@ -130,9 +149,27 @@ class _StaleConnection(ConnectionError):
     """A reused connection failed before any reply: safe to retry on a fresh one."""
 
 
-def _expire(future: asyncio.Future[Any], timeout: float) -> None:
+class _Batch:
+    """Calls handed to one connection together, and what the store owes on it."""
+
+    __slots__ = ("calls", "heard_at", "sent_at", "started_at")
+
+    def __init__(self, calls: list[_Call], now: float) -> None:
+        self.calls = calls
+        self.started_at = now
+        """When the batch got its connection (a connect may come before the write)."""
+        self.sent_at: float | None = None
+        """When its commands were written to the socket: None while connecting."""
+        self.heard_at = 0.0
+        """When reply bytes last arrived for it."""
+
+    def unanswered(self) -> bool:
+        return any(not call.future.done() for call in self.calls)
+
+
+def _expire(future: asyncio.Future[Any], message: str) -> None:
     if not future.done():
-        future.set_exception(StoreUnavailable(f"the store did not answer within {timeout}s"))
+        future.set_exception(StoreUnavailable(message, "timeout"))
 
 
 EARLY_FLUSH = 16
@@ -141,6 +178,13 @@ of the loop iteration: the server runs it while the process prepares the next ca
 WARM_SLOTS = 4
 """Connections the first batch opens (its own and three more, concurrently): enough batches in
 flight for the overlap, few sockets per event loop. More open only when these break."""
+RECHECK = 0.001
+"""Seconds before a deadline check that found no verdict (reply bytes waiting, or a late check
+without direct evidence) looks again."""
+TRUSTED_LAG = 0.25
+"""A check without direct evidence (a connection whose socket cannot be inspected, such as the
+embedded store's) is trusted only if the event loop ran it within this share of the timeout of
+when it was due: a loop that ran late may not yet have processed what the store already did."""
 
 
 class AutoPipeline:
@@ -164,11 +208,12 @@ class AutoPipeline:
         self._queue: list[_Call] = []
         self._flush_scheduled = False
         self._timeout = timeout
+        self._trusted_lag = timeout * TRUSTED_LAG
         self._tasks: set[asyncio.Task[None]] = set()
-        # Every call whose caller may still be waiting, oldest first. The timeout is the same
-        # for all, so deadlines come in this order too: one timer, for the oldest, is enough.
-        self._waiting: deque[_Call] = deque()
+        self._busy: dict[int, tuple[AbstractConnection, _Batch]] = {}
+        """Batches on their connections (by the connection's id), until every reply is read."""
         self._watchdog: asyncio.TimerHandle | None = None
+        self._watch_due = 0.0
         self._warm = False
         """Whether the first batch has connected every slot (see _send)."""
 
@@ -181,18 +226,15 @@ class AutoPipeline:
         context: Any = None,
     ) -> asyncio.Future[Any]:
         """Queue one script call: ``body`` is the packed numkeys, keys and argv (``nargs`` of
-        them). The future fails with StoreUnavailable after the timeout; a reply that comes
-        later goes to ``on_orphan(context, reply)``."""
+        them). The future fails with StoreUnavailable on evidence that the store failed it (see
+        the module's docstring); a reply that comes later goes to ``on_orphan(context, reply)``."""
         loop = self._loop
         future = loop.create_future()
-        call = _Call(script, nargs, body, future, on_orphan, context, loop.time() + self._timeout)
-        self._queue.append(call)
-        waiting = self._waiting
-        while waiting and waiting[0].future.done():  # answered already: forget them
-            waiting.popleft()
-        waiting.append(call)
+        now = loop.time()
+        self._queue.append(_Call(script, nargs, body, future, on_orphan, context, now))
         if self._watchdog is None:
-            self._watchdog = loop.call_at(waiting[0].deadline, self._watch)
+            # Any deadline already watched is due no later than this call's earliest one.
+            self._arm(now + self._timeout)
         if len(self._queue) >= EARLY_FLUSH or len(self._idle) == len(self._all):
             # A full queue, or a call while nothing is in flight (light traffic): it goes out
             # now rather than at the end of the loop iteration. While batches are in flight,
@@ -206,23 +248,79 @@ class AutoPipeline:
             loop.call_soon(self._flush)
         return future
 
-    def _watch(self) -> None:
-        """The oldest waiting call's deadline passed: fail every call whose deadline has. After
-        a stall of the loop (a GC pause, a busy handler) asyncio runs expired timers before the
-        reads that became ready meanwhile: each expiring call gets one more turn (``call_soon``)
-        so a reply that already arrived still counts."""
-        self._watchdog = None
+    # -- deadlines ------------------------------------------------------------------------
+
+    def _arm(self, due: float) -> None:
         loop = self._loop
-        waiting = self._waiting
-        now = loop.time()
-        while waiting:
-            call = waiting[0]
-            if not call.future.done():
-                if call.deadline > now:  # (a timer may fire a clock tick early)
-                    self._watchdog = loop.call_at(call.deadline, self._watch)
-                    return
-                loop.call_soon(_expire, call.future, self._timeout)
-            waiting.popleft()
+        self._watch_due = max(due, loop.time())
+        self._watchdog = loop.call_at(self._watch_due, self._watch)
+
+    def _watch(self) -> None:
+        """Fail the calls the store has failed (see the module's docstring) and arm the next
+        check. Runs on the one timer of this pipeline."""
+        self._watchdog = None
+        now = self._loop.time()
+        # Ran on time: what the loop has not yet processed is at most a moment old.
+        trusted = now - self._watch_due <= self._trusted_lag
+        queued = any(not call.future.done() for call in self._queue)
+        due = math.inf
+        silent = bool(self._busy)
+        for conn, batch in self._busy.values():
+            quiet, then = self._judge(conn, batch, now, trusted, queued)
+            silent = silent and quiet
+            due = min(due, then)
+        if queued:
+            if silent:
+                # Every connection the queue waits for owes replies and has sent nothing for a
+                # whole timeout: the store has stalled, whatever this process is doing.
+                for call in self._queue:
+                    if call.future.done():
+                        continue
+                    if now - call.queued_at < self._timeout:
+                        due = min(due, call.queued_at + self._timeout)
+                        break
+                    _expire(
+                        call.future,
+                        f"the store did not answer within {self._timeout}s "
+                        "(no reply on any connection)",
+                    )
+            elif not self._busy:  # a flush is on its way: look again after a timeout
+                due = min(due, now + self._timeout)
+        if due < math.inf:
+            self._arm(due)
+
+    def _judge(
+        self, conn: AbstractConnection, batch: _Batch, now: float, trusted: bool, queued: bool
+    ) -> tuple[bool, float]:
+        """Fail what the store has failed in one batch. Returns whether its connection has gone
+        silent (owes replies, none for a timeout) and when to look at it again."""
+        timeout = self._timeout
+        if batch.sent_at is None:
+            # Still connecting: a connect takes several turns of the event loop (a Sentinel
+            # asks for the master first, TLS shakes hands), so a busy loop slows it down
+            # whatever the store does. Its own timeout (socket_connect_timeout) judges it: a
+            # refused connection fails at once, an unreachable host after that timeout.
+            return False, math.inf
+        unanswered = batch.unanswered()
+        if not unanswered and not queued:
+            return True, math.inf  # nobody is waiting on this connection
+        # A batch's replies come in order, the later ones after the store has run the calls
+        # before them (ours too): a connection that keeps answering is a live store, so the
+        # deadline runs from its last reply bytes, or from the write.
+        due = max(batch.sent_at, batch.heard_at) + timeout
+        if now < due:
+            return False, due
+        waiting = _waiting_on_us(conn)
+        if waiting or (waiting is None and not trusted):
+            # Reply bytes (or our own request bytes) wait in this process: the store may well
+            # have answered in time. The reader parses them first; then look again.
+            return False, now + RECHECK
+        if unanswered:
+            for call in batch.calls:
+                _expire(call.future, f"the store did not answer within {timeout}s")
+        return True, math.inf
+
+    # -- sending and reading --------------------------------------------------------------
 
     def _flush(self) -> None:
         """Send the queued calls on an idle connection: written at once when it is connected,
@@ -241,12 +339,14 @@ class AutoPipeline:
     def _send_queue(self, conn: AbstractConnection) -> None:
         """Send the queued calls on ``conn`` (an idle connection)."""
         # Calls whose caller already gave up (timeout, cancellation) are never sent.
-        batch = [c for c in self._queue if not c.future.done()]
+        calls = [c for c in self._queue if not c.future.done()]
         self._queue.clear()
-        if not batch:
+        if not calls:
             return
         self._idle.remove(conn)
-        commands = [c.command(True) for c in batch]
+        batch = _Batch(calls, self._loop.time())
+        self._busy[id(conn)] = (conn, batch)
+        commands = [c.command(True) for c in calls]
         written = False
         if conn.is_connected:
             streams = _hiredis_streams(conn)
@@ -255,6 +355,7 @@ class AutoPipeline:
                 # transport that refuses the write leaves it to the task, which reconnects.
                 try:
                     streams[0].write(b"".join(commands))
+                    batch.sent_at = self._loop.time()
                     written = True
                 except (RuntimeError, OSError) as exc:
                     logger.debug("writing a batch at once failed: %s", exc)
@@ -265,7 +366,7 @@ class AutoPipeline:
     async def _send(
         self,
         conn: AbstractConnection,
-        batch: Sequence[_Call],
+        batch: _Batch,
         commands: list[bytes],
         written: bool,
     ) -> None:
@@ -286,7 +387,7 @@ class AutoPipeline:
                     try:
                         # Every connect is over before a slot goes back to the idle list.
                         first, *_ = await asyncio.gather(
-                            self._round_trip(conn, commands, replies, written),
+                            self._round_trip(conn, commands, replies, written, batch),
                             *(self._connect(other) for other in cold),
                             return_exceptions=True,
                         )
@@ -295,31 +396,43 @@ class AutoPipeline:
                     if isinstance(first, BaseException):
                         raise first
                 else:
-                    await self._round_trip(conn, commands, replies, written)
+                    await self._round_trip(conn, commands, replies, written, batch)
             except _StaleConnection:
                 # An idle connection goes stale when Redis restarts or fails over: reconnect
                 # once. The server may have run the batch before the connection broke, so only
                 # scripts whose repetition errs toward under-delivery are sent again (a reserve
                 # counted twice); a release run twice would refund twice, an overspend.
                 await _discard(conn)
-                gone = [c for c in batch if not c.script.retry_safe]
-                for call in gone:
-                    call.resolve(StoreUnavailable("connection lost; not retried (not idempotent)"))
-                batch = [c for c in batch if c.script.retry_safe]
-                await self._round_trip(conn, [c.command(True) for c in batch], replies)
-            retry = [c for c, r in zip(batch, replies, strict=True) if isinstance(r, NoScriptError)]
-            for call, reply in zip(batch, replies, strict=True):
+                for call in batch.calls:
+                    if not call.script.retry_safe:
+                        call.resolve(
+                            StoreUnavailable(
+                                "connection lost; not retried (not idempotent)", "connection"
+                            )
+                        )
+                self._restart(batch, [c for c in batch.calls if c.script.retry_safe])
+                await self._round_trip(
+                    conn, [c.command(True) for c in batch.calls], replies, batch=batch
+                )
+            calls = batch.calls
+            retry = [c for c, r in zip(calls, replies, strict=True) if isinstance(r, NoScriptError)]
+            for call, reply in zip(calls, replies, strict=True):
                 if not isinstance(reply, NoScriptError):
                     call.resolve(reply)
             if retry:
                 # The server lost its script cache (restart, SCRIPT FLUSH): NOSCRIPT means the
                 # script did not run, so sending it whole (which also caches it) is safe.
-                logger.info(
-                    "script cache miss; reloading scripts",
-                    extra={"xsp_event": "script_reloaded", "scripts": len(retry)},
+                logs.event(
+                    "script_reloaded",
+                    logging.INFO,
+                    "script cache miss; reloading scripts (%d calls)",
+                    len(retry),
                 )
-                batch, replies = retry, []
-                await self._round_trip(conn, [c.command(False) for c in retry], replies)
+                self._restart(batch, retry)
+                replies = []
+                await self._round_trip(
+                    conn, [c.command(False) for c in retry], replies, batch=batch
+                )
                 for call, reply in zip(retry, replies, strict=True):
                     call.resolve(reply)
         except (TimeoutError, RedisError, OSError) as exc:
@@ -327,20 +440,31 @@ class AutoPipeline:
             # Replies that did arrive still count (a late reservation is released as an
             # orphan); the rest never will: their outcome is unknown, so their spend stays
             # counted if they ran (under-delivery, never an overspend).
-            error = StoreUnavailable(f"{type(exc).__name__}: {exc}")
-            for i, call in enumerate(batch):
+            kind = "timeout" if isinstance(exc, TimeoutError | RedisTimeoutError) else None
+            error = StoreUnavailable(f"{type(exc).__name__}: {exc}", kind)
+            for i, call in enumerate(batch.calls):
                 call.resolve(replies[i] if i < len(replies) else error)
         except asyncio.CancelledError:
             # The loop is shutting down: the connection may hold unread replies.
             await _discard(conn)
-            for call in batch:
-                call.resolve(StoreUnavailable("the store call was cancelled"))
+            for call in batch.calls:
+                call.resolve(StoreUnavailable("the store call was cancelled", "cancelled"))
             raise
         finally:
+            self._busy.pop(id(conn), None)
             self._idle.append(conn)
             if self._queue and not self._flush_scheduled and not self._loop.is_closed():
                 self._flush_scheduled = True
                 self._loop.call_soon(self._flush)
+
+    def _restart(self, batch: _Batch, calls: list[_Call]) -> None:
+        """The batch goes out again (reconnected, or its scripts sent whole): its deadline
+        counts from the new write."""
+        batch.calls = calls
+        batch.started_at = self._loop.time()
+        batch.sent_at = None
+        if self._watchdog is None and calls:
+            self._arm(batch.started_at + self._timeout)
 
     async def _connect(self, conn: AbstractConnection) -> None:
         """Connect an idle slot ahead of need (its preload rides in its first write)."""
@@ -356,10 +480,12 @@ class AutoPipeline:
         commands: list[bytes],
         replies: list[Any],
         written: bool = False,
+        batch: _Batch | None = None,
     ) -> None:
         """One write (already done if ``written``), then the replies in order, appended to
-        ``replies`` (script errors as StoreUnavailable values). Raises _StaleConnection if a
-        reused connection broke before any reply came back."""
+        ``replies`` (script errors as StoreUnavailable values). ``batch`` learns when the write
+        happened and when replies arrive. Raises _StaleConnection if a reused connection broke
+        before any reply came back."""
         reused = written or conn.is_connected
         if not reused:
             await conn.connect()  # type: ignore[no-untyped-call]
@@ -369,15 +495,20 @@ class AutoPipeline:
             streams = _hiredis_streams(conn)
             if streams is not None:
                 payload = b"" if written else b"".join(commands)
-                await self._exchange(conn, *streams, payload, len(commands), replies)
+                await self._exchange(conn, *streams, payload, len(commands), replies, batch)
             else:  # another parser or connection class: redis-py's reads, one per reply
                 await conn.send_packed_command(b"".join(commands))
+                loop = self._loop
+                if batch is not None:
+                    batch.sent_at = loop.time()
                 for _ in range(len(commands)):
                     try:
                         reply = await conn.read_response()
                     except ResponseError as exc:
                         reply = exc
                     replies.append(reply)
+                    if batch is not None:
+                        batch.heard_at = loop.time()
         except (ConnectionError, OSError) as exc:
             if reused and len(replies) <= preloaded:
                 raise _StaleConnection from exc
@@ -386,7 +517,12 @@ class AutoPipeline:
             if preloaded:
                 for reply in replies[:preloaded]:
                     if isinstance(reply, BaseException):
-                        logger.error("loading the xsp Lua scripts failed: %s", reply)
+                        logs.event(
+                            "script_load_failed",
+                            logging.ERROR,
+                            "loading the xsp Lua scripts failed: %s",
+                            reply,
+                        )
                 del replies[:preloaded]
             for i, reply in enumerate(replies):
                 if isinstance(reply, ResponseError):
@@ -402,38 +538,52 @@ class AutoPipeline:
         payload: bytes,
         count: int,
         replies: list[Any],
+        batch: _Batch | None,
     ) -> None:
         """Write ``payload`` (if any: it may be written already), then parse ``count`` replies
         with the connection's own hiredis reader, feeding it whole socket reads: a batch's
         replies usually arrive in one read.
         Errors as redis-py's ``read_response`` gives them: ConnectionError, TimeoutError (after
-        the connection's ``socket_timeout`` without progress), error replies as values."""
+        the connection's ``socket_timeout`` with nothing from the store), error replies as
+        values."""
         loop = self._loop
         timeout = conn.socket_timeout or None
         try:
-            async with asyncio.timeout(timeout) as deadline:
-                if payload:
-                    writer.write(payload)
-                await writer.drain()
-                while len(replies) < count:
-                    reply = reader.gets()
-                    if reply is _NOT_ENOUGH_DATA or reply is False:
-                        data = await stream.read(read_size)
-                        if not data:
-                            raise ConnectionError("Connection closed by server.")
-                        reader.feed(data)
-                        if timeout is not None:  # the timeout is per read, as redis-py's
-                            deadline.reschedule(loop.time() + timeout)
-                    elif isinstance(reply, ConnectionError):  # LOADING, NOAUTH...
-                        raise reply
-                    else:
-                        replies.append(reply)
-        except TimeoutError as exc:  # the builtin one: asyncio.timeout expired
-            raise RedisTimeoutError(f"Timeout reading from {_peer(conn)}") from exc
+            if payload:
+                writer.write(payload)
+                if batch is not None:
+                    batch.sent_at = loop.time()
+            while True:
+                try:
+                    async with asyncio.timeout(timeout) as deadline:
+                        await writer.drain()
+                        while len(replies) < count:
+                            reply = reader.gets()
+                            if reply is _NOT_ENOUGH_DATA or reply is False:
+                                data = await stream.read(read_size)
+                                if not data:
+                                    raise ConnectionError("Connection closed by server.")
+                                reader.feed(data)
+                                if batch is not None:
+                                    batch.heard_at = loop.time()
+                                if timeout is not None:  # per read, as redis-py's
+                                    deadline.reschedule(loop.time() + timeout)
+                            elif isinstance(reply, ConnectionError):  # LOADING, NOAUTH...
+                                raise reply
+                            else:
+                                replies.append(reply)
+                    return
+                except TimeoutError as exc:  # the builtin one: asyncio.timeout expired
+                    if _waiting_on_us(conn):
+                        continue  # the loop was late, not the store: read what came
+                    raise RedisTimeoutError(f"Timeout reading from {_peer(conn)}") from exc
         except OSError as exc:
             raise ConnectionError(f"Error while reading from {_peer(conn)} : {exc.args}") from exc
 
     async def aclose(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         for conn in self._all:
             await _discard(conn)
 
@@ -465,6 +615,37 @@ def _hiredis_streams(
     if writer is None or stream is None or reader is None:
         return None
     return writer, stream, reader, getattr(parser, "_read_size", 65536)
+
+
+def _waiting_on_us(conn: AbstractConnection) -> bool | None:
+    """Whether something on ``conn`` waits for this process rather than for the store: reply
+    bytes not yet read or parsed, or request bytes not yet on the wire. None: this connection
+    cannot be inspected (another connection class), so there is no direct evidence.
+
+    This looks at redis-py's stream and parser (as redis-py's own ``can_read`` does) and polls
+    the socket without blocking; ``tests/test_deadlines.py`` checks the seam on every run."""
+    writer = getattr(conn, "_writer", None)
+    stream = getattr(conn, "_reader", None)
+    if not isinstance(stream, asyncio.StreamReader) or writer is None:
+        return None
+    if getattr(stream, "_buffer", None) or stream.at_eof():
+        return True  # read from the socket, not parsed yet (or closed: the reader will see it)
+    parser_reader = getattr(getattr(conn, "_parser", None), "_reader", None)
+    has_data = getattr(parser_reader, "has_data", None)
+    if callable(has_data) and has_data():
+        return True  # part of a reply in hiredis's buffer
+    transport = writer.transport
+    if transport.get_write_buffer_size():
+        return True  # our request is not all written yet
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return None
+    try:
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
+        return bool(poller.poll(0))  # never blocks: the kernel holds reply bytes (or an EOF)
+    except (OSError, ValueError):
+        return None
 
 
 def _peer(conn: AbstractConnection) -> str:
