@@ -24,11 +24,12 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from redis.crc import key_slot
 
-from .breaker import CircuitBreaker
+from . import logs
+from .breaker import CALL, DENIED, CircuitBreaker
 from .errors import StoreUnavailable
 from .pipeline import AutoPipeline, Script
 from .scripts import REASONS
@@ -46,6 +47,15 @@ _BUDGET_REASONS = (2, 4)
 remaining impressions are known then."""
 
 Context = tuple[str, "str | None", bool]
+
+
+class Sent(NamedTuple):
+    """One script call queued on a master: which master (``?``: no master serves the slot),
+    its reply to come, and the ticket of that master's circuit breaker (see breaker.py)."""
+
+    node: str
+    future: asyncio.Future[Any]
+    ticket: int = CALL
 
 
 @dataclass(slots=True)
@@ -278,7 +288,12 @@ class Shards:
         # Only the slot map: redis-py's full initialize() also asks COMMAND of one master, which
         # fails when that one master is down, while the slot map comes from any of them.
         try:
-            await asyncio.wait_for(self.client.nodes_manager.initialize(), self._timeout)
+            # Like a connect (see pipeline.py): a bound of store_timeout would count the event
+            # loop's lag against the cluster. It is read once per event loop, and again in the
+            # background after a failure or MOVED; a decision waits on it only then.
+            await asyncio.wait_for(
+                self.client.nodes_manager.initialize(), max(1.0, 10 * self._timeout)
+            )
         except Exception as exc:  # redis-py raises several kinds here; all mean "unreachable"
             raise StoreUnavailable(f"cannot read the cluster's slot map: {exc}") from exc
         self._ready = True
@@ -310,18 +325,29 @@ class Shards:
         body: bytes,
         on_orphan: Callable[[Any, Any], None] | None = None,
         context: Any = None,
-    ) -> tuple[str, asyncio.Future[Any]]:
+        *,
+        decision: bool = False,
+    ) -> Sent:
         """Queue one script call on the slot's master. A failure to even try (slot not served,
-        the shard's circuit open) comes back as a failed future, like any other."""
+        the shard's circuit open) comes back as a failed future, like any other. Only a
+        ``decision`` may be the half-open circuit's probe: its outcome is reported with the
+        ticket (``Store.split_outcome``); other calls go only through a closed circuit."""
         try:
             name = self.node_name(slot)
         except StoreUnavailable as exc:
-            return "?", _failed(exc)
-        if not self._breaker(name).allow():
-            return name, _failed(
-                StoreUnavailable(f"the circuit of shard {name} is open (recent failures)")
+            return Sent("?", _failed(exc), DENIED)
+        ticket = self._breaker(name).admit(decision=decision)
+        if ticket == DENIED:
+            return Sent(
+                name,
+                _failed(
+                    StoreUnavailable(
+                        f"the circuit of shard {name} is open (recent failures)", "circuit_open"
+                    )
+                ),
+                DENIED,
             )
-        return name, self.pipeline(name).call(script, nargs, body, on_orphan, context)
+        return Sent(name, self.pipeline(name).call(script, nargs, body, on_orphan, context), ticket)
 
     async def aclose(self) -> None:
         for pipeline in self._pipelines.values():
@@ -331,7 +357,12 @@ class Shards:
 
 def _log_refresh(task: asyncio.Task[None]) -> None:
     if not task.cancelled() and task.exception() is not None:
-        logger.warning("re-learning the cluster's slot map failed: %s", task.exception())
+        logs.event(
+            "slot_map_refresh_failed",
+            logging.WARNING,
+            "re-learning the cluster's slot map failed: %s",
+            task.exception(),
+        )
 
 
 def _connection_factory(node: Any) -> Callable[[], Any]:

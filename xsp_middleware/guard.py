@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import unquote
 
-from . import observe
+from . import logs, observe
 from .caps import FrequencyCap, parse_caps
 from .decision import Decision
 from .errors import ConfigError, InvalidParameter, StoreUnavailable
@@ -416,7 +416,7 @@ class Guard:
         except StoreUnavailable as exc:
             return _observed(self.degraded(facts, str(exc))), None
         except Exception as exc:  # our bug must not become a 500: log it, apply the policy
-            logger.exception("xsp_middleware: unexpected error while deciding")
+            _internal_error(exc)
             return _observed(self.degraded(facts, f"internal error: {exc!r}")), None
         decision, reservation = self.decision(facts, r)
         return _observed(decision, r.degraded_check), reservation
@@ -431,7 +431,7 @@ class Guard:
         except StoreUnavailable as exc:
             return _observed(self.degraded(facts, str(exc))), None
         except Exception as exc:  # our bug must not become a 500: log it, apply the policy
-            logger.exception("xsp_middleware: unexpected error while deciding")
+            _internal_error(exc)
             return _observed(self.degraded(facts, f"internal error: {exc!r}")), None
         decision, reservation = self.decision(facts, r)
         return _observed(decision, r.degraded_check), reservation
@@ -560,8 +560,20 @@ def _tcf_refuses(query: bytes) -> bool:
 
 def _release_failed(reservation: Reservation, exc: Exception) -> None:
     # The spend stays counted: under-delivery, never overspend.
-    logger.warning(
+    logs.event(
+        "release_failed",
+        logging.WARNING,
         "xsp_middleware: could not release a reservation of campaign %s: %s",
         reservation.campaign_id,
         exc,
+    )
+
+
+def _internal_error(exc: Exception) -> None:
+    logs.event(
+        "internal_error",
+        logging.ERROR,
+        "xsp_middleware: unexpected error while deciding: %r",
+        exc,
+        error=exc,
     )

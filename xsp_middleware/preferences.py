@@ -30,6 +30,7 @@ from typing import Any
 
 from redis.exceptions import NoScriptError
 
+from . import logs
 from .errors import StoreUnavailable, XSPError
 from .guard import MAX_USER_ID_BYTES, PROBLEM_TYPE, cookie_value, warn_once
 from .settings import Rules, Settings, campaign_id_problem, validate_campaign_id
@@ -333,7 +334,12 @@ class PreferencesApp:
             status, body = await self._act(method, campaign_id, user_id, receive, headers)
             return status, body, []
         except StoreUnavailable as exc:
-            logger.warning("xsp_middleware: preferences: the store is unavailable: %s", exc)
+            logs.event(
+                "preferences_store_unavailable",
+                logging.WARNING,
+                "xsp_middleware: preferences: the store is unavailable: %s",
+                exc,
+            )
             raise _Problem(
                 503,
                 "store-unavailable",

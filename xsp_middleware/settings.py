@@ -17,6 +17,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, Literal
 
+from .breaker import BreakerPolicy, parse_breaker
 from .caps import FrequencyCap, caps_from_spec, caps_spec, parse_caps
 from .clock import parse_instant, zone
 from .errors import ConfigError
@@ -292,9 +293,13 @@ class Settings:
     debug_headers: bool = False
     """Add ``Server-Timing: xsp;dur=<ms>`` and ``X-XSP-*`` details (remaining impressions and
     budget, degraded) to guarded responses. Off by default: they reveal caps and budgets."""
-    circuit_breaker: str | None = "5/1s"
-    """``N/T``: after N consecutive store failures, stop calling the store for T (``1s``,
-    ``500ms``) and then probe it; ``off`` (or None) disables the breaker."""
+    circuit_breaker: str | None = "failure_rate=50%,min_calls=20,window=1s,open=1s"
+    """When to stop calling a failing store: once at least ``min_calls`` calls were made in the
+    last ``window`` and at least ``failure_rate`` of them failed (store failures only, never the
+    app's own lag), the circuit opens for ``open`` and then lets one probe through; only the
+    probe closes it. Keys left out keep these defaults; ``off`` (or None) disables the breaker;
+    the former ``N/T`` (``5/1s``) means ``min_calls=N,open=T``. See
+    :mod:`xsp_middleware.breaker`."""
     leasing: bool = False
     """Lease the budget of every campaign (``Campaign(leasing=...)`` and the store's flag
     decide per campaign). See :mod:`xsp_middleware.leases`."""
@@ -332,8 +337,19 @@ class Settings:
         unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+        from_environ = set(values) - set(overrides)
         values.update(overrides)
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ConfigError as exc:
+            # Name the variable to fix when the bad value came from the environment: the one
+            # that fails on its own (at start-up only, so trying each costs nothing per request).
+            for name in sorted(from_environ):
+                try:
+                    cls(**{name: values[name]})
+                except ConfigError:
+                    raise ConfigError(f"XSP_{name.upper()} (from the environment): {exc}") from None
+            raise
 
 
 _LIST_SETTINGS = {"default_caps", "paths", "user_caps", "preferences_origins"}
@@ -417,22 +433,6 @@ def _consent_policies(policy: str | Mapping[str, str]) -> dict[str, str]:
     return chosen
 
 
-def _breaker(text: str | None) -> tuple[int, float]:
-    if text is None or text == "off":
-        return 0, 0.0
-    match = (
-        re.fullmatch(r"\s*([0-9]{1,6})\s*/\s*([0-9]{1,6})\s*(s|ms)\s*", text)
-        if isinstance(text, str)
-        else None
-    )
-    if match is None or int(match.group(1)) < 1:
-        raise ConfigError(
-            f"circuit_breaker: {str(text)[:40]!r} is not N/T such as 5/1s or 3/500ms, or off"
-        )
-    seconds = int(match.group(2)) / (1000 if match.group(3) == "ms" else 1)
-    return int(match.group(1)), seconds
-
-
 def _check_identity(s: Settings) -> None:
     if s.anonymous not in ANONYMOUS_POLICIES:
         raise ConfigError(f"anonymous: must be one of {', '.join(ANONYMOUS_POLICIES)}")
@@ -497,8 +497,8 @@ class Rules:
     user_caps_spec: str
     pacing_allowance_bp: int
     consent: Mapping[str, str]
-    breaker: tuple[int, float]
-    """(consecutive failures that open the circuit, seconds before a probe); (0, 0): off."""
+    breaker: BreakerPolicy
+    """The parsed ``circuit_breaker`` setting."""
     max_cpm_cost_units: int
     paths: tuple[str, ...] | None
     secret_key: bytes
@@ -584,7 +584,7 @@ class Rules:
             user_caps_spec=caps_spec(user_caps),
             pacing_allowance_bp=allowance // 10**3,
             consent=consent,
-            breaker=_breaker(s.circuit_breaker),
+            breaker=parse_breaker(s.circuit_breaker),
             max_cpm_cost_units=max_cpm_cost,
             paths=paths,
             secret_key=(secret or DEVELOPMENT_SECRET_KEY).encode(),

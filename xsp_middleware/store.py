@@ -36,11 +36,11 @@ try:
 except ImportError:  # redis-py before 7.1
     DriverInfo = None  # type: ignore[assignment,misc]
 
-from . import observe
-from .breaker import CircuitBreaker
+from . import logs, observe
+from .breaker import DENIED, CircuitBreaker
 from .caps import CALENDAR_PERIODS, FrequencyCap, parse_caps
 from .clock import Calendars, bounds, wall_ms, zone
-from .cluster import CAPS_RETRY, TZ_RETRY, Context, Shards, Split, combine, settle, slot_of
+from .cluster import CAPS_RETRY, TZ_RETRY, Context, Sent, Shards, Split, combine, settle, slot_of
 from .errors import ConfigError, StoreUnavailable
 from .leases import LEASE_SHARE, LEASING_OFF, RETRY_MS, UNACKED_MAX_SECONDS, Lease
 from .money import amount_to_units, cpm_to_cost_units, units_to_decimal
@@ -234,6 +234,10 @@ def reservation_from(context: tuple[str, str | None, bool], reply: Any) -> Reser
         raise StoreUnavailable(f"unexpected reply from the reserve script: {reply!r}") from None
 
 
+_HalfCall = tuple[int, Script, int, bytes, Callable[[Any, Any], None]]
+"""One half of a cluster reservation: slot, script, argument count, arguments, orphan."""
+
+
 class _LoopState:
     __slots__ = (
         "client",
@@ -286,7 +290,7 @@ class Store:
         self._allowance = str(rules.pacing_allowance_bp)
         self._optout_policy = pack_args((rules.consent["stored_optout"],))
         self._hooks: set[asyncio.Future[Any]] = set()
-        self.breaker = CircuitBreaker(*rules.breaker)
+        self.breaker = CircuitBreaker(rules.breaker)
         self._breakers: dict[str, CircuitBreaker] = {}
         """A cluster's breakers, one per master: one dead shard opens only its own."""
         self._caps: dict[str, str] = {}
@@ -352,15 +356,17 @@ class Store:
         """The circuit breaker of one cluster master."""
         breaker = self._breakers.get(node)
         if breaker is None:
-            breaker = self._breakers.setdefault(node, CircuitBreaker(*self.rules.breaker))
+            breaker = self._breakers.setdefault(node, CircuitBreaker(self.rules.breaker))
         return breaker
 
     def connection_options(self) -> dict[str, Any]:
         """What every connection to a data node gets: short timeouts, no retries."""
         return {
-            "socket_connect_timeout": self.timeout,
-            # Callers time out on their own deadline; this only frees a connection stuck on a
-            # hung server.
+            # Decisions fail on their own deadlines, judged on evidence about the store (see
+            # pipeline.py). These only free a connection stuck on a hung server, or a connect
+            # to an unreachable one: as short as store_timeout, they would count the event
+            # loop's lag against the store.
+            "socket_connect_timeout": max(1.0, self.timeout * 10),
             "socket_timeout": max(1.0, self.timeout * 10),
             "retry": Retry(NoBackoff(), 0),
             "health_check_interval": 0,
@@ -469,16 +475,16 @@ class Store:
         counts_impression: bool = True,
     ) -> Reservation:
         """Check and reserve in one round trip. Raises StoreUnavailable on failure or timeout."""
-        self.admit_call()
+        ticket = self.admit_call()
         tz = self._zones.get(campaign_id, rule.timezone)
         context = (campaign_id, user_key, counts_impression)
         state = self._state()
         if counts_impression and (rule.leasing or self._lease_auto or self._stored_leasing):
-            leased = await self._reserve_leased(state, context, cost_units, rule, tz)
+            leased = await self._reserve_leased(state, context, cost_units, rule, tz, ticket)
             if leased is not None:
                 return leased
         if state.shards is not None:
-            return await self._reserve_split(state.shards, context, cost_units, rule, tz)
+            return await self._reserve_split(state.shards, context, cost_units, rule, tz, ticket)
         pipeline = state.pipeline
         assert pipeline is not None
         started = time.monotonic()
@@ -490,9 +496,10 @@ class Store:
             try:
                 reply = await future
             except StoreUnavailable as exc:
-                self.call_failed(exc)
+                self.call_failed(exc, ticket)
                 raise
             except asyncio.CancelledError:
+                self.breaker.no_verdict(ticket)
                 # Cancelled after the reply arrived but before this task resumed: the
                 # reservation exists and nobody will release it but us.
                 if future.done() and not future.cancelled() and future.exception() is None:
@@ -503,7 +510,7 @@ class Store:
             tz = self.learn_zone(campaign_id, reply)
         else:
             raise StoreUnavailable(f"campaign {campaign_id}: its time zone keeps changing")
-        return self.reserved(context, reply, started)
+        return self.reserved(context, reply, started, ticket)
 
     # -- budget leasing (see leases.py) ----------------------------------------------------
 
@@ -550,6 +557,7 @@ class Store:
         cost_units: int | None,
         rule: CampaignConfig,
         tz: str,
+        ticket: int,
     ) -> Reservation | None:
         """A decision paid from the campaign's lease: only the user's half runs in the store
         (none for an anonymous request). None: the lease cannot pay; take the ordinary path."""
@@ -611,7 +619,7 @@ class Store:
         if user_key is None:
             return reservation(True, 0)
         undo = (state, lease, generation, day_start, cost)
-        reply = await self._user_half(state, context, rule, tz, undo)
+        reply = await self._user_half(state, context, rule, tz, undo, ticket)
         if isinstance(reply, StoreUnavailable):
             if self.rules.settings.frequency_fail_open:
                 return reservation(
@@ -639,6 +647,7 @@ class Store:
         rule: CampaignConfig,
         tz: str,
         undo: tuple[_LoopState, Lease, int, int, int],
+        ticket: int,
     ) -> Any:
         """Run a leased decision's user half: its reply, or its failure as a value. ``undo``
         is what the decision took from the lease (see _undo_take), given back if the decision
@@ -656,7 +665,7 @@ class Store:
                 self._optout_policy,
             )
         )
-        node: str | None = None
+        sent: Sent | None = None
         shards = state.shards
         future: asyncio.Future[Any] | None = None
         try:
@@ -666,16 +675,17 @@ class Store:
                 except StoreUnavailable as exc:
                     return exc
                 slot = slot_of(user_key)
-                node, future = shards.send(slot, RESERVE_USER, 9, body, self._orphan_user, context)
+                sent = shards.send(
+                    slot, RESERVE_USER, 9, body, self._orphan_user, context, decision=True
+                )
+                future = sent.future
                 reply = await settle(future)
                 if isinstance(reply, Redirected):
-                    try:
-                        await shards.refresh()
-                    except StoreUnavailable as exc:
-                        logger.warning("re-learning the cluster's slot map failed: %s", exc)
-                    node, future = shards.send(
-                        slot, RESERVE_USER, 9, body, self._orphan_user, context
+                    await self._relearn(shards)
+                    sent = shards.send(
+                        slot, RESERVE_USER, 9, body, self._orphan_user, context, decision=True
                     )
+                    future = sent.future
                     reply = await settle(future)
             else:
                 assert state.pipeline is not None
@@ -690,16 +700,15 @@ class Store:
                     self._orphan_user(context, future.result())
             raise
         if isinstance(reply, StoreUnavailable):
-            if shards is not None and node is not None:
-                self.split_outcome(node, reply, [])
+            if shards is not None and sent is not None:
+                self.split_outcome(sent.node, sent.ticket, reply, [])
                 shards.refresh_soon()
             else:
-                self.call_failed(reply)
-        elif node is not None:
-            self.breaker_for(node).success()
-            self.breaker.success()
+                self.call_failed(reply, ticket)
         else:
-            self.breaker.success()
+            if sent is not None:
+                self.split_outcome(sent.node, sent.ticket, reply, [])
+            self.breaker.record(ticket, False)
         return reply
 
     def _lease_task(self, state: _LoopState, work: Any) -> asyncio.Task[None]:
@@ -772,7 +781,9 @@ class Store:
                     # be applied twice (a return twice would let the budget be overspent).
                     # Dropped, it can only under-deliver: a grant or a return in it leaves its
                     # units counted as spent, and the counts it reported are not recorded.
-                    logger.error(
+                    logs.event(
+                        "lease_call_dropped",
+                        logging.ERROR,
                         "campaign %s: a lease call unanswered for %d h is dropped: its units "
                         "stay counted as spent and the counts it carried are lost",
                         lease.campaign_id,
@@ -806,7 +817,13 @@ class Store:
         except StoreUnavailable as exc:
             lease.error = exc
             lease.retry_at = self._lease_now() + RETRY_MS
-            logger.warning("campaign %s: a budget lease failed: %s", lease.campaign_id, exc)
+            logs.event(
+                "lease_failed",
+                logging.WARNING,
+                "campaign %s: a budget lease failed: %s",
+                lease.campaign_id,
+                exc,
+            )
         finally:
             lease.renewing = False
 
@@ -910,7 +927,9 @@ class Store:
             # Kept on the lease (in the unanswered call, or still owed): sent with its next
             # call, or at shutdown. Until then the units stay counted as spent: under-delivery,
             # never an overspend.
-            logger.warning(
+            logs.event(
+                "lease_return_failed",
+                logging.WARNING,
                 "campaign %s: could not report a lease or give back its units yet: %s",
                 lease.campaign_id,
                 exc,
@@ -1032,19 +1051,19 @@ class Store:
             self._caps.pop(campaign_id, None)
 
     def split_outcome(
-        self, node: str | None, result: Any, failures: list[StoreUnavailable]
+        self, node: str, ticket: int, result: Any, failures: list[StoreUnavailable]
     ) -> None:
-        """Account one half's answer to its shard's breaker and the observer."""
-        if node is None or result is None:
+        """Account one half's answer (None: no such half) to its shard's breaker, with the
+        ticket its call was sent with, and to the observer."""
+        if result is None:
             return
-        if isinstance(result, StoreUnavailable):
-            if node != "?" and "circuit" not in str(result):
-                self.breaker_for(node).failure()
+        failed = isinstance(result, StoreUnavailable)
+        if node != "?":
+            self.breaker_for(node).record(ticket, failed and result.is_store_failure)
+        if failed:
             failures.append(result)
             if observe.current is not None:
-                observe.current.store_error(observe.error_kind(str(result)))
-        elif node != "?":
-            self.breaker_for(node).success()
+                observe.current.store_error(result.kind)
 
     def split_undo(
         self, context: Context, split: Split, campaign: Any, user: Any
@@ -1068,61 +1087,48 @@ class Store:
         cost_units: int | None,
         rule: CampaignConfig,
         tz: str,
+        ticket: int,
     ) -> Reservation:
         campaign_id, user_key, counts = context
         started = time.monotonic()
         try:
             await shards.ready()
         except StoreUnavailable as exc:
-            self.call_failed(exc)  # the store-wide breaker: no decision waits on a dead cluster
+            self.call_failed(exc, ticket)  # the store-wide breaker: no waiting on a dead cluster
             raise
-        self.breaker.success()
+        self.breaker.record(ticket, False)
+
+        def send(call: _HalfCall) -> Sent:
+            slot, script, n, body, orphan = call
+            return shards.send(slot, script, n, body, orphan, context, decision=True)
+
         for _ in range(3):
             c_slot, (c_n, c_body), user_call = self.split_calls(
                 campaign_id, user_key, cost_units, rule, counts, tz
             )
-            c_node, c_future = shards.send(
-                c_slot, RESERVE_CAMPAIGN, c_n, c_body, self._orphan_campaign, context
-            )
-            u_node: str | None = None
-            u_future: asyncio.Future[Any] | None = None
+            c_call = (c_slot, RESERVE_CAMPAIGN, c_n, c_body, self._orphan_campaign)
+            u_call = None
             if user_call is not None:
-                u_node, u_future = shards.send(
-                    user_call[0],
-                    RESERVE_USER,
-                    user_call[1],
-                    user_call[2],
-                    self._orphan_user,
-                    context,
-                )
+                u_slot, u_n, u_body = user_call
+                u_call = (u_slot, RESERVE_USER, u_n, u_body, self._orphan_user)
+            c_sent = send(c_call)
+            u_sent = None if u_call is None else send(u_call)
             try:
-                campaign = await settle(c_future)
-                user = await settle(u_future)
+                campaign = await settle(c_sent.future)
+                user = await settle(None if u_sent is None else u_sent.future)
                 if isinstance(campaign, Redirected) or isinstance(user, Redirected):
                     # Slots moved (a failover, a reshard): a redirected half did not run.
-                    try:
-                        await shards.refresh()
-                    except StoreUnavailable as exc:
-                        logger.warning("re-learning the cluster's slot map failed: %s", exc)
+                    await self._relearn(shards)
                     if isinstance(campaign, Redirected):
-                        c_node, c_future = shards.send(
-                            c_slot, RESERVE_CAMPAIGN, c_n, c_body, self._orphan_campaign, context
-                        )
-                    if isinstance(user, Redirected) and user_call is not None:
-                        u_node, u_future = shards.send(
-                            user_call[0],
-                            RESERVE_USER,
-                            user_call[1],
-                            user_call[2],
-                            self._orphan_user,
-                            context,
-                        )
+                        c_sent = send(c_call)
+                    if isinstance(user, Redirected) and u_call is not None:
+                        u_sent = send(u_call)
                     if isinstance(campaign, Redirected):
-                        campaign = await settle(c_future)
+                        campaign = await settle(c_sent.future)
                     if isinstance(user, Redirected):
-                        user = await settle(u_future)
+                        user = await settle(None if u_sent is None else u_sent.future)
             except asyncio.CancelledError:
-                self._abandon(context, c_future, u_future)
+                self._abandon(context, c_sent.future, None if u_sent is None else u_sent.future)
                 raise
             if (
                 isinstance(campaign, list)
@@ -1131,8 +1137,9 @@ class Store:
             ):
                 self.learn_leasing(campaign_id, campaign[11])
             failures: list[StoreUnavailable] = []
-            self.split_outcome(c_node, campaign, failures)
-            self.split_outcome(u_node, user, failures)
+            self.split_outcome(c_sent.node, c_sent.ticket, campaign, failures)
+            if u_sent is not None:
+                self.split_outcome(u_sent.node, u_sent.ticket, user, failures)
             if failures:  # a master may have failed over: find where its slots went
                 shards.refresh_soon()
             split, undo = self.split_combine(context, campaign, user, cost_units, rule)
@@ -1143,6 +1150,18 @@ class Store:
                 return outcome
             tz = outcome
         raise StoreUnavailable(f"campaign {campaign_id}: its stored config keeps changing")
+
+    async def _relearn(self, shards: Shards) -> None:
+        """Re-learn the slot map after a redirection (a failure only delays the retry)."""
+        try:
+            await shards.refresh()
+        except StoreUnavailable as exc:
+            logs.event(
+                "slot_map_refresh_failed",
+                logging.WARNING,
+                "re-learning the cluster's slot map failed: %s",
+                exc,
+            )
 
     # Shared by this store and the blocking SyncStore around the two halves of a reservation.
 
@@ -1200,7 +1219,7 @@ class Store:
             result = await settle(future)
             if isinstance(result, StoreUnavailable):
                 # Stays held: under-delivery (a cap slot or spend), never an overspend.
-                logger.warning("could not release the %s half of a reservation: %s", what, result)
+                compensation_failed(what, result)
 
     def _abandon(
         self,
@@ -1226,7 +1245,12 @@ class Store:
         try:
             passed = reply[0] == 1
         except (TypeError, IndexError):
-            logger.error("could not release a campaign half: reply %r", reply)
+            logs.event(
+                "compensation_failed",
+                logging.ERROR,
+                "could not release a campaign half: reply %r",
+                reply,
+            )
             return None
         if not passed:
             return None
@@ -1250,14 +1274,19 @@ class Store:
     def user_undo(self, context: Any, reply: Any) -> tuple[int, Script, int, bytes] | None:
         """The release of a user half that passed and logged (None: nothing to undo)."""
         try:
-            passed, logs = reply[0] == 1, int(reply[4])
+            passed, logged = reply[0] == 1, int(reply[4])
         except (TypeError, IndexError, ValueError):
-            logger.error("could not release a user half: reply %r", reply)
+            logs.event(
+                "compensation_failed",
+                logging.ERROR,
+                "could not release a user half: reply %r",
+                reply,
+            )
             return None
         campaign_id, user_key, _ = context
-        if not (passed and logs and user_key is not None):
+        if not (passed and logged and user_key is not None):
             return None
-        args = (1, user_key, campaign_id, reply[3], logs, *_dropped(reply))
+        args = (1, user_key, campaign_id, reply[3], logged, *_dropped(reply))
         return slot_of(user_key), RELEASE_USER, len(args), pack_args(args)
 
     def _orphan_campaign(self, context: Any, reply: Any) -> None:
@@ -1298,24 +1327,33 @@ class Store:
 
     # Shared by this store and the blocking SyncStore around each reserve call.
 
-    def admit_call(self) -> None:
-        """Raise at once while the circuit is open (no decision waits on a failing store)."""
-        if not self.breaker.allow():
+    def admit_call(self) -> int:
+        """The breaker's ticket for one decision (see breaker.py); raises at once while the
+        circuit is open (no decision waits on a failing store)."""
+        ticket = self.breaker.allow()
+        if ticket == DENIED:
             if observe.current is not None:
                 observe.current.store_error("circuit_open")
-            raise StoreUnavailable("the store circuit is open (recent failures); not waiting")
+            raise StoreUnavailable(
+                "the store circuit is open (recent failures); not waiting", "circuit_open"
+            )
+        return ticket
 
-    def call_failed(self, exc: StoreUnavailable) -> None:
-        self.breaker.failure()
-        if observe.current is not None:
-            observe.current.store_error(observe.error_kind(str(exc)))
+    def call_failed(self, exc: StoreUnavailable, ticket: int) -> None:
+        """A decision's store call failed: a store failure counts against the circuit."""
+        if exc.is_store_failure:
+            self.breaker.record(ticket, True)
+            if observe.current is not None:
+                observe.current.store_error(exc.kind)
+        else:  # given up on our side (cancelled): no verdict about the store
+            self.breaker.no_verdict(ticket)
 
     def reserved(
-        self, context: tuple[str, str | None, bool], reply: Any, started: float
+        self, context: tuple[str, str | None, bool], reply: Any, started: float, ticket: int
     ) -> Reservation:
-        """A reserve call answered: close the circuit, record the latency, fire the exhaustion
-        hook if this decision exhausted the campaign."""
-        self.breaker.success()
+        """A reserve call answered: count it for the circuit (a probe closes it), record the
+        latency, fire the exhaustion hook if this decision exhausted the campaign."""
+        self.breaker.record(ticket, False)
         if observe.current is not None:
             observe.current.store_call(time.monotonic() - started)
         reservation = reservation_from(context, reply)
@@ -1389,7 +1427,12 @@ class Store:
         try:
             reservation = reservation_from(context, reply)
         except StoreUnavailable:
-            logger.error("could not release an orphaned reservation: reply %r", reply)
+            logs.event(
+                "orphan_release_failed",
+                logging.ERROR,
+                "could not release an orphaned reservation: reply %r",
+                reply,
+            )
             return
         if reservation.reserved:
             if observe.current is not None:
@@ -1431,7 +1474,9 @@ class Store:
     def _hook_done(self, task: asyncio.Future[Any]) -> None:
         self._hooks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            logger.error("on_budget_exhausted raised: %r", task.exception())
+            logs.event(
+                "hook_failed", logging.ERROR, "on_budget_exhausted raised: %r", task.exception()
+            )
 
     async def can_serve(
         self, campaign_id: str, user_key: str, rule: CampaignConfig
@@ -1866,9 +1911,26 @@ def _run_hook(target: Callable[[], Any]) -> None:
     try:
         target()
     except Exception as exc:  # the user's hook: report it, never let it kill a worker
-        logger.error("on_budget_exhausted raised: %r", exc)
+        logs.event("hook_failed", logging.ERROR, "on_budget_exhausted raised: %r", exc)
 
 
 def _log_release_failure(future: asyncio.Future[Any]) -> None:
     if not future.cancelled() and future.exception() is not None:
-        logger.warning("releasing an orphaned reservation failed: %s", future.exception())
+        logs.event(
+            "orphan_release_failed",
+            logging.WARNING,
+            "releasing an orphaned reservation failed: %s",
+            future.exception(),
+        )
+
+
+def compensation_failed(what: str, exc: StoreUnavailable) -> None:
+    """A cluster half that passed could not be released (the other half denied): it stays
+    held, an under-delivery (a cap slot or spend), never an overspend."""
+    logs.event(
+        "compensation_failed",
+        logging.WARNING,
+        "could not release the %s half of a reservation: %s",
+        what,
+        exc,
+    )

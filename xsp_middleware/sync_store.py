@@ -22,7 +22,8 @@ from redis.exceptions import (
 )
 from redis.retry import Retry
 
-from . import observe
+from . import logs, observe
+from .breaker import DENIED
 from .cluster import Context
 from .errors import StoreUnavailable
 from .pipeline import Redirected, Script
@@ -33,6 +34,7 @@ from .store import (
     Reservation,
     Store,
     _memory_server,
+    compensation_failed,
     reservation_from,
 )
 from .topology import sync_client
@@ -102,7 +104,12 @@ class SyncStore:
         try:
             self.cluster_client().nodes_manager.initialize()
         except (RedisError, RedisClusterException, OSError, StoreUnavailable) as exc:
-            logger.warning("re-learning the cluster's slot map failed: %s", exc)
+            logs.event(
+                "slot_map_refresh_failed",
+                logging.WARNING,
+                "re-learning the cluster's slot map failed: %s",
+                exc,
+            )
 
     def _node_pool(self, slot: int) -> tuple[str, Any]:
         """The connection pool of the master serving ``slot``."""
@@ -170,7 +177,12 @@ class SyncStore:
                     conn.read_response(timeout=LATE_REPLY_SECONDS)
         except (RedisError, OSError, StoreUnavailable) as exc:
             # No reply, or no release: the spend stays counted (under-delivery, not overspend).
-            logger.warning("a late reservation could not be released: %s", exc)
+            logs.event(
+                "late_reply_release_failed",
+                logging.WARNING,
+                "a late reservation could not be released: %s",
+                exc,
+            )
             conn.disconnect()
         finally:
             pool.release(conn)
@@ -186,11 +198,11 @@ class SyncStore:
     ) -> Reservation:
         """Check and reserve in one round trip. Raises StoreUnavailable on failure or timeout."""
         store = self.store
-        store.admit_call()
+        ticket = store.admit_call()
         tz = store._zones.get(campaign_id, rule.timezone)
         context = (campaign_id, user_key, counts_impression)
         if store.is_cluster:
-            return self._reserve_split(context, cost_units, rule, tz)
+            return self._reserve_split(context, cost_units, rule, tz, ticket)
         started = time.monotonic()
         for _ in range(2):
             nargs, body = store.reserve_call(
@@ -199,14 +211,14 @@ class SyncStore:
             try:
                 reply = self._call(RESERVE, nargs, body, context)
             except StoreUnavailable as exc:
-                store.call_failed(exc)
+                store.call_failed(exc, ticket)
                 raise
             if reply[1] != 9:
                 break
             tz = store.learn_zone(campaign_id, reply)
         else:
             raise StoreUnavailable(f"campaign {campaign_id}: its time zone keeps changing")
-        return store.reserved(context, reply, started)
+        return store.reserved(context, reply, started, ticket)
 
     def release(self, reservation: Reservation) -> None:
         """Give back a reservation's spend and impression. Raises StoreUnavailable."""
@@ -219,64 +231,71 @@ class SyncStore:
         """A cluster reservation's two halves released, both sent before either is read."""
         calls = self.store.release_split_calls(reservation)
         results = self._run_slots([(slot, s, n, b, None, None) for slot, s, n, b in calls])
-        for _, result in results:
+        for _, _, result in results:
             if isinstance(result, StoreUnavailable):
                 raise result
 
     # -- Redis Cluster: both halves sent before either is read (one round trip of latency) --
 
     def _run_slots(
-        self, calls: list[tuple[int, Script, int, bytes, Any, Any]]
-    ) -> list[tuple[str, Any]]:
+        self, calls: list[tuple[int, Script, int, bytes, Any, Any]], *, decision: bool = False
+    ) -> list[tuple[str, int, Any]]:
         """Send each (slot, script, count, args, context, orphan) to its slot's master, then
-        read every reply: (node, reply or StoreUnavailable) in order. A MOVED reply re-learns
-        the slot map and sends that call once more (it did not run)."""
-        results = self._send_and_read(calls)
-        moved = [i for i, (_, r) in enumerate(results) if isinstance(r, Redirected)]
+        read every reply: (node, its breaker's ticket, reply or StoreUnavailable) in order. A
+        MOVED reply re-learns the slot map and sends that call once more (it did not run).
+        Only a ``decision`` may be a half-open circuit's probe (see Shards.send)."""
+        results = self._send_and_read(calls, decision)
+        moved = [i for i, (_, _, r) in enumerate(results) if isinstance(r, Redirected)]
         if moved:
             self._refresh_map()
-            again = self._send_and_read([calls[i] for i in moved])
+            again = self._send_and_read([calls[i] for i in moved], decision)
             for i, result in zip(moved, again, strict=True):
                 results[i] = result
         return results
 
     def _send_and_read(
-        self, calls: list[tuple[int, Script, int, bytes, Any, Any]]
-    ) -> list[tuple[str, Any]]:
-        sent: list[tuple[str, Any, Any]] = []  # (node, pool, conn) or (node, None, error)
+        self, calls: list[tuple[int, Script, int, bytes, Any, Any]], decision: bool
+    ) -> list[tuple[str, int, Any]]:
+        # (node, ticket, pool, conn) or (node, ticket, None, error)
+        sent: list[tuple[str, int, Any, Any]] = []
         for slot, script, nargs, body, _, _ in calls:
             try:
                 node, pool = self._node_pool(slot)
             except StoreUnavailable as exc:
-                sent.append(("?", None, exc))
+                sent.append(("?", DENIED, None, exc))
                 continue
-            if not self.store.breaker_for(node).allow():
-                error = StoreUnavailable(f"the circuit of shard {node} is open (recent failures)")
-                sent.append((node, None, error))
+            ticket = self.store.breaker_for(node).admit(decision=decision)
+            if ticket == DENIED:
+                error = StoreUnavailable(
+                    f"the circuit of shard {node} is open (recent failures)", "circuit_open"
+                )
+                sent.append((node, DENIED, None, error))
                 continue
             try:
                 conn = pool.get_connection()
             except (RedisError, OSError) as exc:
-                sent.append((node, None, StoreUnavailable(f"{type(exc).__name__}: {exc}")))
+                error = StoreUnavailable(f"{type(exc).__name__}: {exc}")
+                sent.append((node, ticket, None, error))
                 continue
             try:
                 conn.send_packed_command([b"*%d\r\n" % (nargs + 2) + script.evalsha + body])
             except (RedisError, OSError) as exc:
                 conn.disconnect()
                 pool.release(conn)
-                sent.append((node, None, StoreUnavailable(f"{type(exc).__name__}: {exc}")))
+                error = StoreUnavailable(f"{type(exc).__name__}: {exc}")
+                sent.append((node, ticket, None, error))
                 continue
-            sent.append((node, pool, conn))
-        results: list[tuple[str, Any]] = []
+            sent.append((node, ticket, pool, conn))
+        results: list[tuple[str, int, Any]] = []
         deadline = time.monotonic() + self.store.timeout
-        for (node, pool, conn), (_, script, nargs, body, context, orphan) in zip(
+        for (node, ticket, pool, conn), (_, script, nargs, body, context, orphan) in zip(
             sent, calls, strict=True
         ):
             if pool is None:
-                results.append((node, conn))
+                results.append((node, ticket, conn))
                 continue
             read = self._read(pool, conn, script, nargs, body, context, orphan, deadline)
-            results.append((node, read))
+            results.append((node, ticket, read))
         return results
 
     def _read(
@@ -330,7 +349,12 @@ class SyncStore:
                     observe.current.released("late_reply")
                 self._run_slots([(*undo, None, None)])
         except (RedisError, OSError, StoreUnavailable) as exc:
-            logger.warning("a late reservation half could not be released: %s", exc)
+            logs.event(
+                "late_reply_release_failed",
+                logging.WARNING,
+                "a late reservation half could not be released: %s",
+                exc,
+            )
             conn.disconnect()
         finally:
             pool.release(conn)
@@ -338,13 +362,17 @@ class SyncStore:
     def _compensate(self, undo: list[tuple[str, int, Script, int, bytes]]) -> None:
         """Release the halves that passed when the other denied (the deny path only)."""
         results = self._run_slots([(slot, s, n, b, None, None) for _, slot, s, n, b in undo])
-        for (what, *_), (_, result) in zip(undo, results, strict=True):
+        for (what, *_), (_, _, result) in zip(undo, results, strict=True):
             if isinstance(result, StoreUnavailable):
-                # Stays held: under-delivery (a cap slot or spend), never an overspend.
-                logger.warning("could not release the %s half of a reservation: %s", what, result)
+                compensation_failed(what, result)
 
     def _reserve_split(
-        self, context: Context, cost_units: int | None, rule: CampaignConfig, tz: str
+        self,
+        context: Context,
+        cost_units: int | None,
+        rule: CampaignConfig,
+        tz: str,
+        ticket: int,
     ) -> Reservation:
         store = self.store
         campaign_id, user_key, counts = context
@@ -352,9 +380,9 @@ class SyncStore:
         try:
             self.cluster_client()
         except StoreUnavailable as exc:
-            store.call_failed(exc)  # the store-wide breaker: no decision waits on a dead cluster
+            store.call_failed(exc, ticket)  # the store-wide breaker: no waiting on a dead cluster
             raise
-        store.breaker.success()
+        store.breaker.record(ticket, False)
         for _ in range(3):
             c_slot, (c_n, c_body), user_call = store.split_calls(
                 campaign_id, user_key, cost_units, rule, counts, tz
@@ -366,14 +394,14 @@ class SyncStore:
                 calls.append(
                     (*user_call[:1], RESERVE_USER, *user_call[1:], context, store.user_undo)
                 )
-            results = self._run_slots(calls)
+            results = self._run_slots(calls, decision=True)
             failures: list[StoreUnavailable] = []
-            for node, result in results:
-                store.split_outcome(node, result, failures)
+            for node, node_ticket, result in results:
+                store.split_outcome(node, node_ticket, result, failures)
             if failures:  # a master may have failed over: find where its slots went
                 self._refresh_soon()
-            campaign = results[0][1]
-            user = results[1][1] if user_call is not None else None
+            campaign = results[0][2]
+            user = results[1][2] if user_call is not None else None
             split, undo = store.split_combine(context, campaign, user, cost_units, rule)
             if undo:
                 self._compensate(undo)

@@ -31,6 +31,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
+from . import logs
 from .decision import Decision
 from .errors import InvalidParameter
 from .guard import Guard, Reply, RouteRules
@@ -91,8 +92,14 @@ class RequestState:
             return  # confirming costs nothing: the reservation already stands
         try:
             self.guard.release_sync(reservation)
-        except Exception:  # our bug must not become the app's error: log it
-            logger.exception("xsp_middleware: unexpected error while releasing")
+        except Exception as exc:  # our bug must not become the app's error: log it
+            logs.event(
+                "internal_error",
+                logging.ERROR,
+                "xsp_middleware: unexpected error while releasing: %r",
+                exc,
+                error=exc,
+            )
 
 
 class XSPWSGIMiddleware:

@@ -61,7 +61,9 @@ def settings_from_dict(
     try:
         return Settings.from_env(environ, **options)
     except ConfigError as exc:
-        raise ConfigError(f"{SETTING} (or an XSP_* environment variable): {exc}") from None
+        if str(exc).startswith("XSP_"):  # it names the environment variable already
+            raise
+        raise ConfigError(f"{SETTING}: {exc}") from None
     except (TypeError, ValueError, AttributeError) as exc:  # a value of the wrong type
         raise ConfigError(
             f"{SETTING} (or an XSP_* environment variable): {type(exc).__name__}: {exc}"

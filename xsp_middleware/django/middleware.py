@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import HttpResponse  # type: ignore[import-untyped,unused-ignore]
 
+from .. import logs
 from ..caps import FrequencyCap
 from ..decision import Decision
 from ..errors import ConfigError, InvalidParameter
@@ -248,15 +249,25 @@ class XSPMiddleware:
 def _release_sync(guard: Guard, reservation: Reservation) -> None:
     try:
         guard.release_sync(reservation)  # a store failure is logged there
-    except Exception:  # our bug must not become a 500: the spend stays counted (under-delivery)
-        logger.exception("xsp_middleware: unexpected error while releasing a reservation")
+    except Exception as exc:  # our bug must not become a 500: the spend stays counted
+        _internal_error(exc)
 
 
 async def _release(guard: Guard, reservation: Reservation) -> None:
     try:
         await guard.release(reservation)
-    except Exception:
-        logger.exception("xsp_middleware: unexpected error while releasing a reservation")
+    except Exception as exc:
+        _internal_error(exc)
+
+
+def _internal_error(exc: Exception) -> None:
+    logs.event(
+        "internal_error",
+        logging.ERROR,
+        "xsp_middleware: unexpected error while releasing a reservation: %r",
+        exc,
+        error=exc,
+    )
 
 
 def _raw(text: str) -> bytes:
