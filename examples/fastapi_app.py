@@ -14,12 +14,15 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
-from xsp_middleware import Decision, XSPMiddleware, ad_route, xsp_decision
+from xsp_middleware import Decision, Settings, XSPMiddleware, ad_route, xsp_decision
 from xsp_middleware.demo import vast_xml
 
 app = FastAPI(title="xsp-middleware example ad server")
-# Settings come from XSP_* environment variables; keyword arguments here would win over them.
-app.add_middleware(XSPMiddleware, paths=["/ad"])
+# Settings come from XSP_* environment variables; keyword arguments here win over them. They
+# are checked here, as the module loads: a bad value stops the server at start with a
+# ConfigError naming it. (Starlette builds its middleware on the first request, where a bad
+# value would fail every request instead.)
+app.add_middleware(XSPMiddleware, settings=Settings.from_env(paths=["/ad"]))
 
 
 def vast(decision: Decision) -> Response:
