@@ -216,9 +216,6 @@ def make_app(payload_file: Path) -> Callable[..., XSPMiddleware]:
             Route("/other", other),
         ]
         settings.setdefault("secret_key", SECRET)
-        # Behaviour tests, not latency tests: a busy CI box must not turn a decision into a
-        # degraded one. Tests of timeouts set store_timeout themselves.
-        settings.setdefault("store_timeout", 2.0)
         if os.environ.get("XSP_TEST_LEASING") == "1":
             # The exactness suites again, with every campaign's budget spent from leases.
             settings.setdefault("leasing", True)

@@ -26,7 +26,6 @@ from test_processes import _env, uvicorn
 from xsp_middleware import Campaign, XSPMiddleware
 
 # Generous: a busy 2-core box must never turn a decision into a degraded store_unavailable one.
-STORE_TIMEOUT = 5.0
 SHOW_FIELDS = {
     "id",
     "budget",
@@ -141,7 +140,7 @@ async def test_list_shows_cli_campaigns_and_campaigns_that_only_served_with_defa
     redis_url: str, make_app: Callable[..., XSPMiddleware]
 ) -> None:
     ok(cli("campaign", "set", "from-cli", "--budget", "5.00", "--cpm", "1.00", redis_url=redis_url))
-    app = make_app(redis_url=redis_url, store_timeout=STORE_TIMEOUT)
+    app = make_app(redis_url=redis_url)
     async with client(app) as c:
         for i in range(4):
             r = await c.get("/ad?campaign_id=defaults-only", headers=as_user(f"u{i}"))
@@ -173,7 +172,7 @@ async def test_delete_forgets_the_campaigns_config_and_spend(
     redis_url: str, make_app: Callable[..., XSPMiddleware]
 ) -> None:
     ok(cli("campaign", "set", "c1", "--budget", "1.00", "--cap", "1/1h", redis_url=redis_url))
-    app = make_app(redis_url=redis_url, store_timeout=STORE_TIMEOUT)
+    app = make_app(redis_url=redis_url)
     async with client(app) as c:
         for i in range(3):
             r = await c.get("/ad?campaign_id=c1", headers=as_user(f"u{i}"))
@@ -205,7 +204,7 @@ async def test_delete_forgets_the_campaigns_config_and_spend(
 async def test_a_cli_pause_stops_serving_within_one_second_and_resume_serves_again(
     redis_url: str, make_app: Callable[..., XSPMiddleware]
 ) -> None:
-    app = make_app(redis_url=redis_url, store_timeout=STORE_TIMEOUT)
+    app = make_app(redis_url=redis_url)
     # (started, finished, status, decision header) of every request, in the order they ended.
     log: list[tuple[float, float, int, str | None]] = []
     stop = asyncio.Event()
@@ -345,7 +344,6 @@ async def test_daily_exhaustion_hook_fires_once_with_kind_daily(
 
     app = make_app(
         redis_url=store_url,
-        store_timeout=STORE_TIMEOUT,
         campaigns=[Campaign(id="d1", daily_budget="0.01", budget="100")],  # 5 at CPM 2.00
         on_budget_exhausted=hook,
     )
@@ -378,7 +376,7 @@ async def test_pausing_and_resuming_an_exhausted_campaign_does_not_fire_the_hook
         calls.append((campaign_id, kind))
 
     ok(cli("campaign", "set", "c1", "--budget", "0.004", redis_url=redis_url))  # 2 impressions
-    app = make_app(redis_url=redis_url, store_timeout=STORE_TIMEOUT, on_budget_exhausted=hook)
+    app = make_app(redis_url=redis_url, on_budget_exhausted=hook)
     async with client(app) as c:
         statuses = [
             (await c.get("/ad?campaign_id=c1", headers=as_user(f"u{i}"))).status_code
@@ -418,7 +416,7 @@ async def test_user_show_reports_window_counts_and_when_each_cap_frees_up(
             redis_url=redis_url,
         )
     )
-    app = make_app(redis_url=redis_url, store_timeout=STORE_TIMEOUT)
+    app = make_app(redis_url=redis_url)
     async with client(app) as c:
         t0 = datetime.now(UTC)
         r = await c.get("/ad?campaign_id=c1", headers=as_user("alice"))

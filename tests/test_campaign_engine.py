@@ -135,7 +135,6 @@ async def test_user_caps_span_campaigns(store_url: str, make_app: Any) -> None:
 
 
 def _store(redis_url: str, **settings: Any) -> Store:
-    settings.setdefault("store_timeout", 2.0)  # behaviour, not latency: see conftest.make_app
     return Store(Rules.from_settings(Settings(redis_url=redis_url, secret_key=SECRET, **settings)))
 
 

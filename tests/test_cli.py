@@ -90,7 +90,7 @@ def test_redis_url_option_overrides_the_environment(redis_url: str) -> None:
 async def test_show_works_for_a_campaign_that_only_ever_served_with_defaults(
     redis_url: str, make_app: Any
 ) -> None:
-    app = make_app(redis_url=redis_url, store_timeout=5)
+    app = make_app(redis_url=redis_url)
     async with client(app) as c:
         for i in range(400):
             r = await c.get("/ad?campaign_id=fresh&cpm=1.2345", headers=as_user(f"u{i}"))

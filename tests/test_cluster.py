@@ -50,7 +50,7 @@ async def test_2000_concurrent_requests_over_50_campaigns_and_500_users_are_exac
         Campaign(id=cid, budget=f"{n * 0.002:.3f}", cpm="2.00", caps=["1/1h"])
         for cid, n in budgets.items()
     ]
-    app: XSPMiddleware = make_app(redis_url=cluster.url, store_timeout=10, campaigns=campaigns)
+    app: XSPMiddleware = make_app(redis_url=cluster.url, campaigns=campaigns)
     requests = []
     for u in range(500):
         for cid in (f"camp{u % 50}", f"camp{(u * 7 + 3) % 50}"):
@@ -163,7 +163,7 @@ async def test_stored_caps_changed_by_another_process_apply_at_once(
 async def test_a_dead_master_degrades_only_requests_whose_slots_live_there(
     cluster: RedisClusterNodes, make_app: Any
 ) -> None:
-    app: XSPMiddleware = make_app(redis_url=cluster.url, store_timeout=0.5)
+    app: XSPMiddleware = make_app(redis_url=cluster.url)
     store = app.store
     campaigns = _ids_on(cluster, lambda cid: store.campaign_keys(cid)[0], "camp", 1)
     users = _ids_on(cluster, store.user_key, "user", 6)
@@ -208,9 +208,7 @@ async def test_a_dead_master_degrades_only_requests_whose_slots_live_there(
 async def test_serving_resumes_when_the_dead_master_comes_back(
     cluster: RedisClusterNodes, make_app: Any
 ) -> None:
-    app: XSPMiddleware = make_app(
-        redis_url=cluster.url, store_timeout=0.5, circuit_breaker="2/200ms"
-    )
+    app: XSPMiddleware = make_app(redis_url=cluster.url)
     campaigns = _ids_on(cluster, lambda cid: app.store.campaign_keys(cid)[0], "camp", 1)
     cid = campaigns[0][0]
     async with client(app) as c:
@@ -256,7 +254,7 @@ def test_a_dead_master_degrades_only_its_slots_under_wsgi_too(cluster: RedisClus
 
     from xsp_middleware.wsgi import XSPWSGIMiddleware
 
-    mw = XSPWSGIMiddleware(plain_app, redis_url=cluster.url, secret_key=SECRET, store_timeout=0.5)
+    mw = XSPWSGIMiddleware(plain_app, redis_url=cluster.url, secret_key=SECRET)
     web = Client(mw, use_cookies=False)
     store = mw.store
     campaigns = _ids_on(cluster, lambda cid: store.campaign_keys(cid)[0], "camp", 1)

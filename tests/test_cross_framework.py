@@ -75,7 +75,6 @@ def _env(redis_url: str) -> dict[str, str]:
     return {
         "XSP_REDIS_URL": redis_url,
         "XSP_SECRET_KEY": SECRET,
-        "XSP_STORE_TIMEOUT": "5",
         # 137 impressions at the default CPM 2.00
         "XSP_CAMPAIGNS": json.dumps([{"id": "shared", "budget": "0.274"}]),
     }

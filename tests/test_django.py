@@ -75,7 +75,6 @@ from xsp_middleware.settings import Rules  # noqa: E402
 CAMPAIGN = "c1"
 AD = f"/ad?campaign_id={CAMPAIGN}&cpm=2.00"
 COST_UNITS = 20_000  # one impression at a CPM of 2.00
-STORE_TIMEOUT = 2.0  # generous: these tests are about behaviour, not timeouts
 CHUNKS = [b"chunk-%d;" % i for i in range(20)]
 PAYLOAD = os.urandom(64 * 1024)
 
@@ -228,7 +227,6 @@ def xsp_settings(store_url: str, **more: Any) -> dict[str, Any]:
         "REDIS_URL": store_url,
         "SECRET_KEY": SECRET,
         "DEFAULT_CAPS": ["1/1h"],
-        "STORE_TIMEOUT": STORE_TIMEOUT,
         "PATHS": ["/ad"],
         **more,
     }
@@ -564,9 +562,9 @@ async def test_unreachable_store_fails_closed_never_a_500(
     site = Site(mode, "memory://unused", made)
     try:
         site.store_url = f"redis://127.0.0.1:{free_port()}/0"
-        site.start(STORE_TIMEOUT=0.2)
+        site.start()
         assert_denied(await site.get(AD), "store_unavailable")  # the budget fails closed
-        site.start(STORE_TIMEOUT=0.2, BUDGET_FAIL_OPEN=True)
+        site.start(BUDGET_FAIL_OPEN=True)
         r = await site.get(AD)
         assert r.status_code == 200
         assert r.content.startswith(b"True|served|c1|")
@@ -716,7 +714,6 @@ async def test_example_project(site: Site) -> None:
         **example_settings.XSP_MIDDLEWARE,
         "REDIS_URL": site.store_url,
         "SECRET_KEY": SECRET,
-        "STORE_TIMEOUT": STORE_TIMEOUT,
     }
     site.start(urlconf="adserver.urls", conf=conf)
 
@@ -747,7 +744,7 @@ async def test_example_project(site: Site) -> None:
 
 def _example_env(**more: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XSP_", "DJANGO_"))}
-    return {**env, "XSP_SECRET_KEY": SECRET, "XSP_STORE_TIMEOUT": "2", **more}
+    return {**env, "XSP_SECRET_KEY": SECRET, **more}
 
 
 def test_example_manage_py_check(redis_url: str) -> None:

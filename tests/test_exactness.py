@@ -23,7 +23,6 @@ async def test_budget_never_overspends_under_2000_concurrent_requests(
     # CPM 2.00 -> 0.002 per impression; 0.274 buys exactly 137.
     app: XSPMiddleware = make_app(
         redis_url=store_url,
-        store_timeout=10,
         campaigns=[Campaign(id="c1", budget="0.274", cpm="2.00")],
     )
     async with client(app) as c:
@@ -43,7 +42,7 @@ async def test_budget_never_overspends_under_2000_concurrent_requests(
 async def test_one_user_gets_exactly_3_of_300_concurrent_requests(
     store_url: str, make_app: Any
 ) -> None:
-    app: XSPMiddleware = make_app(redis_url=store_url, store_timeout=10)  # default caps: 3/1h
+    app: XSPMiddleware = make_app(redis_url=store_url)  # default caps: 3/1h
     async with client(app) as c:
         responses = await asyncio.gather(
             *(c.get("/ad?campaign_id=c1&cpm=2.50", headers=as_user("u1")) for _ in range(300))
@@ -94,7 +93,7 @@ async def test_rolling_window_serves_again_once_the_oldest_impression_leaves(
 async def test_400_impressions_at_cpm_1_2345_record_exactly_0_4938(
     store_url: str, make_app: Any
 ) -> None:
-    app: XSPMiddleware = make_app(redis_url=store_url, store_timeout=10)
+    app: XSPMiddleware = make_app(redis_url=store_url)
     async with client(app) as c:
         responses = await asyncio.gather(
             *(c.get("/ad?campaign_id=c1&cpm=1.2345", headers=as_user(f"u{i}")) for i in range(400))

@@ -2,10 +2,12 @@
 that the test kills, hangs and flushes, and 64 concurrent clients (distinct users) driven from a
 separate load process so that the client's own event loop never inflates a measured latency.
 
-The contract (README, failure policy): a decision waits at most ``store_timeout`` (0.05 s), the
-budget fails closed (204 ``store_unavailable``), nothing becomes a 500, the circuit breaker
-(5/1s) stops requests from waiting on a dead store and closes on the first probe that succeeds,
-NOSCRIPT costs no failed decision, and a crash never overspends.
+The contract (README, failure policy), all with the default settings: a healthy store serves
+every request (no ``store_unavailable`` before a fault), a decision waits at most
+``store_timeout`` (0.05 s), the budget fails closed (204 ``store_unavailable``), nothing becomes a
+500, the circuit breaker (half of at least 20 calls in a second) stops requests from waiting on
+a dead store and closes on the first probe that succeeds, NOSCRIPT costs no failed decision, and
+a crash never overspends.
 
 The load process (this file run as a script) keeps ``CONCURRENCY`` keep-alive connections and
 sends every request as a user never seen before. It first warms the app up for ``WARMUP``
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import random
 import shutil
@@ -383,6 +386,15 @@ def _first_served_after(samples: list[Sample], t: float) -> float:
     return min(ends) - t
 
 
+def _assert_served_until(samples: list[Sample], t: float, load: Load) -> None:
+    """A healthy store serves every request, the warm-up on a fresh worker included: no
+    ``store_unavailable`` (nor anything else) before the fault at ``t``."""
+    before = [s for s in load.warmup + samples if s.end < t]
+    assert before, "no request completed before the fault"
+    odd = [s for s in before if (s.status, s.decision) != (200, "served")]
+    assert not odd, f"{len(odd)} not served before the fault: {_summary(odd)}"
+
+
 def _assert_failed_closed(samples: list[Sample]) -> None:
     """Only served ads and budget-closed no-fills: no 500, no other answer, no lost reply."""
     statuses = {(s.status, s.decision) for s in samples}
@@ -406,6 +418,7 @@ def test_sigkill_of_redis_mid_load_costs_no_500_and_no_wait(servers: list[RedisS
         finally:
             samples = load.samples()
     print(f"{_summary(samples)}; {load.cpu_report()}; warm-up: {_summary(load.warmup)}")
+    _assert_served_until(samples, killed, load)
     _assert_failed_closed(samples)
     _assert_latency_bound(samples, load)
     down = [s for s in samples if killed + 0.01 <= s.start <= back - 0.01]
@@ -489,6 +502,7 @@ def _redis_back_with_its_data(servers: list[RedisServer], *, last: bool) -> bool
         f"served), {in_flight} in flight at the kill; {_summary(samples)}"
     )
     print(detail)
+    _assert_served_until(samples, killed, load)
     assert {s.status for s in samples} <= {200, 204}, detail
     assert 0 < _served_by(samples, killed) < 137, detail
     if in_flight == 0 and not last:
@@ -543,18 +557,25 @@ def test_sigstop_of_redis_opens_the_circuit_and_sigcont_closes_it(
             server.signal(signal.SIGCONT)
             samples = load.samples()
     print(f"{_summary(samples)}; {load.cpu_report()}; warm-up: {_summary(load.warmup)}")
+    _assert_served_until(samples, stopped, load)
     _assert_failed_closed(samples)
     _assert_latency_bound(samples, load)
     hung = [s for s in samples if stopped + 0.01 <= s.start <= resumed - 0.01]
     assert hung and all(s.status == 204 for s in hung), _summary(hung)
-    # The first requests waited for their timeout; then the breaker opened and the hung store
-    # cost nobody a wait, but for the one probe a second.
+    # The first requests waited for their timeout; then the breaker opened (half of the last
+    # second's calls failed, so within the 1 s window) and the hung store cost nobody a wait,
+    # but for the one probe a second.
     timed_out = [s for s in samples if s.end >= stopped and "did not answer" in s.degraded]
     assert timed_out, _summary(hung)
-    opened = max(s.end for s in timed_out if s.start < stopped + 0.2)
+    refused = [s for s in hung if "circuit is open" in s.degraded]
+    assert refused, f"the circuit did not open; {_summary(hung)}"
+    opened = min(s.start for s in refused)
+    assert opened - stopped <= 1.0 + 0.1 + STORE_TIMEOUT, (
+        f"the circuit opened {opened - stopped:.2f} s into the stall; {_summary(hung)}"
+    )
     after = [s for s in hung if s.start > opened]
     fast = [s for s in after if "circuit is open" in s.degraded and s.latency < 0.02]
-    assert len(fast) >= 0.9 * len(after), f"the circuit did not open; {_summary(after)}"
+    assert len(fast) >= 0.9 * len(after), f"the circuit did not stay open; {_summary(after)}"
     waited = [s for s in after if s.latency >= STORE_TIMEOUT]
     assert len(waited) <= 3, f"{len(waited)} requests waited on the open circuit; {_summary(after)}"
     # After SIGCONT the next probe succeeds and closes the circuit.
@@ -563,7 +584,8 @@ def test_sigstop_of_redis_opens_the_circuit_and_sigcont_closes_it(
     _, impressions = _campaign_state(server)
     _, warm = _campaign_state(server, "warmup")
     print(
-        f"{len(timed_out)} timed out, then {len(fast)} of {len(after)} answered at once by the "
+        f"{len(timed_out)} timed out, the circuit opened {opened - stopped:.2f} s into the stall, "
+        f"then {len(fast)} of {len(after)} answered at once by the "
         f"open circuit, {len(waited)} waited; served again {recovered:.2f} s after SIGCONT; "
         f"{impressions + warm - served} reservations ran after SIGCONT for requests that had "
         "given up (under-delivery)"
@@ -587,6 +609,7 @@ def test_script_flush_mid_load_costs_no_failed_decision(servers: list[RedisServe
     print(f"{_summary(samples)}; {load.cpu_report()}; warm-up: {_summary(load.warmup)}")
     assert "errorstat_NOSCRIPT" in errors, "no decision ever met the flushed script cache"
     assert {(s.status, s.decision) for s in samples} == {(200, "served")}, _summary(samples)
+    _assert_served_until(samples, math.inf, load)
 
 
 def test_sigkill_of_an_app_worker_mid_load_never_overspends(servers: list[RedisServer]) -> None:
@@ -625,6 +648,7 @@ def _app_worker_killed(servers: list[RedisServer], *, last: bool) -> bool:
         f"served), {cut} requests cut off by the kill; {_summary(samples)}"
     )
     print(detail)
+    _assert_served_until(samples, killed, load)
     assert {s.status for s in samples} <= {0, 200, 204}, detail  # no 500
     if cut == 0 and not last:
         return False

@@ -45,7 +45,6 @@ async def test_one_process_spends_a_leased_budget_exactly(store_url: str, make_a
     # 0.274 at CPM 2.00 buys exactly 137: every one of them is served, none more.
     app = make_app(
         redis_url=store_url,
-        store_timeout=10,
         campaigns=[Campaign(id="hot", budget="0.274", cpm="2.00", leasing=True)],
     )
     codes = await _burst(app, 2000)
@@ -63,7 +62,6 @@ async def test_two_processes_never_overspend_and_returned_leases_are_spent_exact
 ) -> None:
     settings = {
         "redis_url": store_url,
-        "store_timeout": 10,
         "campaigns": [Campaign(id="hot", budget="2.00", cpm="2.00", leasing=True)],
     }  # 1000 impressions
     a, b = make_app(**settings), make_app(**settings)
@@ -131,7 +129,7 @@ async def test_an_idle_lease_expires_back_into_the_budget(redis_url: str, make_a
 async def test_caps_still_hold_for_every_request_of_a_leased_campaign(
     store_url: str, make_app: Any
 ) -> None:
-    app = make_app(redis_url=store_url, store_timeout=10, default_caps=["3/1h"], leasing=True)
+    app = make_app(redis_url=store_url, default_caps=["3/1h"], leasing=True)
     async with client(app) as c:
         responses = await asyncio.gather(
             *(c.get("/ad?campaign_id=c1&cpm=2.50", headers=as_user("u1")) for _ in range(300))
@@ -154,7 +152,6 @@ async def test_pacing_caps_the_lease(redis_url: str, make_app: Any) -> None:
 
     app = make_app(
         redis_url=redis_url,
-        store_timeout=10,
         campaigns=[
             Campaign(id="hot", daily_budget="2.00", cpm="2.00", pacing="even", leasing=True)
         ],
@@ -254,7 +251,6 @@ async def test_hot_campaign_on_a_cluster_costs_its_shard_under_a_twentieth(
     real traffic.)"""
     app = make_app(
         redis_url=cluster.url,
-        store_timeout=10,
         campaigns=[Campaign(id="hot", budget="100000.00", cpm="2.00", leasing=True)],
     )
     store = app.store
@@ -384,7 +380,6 @@ def _leasing_store(url: str, **settings: Any) -> Store:
     campaigns = settings.pop("campaigns", None) or [
         Campaign(id="hot", budget="2.00", cpm="2.00", leasing=True)
     ]
-    settings.setdefault("store_timeout", 2.0)  # behaviour, not latency: see conftest.make_app
     return Store(
         Rules.from_settings(
             Settings(redis_url=url, secret_key=SECRET, campaigns=campaigns, **settings)

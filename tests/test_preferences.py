@@ -53,12 +53,11 @@ def make_prefs(url: str, **options: Any) -> PreferencesApp:
     # As conftest's make_app: behaviour tests, not latency tests. With the default 50 ms, a
     # Sentinel connect (ask a sentinel, then connect to the master) on a busy CI box failed one
     # run with "Timeout connecting to server". Tests of timeouts set store_timeout themselves.
-    options.setdefault("store_timeout", 2.0)
     return preferences_app(redis_url=url, **options)
 
 
 def store_for(url: str) -> Store:
-    settings = Settings(redis_url=url, secret_key=SECRET, store_timeout=2.0)
+    settings = Settings(redis_url=url, secret_key=SECRET)
     return Store(Rules.from_settings(settings))
 
 
@@ -150,7 +149,7 @@ async def test_a_preference_write_keeps_the_hash_alive_400_days_and_never_shorte
     redis_url: str, make_app: Callable[..., XSPMiddleware]
 ) -> None:
     # A cap log alone lives as long as its window (3/1h: one hour).
-    async with client(make_app(redis_url=redis_url, store_timeout=5)) as c:
+    async with client(make_app(redis_url=redis_url)) as c:
         assert (await c.get("/ad?campaign_id=c1", headers=as_user("alice"))).status_code == 200
     store = store_for(redis_url)
     key = store.user_key("alice")
@@ -293,7 +292,6 @@ async def test_what_the_user_chooses_is_what_the_ad_routes_do(store_url: str, po
         Starlette(routes=[Route("/ad", ad), Mount("/me", app=prefs)]),
         redis_url=store_url,
         secret_key=SECRET,
-        store_timeout=5,
         default_caps=["1/1h"],
         consent_policy=policy,
     )
@@ -348,7 +346,7 @@ async def test_delete_erases_every_trace_of_the_user(
     redis_url: str, make_app: Callable[..., XSPMiddleware]
 ) -> None:
     raw = f"user-{uuid.uuid4().hex}"
-    ads = make_app(redis_url=redis_url, store_timeout=5, user_caps=["20/1d"])
+    ads = make_app(redis_url=redis_url, user_caps=["20/1d"])
     async with client(ads) as c:
         for cid in ("c1", "c2"):
             assert (await c.get(f"/ad?campaign_id={cid}", headers=as_user(raw))).status_code == 200
@@ -588,7 +586,7 @@ def test_preferences_origins_are_validated() -> None:
 
 
 async def test_store_failures_are_503_never_500() -> None:
-    app = make_prefs("redis://127.0.0.1:1/0", store_timeout=0.2)
+    app = make_prefs("redis://127.0.0.1:1/0")
     async with client(app) as c:
         for method, path, kwargs in [("GET", "/preferences", {}), *CHANGES]:
             r = await c.request(method, path, headers=as_user("alice"), **kwargs)

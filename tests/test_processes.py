@@ -62,7 +62,7 @@ def uvicorn(env: dict[str, str], *extra: str) -> Iterator[str]:
 
 
 def _env(redis_url: str, **more: str) -> dict[str, str]:
-    return {"XSP_REDIS_URL": redis_url, "XSP_SECRET_KEY": SECRET, "XSP_STORE_TIMEOUT": "5", **more}
+    return {"XSP_REDIS_URL": redis_url, "XSP_SECRET_KEY": SECRET, **more}
 
 
 async def _hammer(bases: list[str], n: int, user: str | None = None) -> list[Reply]:

@@ -27,7 +27,6 @@ DENIAL_REASONS = {"frequency_capped", "budget_exhausted", "campaign_paused", "st
 
 # Generous, so a slow CI box never turns a decision into a degraded "store_unavailable" one
 # (and never lets a release time out): these tests are about release semantics, not timeouts.
-STORE_TIMEOUT = 2.0
 
 
 @pytest.fixture
@@ -39,7 +38,6 @@ async def build(
 
     def factory(**settings: Any) -> XSPMiddleware:
         settings.setdefault("default_caps", ["1/1h"])
-        settings.setdefault("store_timeout", STORE_TIMEOUT)
         app = make_app(redis_url=store_url, **settings)
         apps.append(app)
         return app

@@ -135,6 +135,7 @@ async def test_a_failed_response_costs_exactly_one_more_round_trip_to_release(
 async def test_concurrent_decisions_share_pipeline_writes(
     proxy: CountingProxy, make_app: Any
 ) -> None:
+    # The proxy runs on this test's event loop: 200 requests at once delay what it forwards.
     app = make_app(redis_url=proxy.url, store_timeout=5)
     async with client(app) as c:
         await c.get("/ad?campaign_id=warm", headers=as_user("warm"))

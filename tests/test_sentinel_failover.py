@@ -49,7 +49,6 @@ AFTER_RESUMED = 3.0  # seconds of load at most once the new master served again
 RESUME_TIMEOUT = 15.0
 NOFILL_PAUSE = 0.05  # a worker's pause after a no-fill: no spinning on a dead store
 FAILOVER_TIMEOUT = 15.0  # generous: a loaded 2-core CI box (takes ~2-3 s unloaded)
-STORE_TIMEOUT = 0.2
 
 
 @dataclass
@@ -111,7 +110,7 @@ async def test_sentinel_failover_under_load_no_500_resumes_and_never_overspends(
 
 async def _failover_under_load(setup: RedisSentinelSetup, make_app: Any) -> None:
     old_port = setup.master_port()
-    app: XSPMiddleware = make_app(redis_url=setup.url, store_timeout=STORE_TIMEOUT)
+    app: XSPMiddleware = make_app(redis_url=setup.url)
     try:
         await _load_through_failover(setup, app, old_port)
     finally:

@@ -45,7 +45,6 @@ _open: list[UpstreamSession] = []
 def make(store_url: str, upstream: Vast | None = None, **kw: Any) -> UpstreamSession:
     # Behaviour tests, not latency tests: a busy CI box must not turn a session's first
     # decision (connect, ask Sentinel, load scripts) into a timeout.
-    kw.setdefault("store_timeout", 2.0)
     if os.environ.get("XSP_TEST_LEASING") == "1":
         kw.setdefault("leasing", True)
     session = UpstreamSession(upstream or Vast(), redis_url=store_url, secret_key=SECRET, **kw)
@@ -63,12 +62,12 @@ async def _close_sessions() -> AsyncIterator[None]:
 async def test_a_session_used_as_a_context_manager_returns_its_leases(store_url: str) -> None:
     campaign = Campaign(id="c1", budget="1.00", leasing=True)
     async with UpstreamSession(
-        Vast(), redis_url=store_url, secret_key=SECRET, store_timeout=2.0, campaigns=[campaign]
+        Vast(), redis_url=store_url, secret_key=SECRET, campaigns=[campaign]
     ) as session:
         for i in range(3):
             await session.request({"cookies": {"user_id": f"u{i}"}}, params={"campaign_id": "c1"})
     async with UpstreamSession(
-        Vast(), redis_url=store_url, secret_key=SECRET, store_timeout=2.0, campaigns=[campaign]
+        Vast(), redis_url=store_url, secret_key=SECRET, campaigns=[campaign]
     ) as other:
         # Another process sees only the three impressions spent, not the unspent lease.
         assert await other.get_remaining_budget("c1") == Decimal("0.994")

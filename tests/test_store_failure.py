@@ -13,7 +13,9 @@ import pytest
 from conftest import as_user, client
 from redis_server import RedisServer, free_port
 
-TIMEOUT = 0.2
+from xsp_middleware import Settings
+
+TIMEOUT = Settings().store_timeout  # every test here runs with the defaults
 
 
 @pytest.fixture
@@ -50,7 +52,7 @@ async def test_unreachable_store_fails_closed_for_budget_within_the_timeout(
         if where == "refused"
         else request.getfixturevalue("hung_server").url
     )
-    app = make_app(redis_url=url, store_timeout=TIMEOUT)
+    app = make_app(redis_url=url)
     results = await _burst(app)
     assert {(status, reason) for status, reason, _ in results} == {(204, "store_unavailable")}
     # Each request answers within the timeout (plus scheduling slack for 60 in-process requests).
@@ -60,7 +62,7 @@ async def test_unreachable_store_fails_closed_for_budget_within_the_timeout(
 async def test_budget_fail_open_serves_degraded_when_the_store_is_down(
     closed_port_url: str, make_app: Any
 ) -> None:
-    app = make_app(redis_url=closed_port_url, store_timeout=TIMEOUT, budget_fail_open=True)
+    app = make_app(redis_url=closed_port_url, budget_fail_open=True)
     async with client(app) as c:
         r = await c.get("/decision?campaign_id=c1", headers=as_user("u1"))
     assert r.status_code == 200
@@ -71,7 +73,7 @@ async def test_budget_fail_open_serves_degraded_when_the_store_is_down(
 async def test_non_ad_requests_still_pass_while_the_store_is_down(
     closed_port_url: str, make_app: Any
 ) -> None:
-    app = make_app(redis_url=closed_port_url, store_timeout=TIMEOUT)
+    app = make_app(redis_url=closed_port_url)
     async with client(app) as c:
         assert (await c.get("/other")).text == "other"
 
@@ -79,12 +81,12 @@ async def test_non_ad_requests_still_pass_while_the_store_is_down(
 async def test_serving_resumes_when_redis_comes_back(make_app: Any) -> None:
     server = RedisServer()
     try:
-        app = make_app(redis_url=server.url, store_timeout=TIMEOUT)
+        app = make_app(redis_url=server.url)
         assert {s for s, _, _ in await _burst(app, 5)} == {200}
         server.stop()
         assert {r for _, r, _ in await _burst(app, 5)} == {"store_unavailable"}
         server.start()  # same port, empty data, empty script cache
-        # The circuit breaker (5 failures, probe after 1 s) opened: serving resumes within 2 s.
+        # The circuit breaker may have opened (a probe 1 s later): serving resumes within 2 s.
         back_at = time.perf_counter()
         while {s for s, _, _ in await _burst(app, 5)} != {200}:
             assert time.perf_counter() - back_at < 2.0, "serving did not resume within 2 s"
@@ -96,21 +98,27 @@ async def test_serving_resumes_when_redis_comes_back(make_app: Any) -> None:
 async def test_an_open_circuit_answers_at_once_then_probes_and_closes(make_app: Any) -> None:
     server = RedisServer()
     try:
-        app = make_app(redis_url=server.url, store_timeout=TIMEOUT, circuit_breaker="3/500ms")
+        app = make_app(redis_url=server.url)  # the default breaker: 50% of >= 20 calls in 1 s
         assert {s for s, _, _ in await _burst(app, 3)} == {200}
         server.signal(signal.SIGSTOP)  # hung: every call waits its full timeout
         async with client(app) as c:
-            for _ in range(3):
+            waited = 0
+            while not app.store.breaker.is_open:
                 started = time.perf_counter()
-                await c.get("/ad?campaign_id=c1", headers=as_user("u"))
+                r = await c.get("/ad?campaign_id=c1", headers=as_user("u"))
+                assert r.headers["x-xsp-decision"] == "store_unavailable"
                 assert time.perf_counter() - started >= TIMEOUT * 0.9
-            assert app.store.breaker.is_open
-            started = time.perf_counter()
-            r = await c.get("/ad?campaign_id=c1", headers=as_user("u"))
-            assert r.headers["x-xsp-decision"] == "store_unavailable"
-            assert time.perf_counter() - started < TIMEOUT / 2  # no waiting while open
+                waited += 1
+                assert waited <= 20, "the circuit did not open after 20 failures in a row"
+            # 3 successes and then failures only: it opens once the window holds 20 calls.
+            assert waited >= 17
+            for _ in range(20):
+                started = time.perf_counter()
+                r = await c.get("/ad?campaign_id=c1", headers=as_user("u"))
+                assert r.headers["x-xsp-decision"] == "store_unavailable"
+                assert time.perf_counter() - started < TIMEOUT / 2  # no waiting while open
         server.signal(signal.SIGCONT)
-        await asyncio.sleep(0.6)
+        await asyncio.sleep(1.05)
         assert {s for s, _, _ in await _burst(app, 1)} == {200}  # the probe succeeds
         assert not app.store.breaker.is_open
         assert {s for s, _, _ in await _burst(app, 5)} == {200}
@@ -122,7 +130,7 @@ async def test_an_open_circuit_answers_at_once_then_probes_and_closes(make_app: 
 async def test_flushed_script_cache_costs_no_failed_decision(
     redis_url: str, redis_server: RedisServer, make_app: Any
 ) -> None:
-    app = make_app(redis_url=redis_url, store_timeout=2)
+    app = make_app(redis_url=redis_url)
     assert {s for s, _, _ in await _burst(app, 5)} == {200}
     redis_server.command("SCRIPT", "FLUSH")
     assert {s for s, _, _ in await _burst(app, 30)} == {200}
@@ -138,7 +146,7 @@ async def test_a_restart_between_requests_costs_no_failed_decision(make_app: Any
     instead of failing (and the restarted server's empty script cache is refilled)."""
     server = RedisServer()
     try:
-        app = make_app(redis_url=server.url, store_timeout=1)
+        app = make_app(redis_url=server.url)
         assert {s for s, _, _ in await _burst(app, 40)} == {200}
         server.stop()
         server.start()
