@@ -195,3 +195,21 @@ def test_campaign_ids_that_could_break_a_key_are_rejected(bad: str) -> None:
 def test_unknown_setting_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="unknown setting"):
         Settings.from_env({}, redis_uri="redis://x")
+
+
+@pytest.mark.parametrize("key_length", [0, 1, 26, 32, 63, 64, 65, 200])
+def test_user_keys_are_the_hmac_sha256_of_the_id_for_keys_of_any_length(key_length: int) -> None:
+    """The store computes HMAC-SHA256 from precomputed pads: the digests (so every user key
+    already in Redis) are exactly ``hmac.digest``'s."""
+    import base64
+    import hmac
+
+    from xsp_middleware.store import Store
+
+    secret = bytes(range(256))[:key_length] if key_length else b""
+    store = Store(Rules.from_settings(Settings(redis_url="memory://mac")))
+    store._user_mac = type(store._user_mac)(secret)
+    for user_id in ["u1", "", "x" * 300, "ünïcode"]:
+        digest = hmac.digest(secret, user_id.encode(), "sha256")[:16]
+        expected = base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+        assert store.user_key(user_id) == f"xsp:u:{{{expected}}}"

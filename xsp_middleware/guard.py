@@ -248,6 +248,10 @@ class Guard:
         self.store = Store(self.rules)
         self._sync_store: Any = None
         self._lock = threading.Lock()
+        # Prices and campaign ids repeat from request to request: each distinct one is parsed
+        # or checked once (bounded: a flood of distinct ones only empties the cache).
+        self._prices: dict[str, int] = {}
+        self._valid_ids: set[str] = set()
         self.paths = self.rules.paths
         self.campaign_param = settings.campaign_param
         self.campaign_needle = settings.campaign_param.encode()
@@ -332,17 +336,26 @@ class Guard:
         if len(campaigns) > 1:
             raise InvalidParameter(campaign_param, "given more than once with different values")
         (campaign_id,) = campaigns
-        problem = campaign_id_problem(campaign_id)
-        if problem is not None:
-            raise InvalidParameter(campaign_param, problem)
+        if campaign_id not in self._valid_ids:
+            problem = campaign_id_problem(campaign_id)
+            if problem is not None:
+                raise InvalidParameter(campaign_param, problem)
+            if len(self._valid_ids) >= 10_000:
+                self._valid_ids.clear()
+            self._valid_ids.add(campaign_id)
         cost_units: int | None = None
         if len(prices) > 1:
             raise InvalidParameter(price_param, "given more than once with different values")
         if prices:
             (price,) = prices
-            cost_units = parse_cpm(
-                price, field=price_param, max_cpm_units=self.rules.max_cpm_cost_units
-            )
+            cost_units = self._prices.get(price)
+            if cost_units is None:
+                cost_units = parse_cpm(
+                    price, field=price_param, max_cpm_units=self.rules.max_cpm_cost_units
+                )
+                if len(self._prices) >= 10_000:
+                    self._prices.clear()
+                self._prices[price] = cost_units
         rule = self.rules.rule_for(campaign_id)
         if route is not None:
             rule = route.config(rule, campaign_id)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hmac
+import hashlib
 import inspect
 import itertools
 import logging
@@ -211,6 +211,28 @@ class _Static:
     slot: int
 
 
+class _Sha256Mac:
+    """HMAC-SHA256 (RFC 2104) under one key, its two padded key blocks hashed once: each user id
+    then costs two hash copies, not a key schedule and a digest lookup (``hmac.digest`` pays
+    those on every call, about half of its time). The same digests as ``hmac.digest``."""
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) > 64:  # the SHA-256 block size: longer keys are hashed first
+            key = hashlib.sha256(key).digest()
+        key = key.ljust(64, b"\0")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
+
+    def digest(self, message: bytes) -> bytes:
+        inner = self._inner.copy()
+        inner.update(message)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
+
+
 def reservation_from(context: tuple[str, str | None, bool], reply: Any) -> Reservation:
     """A reserve script reply (integers; see reserve.lua) as a Reservation."""
     campaign_id, user_key, counts_impression = context
@@ -278,7 +300,7 @@ class Store:
         # first script call alone takes tens of ms (Lua start-up), so it gets a floor of 1 s.
         self.timeout = max(rules.store_timeout, 1.0) if self.is_memory else rules.store_timeout
         self._prefix = rules.settings.key_prefix
-        self._secret = rules.secret_key
+        self._user_mac = _Sha256Mac(rules.secret_key)
         if self.is_memory:
             _require_lua()
         self._calendars = Calendars()
@@ -319,7 +341,7 @@ class Store:
     def user_key(self, user_id: bytes | str) -> str:
         if isinstance(user_id, str):
             user_id = user_id.encode("utf-8", "surrogateescape")
-        digest = hmac.digest(self._secret, user_id, "sha256")[:16]
+        digest = self._user_mac.digest(user_id)[:16]
         return f"{self._prefix}:u:{{{base64.urlsafe_b64encode(digest).rstrip(b'=').decode()}}}"
 
     # -- connections ------------------------------------------------------------------------
