@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
-from xsp_middleware import Campaign, XSPMiddleware
+from xsp_middleware import Campaign, Settings, XSPMiddleware
 
 ROOT = Path(__file__).resolve().parent.parent
 BIG_BUDGET = [Campaign(id="c1", budget="1000000.00")]
@@ -179,3 +179,66 @@ def test_uvicorn_under_512_connections_keeps_serving_logs_little_and_stops() -> 
     assert after["answers"] > 0, detail
     assert len(lines) <= 20, detail
     assert stopped_in <= 15, f"uvicorn took {stopped_in:.1f} s to stop after SIGTERM; {detail}"
+
+
+async def test_a_guarded_request_leaves_no_reference_cycle(redis_url: str) -> None:
+    """Servers hold the scope in the object whose ``send`` the app gets (uvicorn's request
+    cycle does): nothing the middleware puts in the scope may close a loop back to it, or every
+    request leaves its scope and all it holds to the garbage collector, whose full passes then
+    stall the event loop under load."""
+    import gc
+
+    from fastapi import FastAPI
+
+    api = FastAPI()
+    api.add_middleware(
+        XSPMiddleware,
+        settings=Settings.from_env(redis_url=redis_url, secret_key=SECRET, campaigns=BIG_BUDGET),
+    )
+
+    @api.get("/ad")
+    async def ad(request: Request) -> Response:
+        return PlainTextResponse(request.state.xsp.reason)
+
+    class ServerCycle:  # what a server keeps per request
+        def __init__(self, scope: dict[str, Any]) -> None:
+            self.scope = scope
+            self.statuses: list[int] = []
+
+        async def receive(self) -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(self, message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                self.statuses.append(message["status"])
+
+    async def request(i: int) -> int:
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": "/ad",
+            "raw_path": b"/ad",
+            "query_string": b"campaign_id=c1&cpm=2.00",
+            "root_path": "",
+            "headers": [(b"host", b"x"), (b"cookie", b"user_id=u%d" % i)],
+            "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 80),
+        }
+        cycle = ServerCycle(scope)
+        await api(scope, cycle.receive, cycle.send)
+        return cycle.statuses[0]
+
+    for i in range(50):  # warm up: routes wrapped, connections open
+        assert await request(i) == 200
+    gc.collect()
+    gc.disable()
+    try:
+        statuses = [await request(i) for i in range(50, 250)]
+        unreachable = gc.collect()
+    finally:
+        gc.enable()
+    assert statuses == [200] * 200
+    assert unreachable < 20, f"{unreachable} objects in reference cycles after 200 requests"

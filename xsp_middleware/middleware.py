@@ -85,6 +85,10 @@ class XSPMiddleware:
             outcome.raised = True
             raise
         finally:
+            # The scope holds the outcome, which holds the server's send (and so, with most
+            # servers, the scope): a reference cycle per request, left to the garbage collector
+            # with everything the scope holds, unless it is broken here.
+            del scope[GUARD_KEY]
             if outcome.reservation is not None and not outcome.kept:
                 await asyncio.shield(self.guard.release(outcome.reservation, outcome.why))
 
