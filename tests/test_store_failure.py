@@ -153,3 +153,30 @@ async def test_a_restart_between_requests_costs_no_failed_decision(make_app: Any
         assert {s for s, _, _ in await _burst(app, 40)} == {200}
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("connect_seconds", [0.0, 0.12])
+async def test_a_store_hung_after_the_connect_costs_one_timeout(
+    hung_server: RedisServer, make_app: Any, monkeypatch: pytest.MonkeyPatch, connect_seconds: float
+) -> None:
+    """The connect succeeds (the kernel accepts for a stopped server), the first write gets no
+    answer: that lone decision fails store_timeout after the write, not after the socket's own
+    timeout, also when the connect itself took longer than store_timeout (as a Sentinel lookup
+    or a TLS handshake may)."""
+    from redis.asyncio.connection import AbstractConnection
+
+    connect = AbstractConnection.connect
+
+    async def slow_connect(self: Any) -> None:
+        await asyncio.sleep(connect_seconds)
+        await connect(self)
+
+    monkeypatch.setattr(AbstractConnection, "connect", slow_connect)
+    app = make_app(redis_url=hung_server.url)
+    async with client(app) as c:
+        started = time.perf_counter()
+        r = await c.get("/ad?campaign_id=c1", headers=as_user("u1"))
+        elapsed = time.perf_counter() - started
+    assert r.headers["x-xsp-decision"] == "store_unavailable"
+    bound = connect_seconds + TIMEOUT
+    assert bound * 0.9 <= elapsed < bound + 0.15, f"answered after {elapsed:.3f} s"

@@ -355,7 +355,7 @@ class AutoPipeline:
                 # transport that refuses the write leaves it to the task, which reconnects.
                 try:
                     streams[0].write(b"".join(commands))
-                    batch.sent_at = self._loop.time()
+                    self._wrote(batch)
                     written = True
                 except (RuntimeError, OSError) as exc:
                     logger.debug("writing a batch at once failed: %s", exc)
@@ -457,14 +457,19 @@ class AutoPipeline:
                 self._flush_scheduled = True
                 self._loop.call_soon(self._flush)
 
+    def _wrote(self, batch: _Batch) -> None:
+        """The batch is on the wire: its deadline runs from now, and the timer must be there to
+        see it (after a connect, nothing else may have armed it)."""
+        batch.sent_at = now = self._loop.time()
+        if self._watchdog is None:
+            self._arm(now + self._timeout)
+
     def _restart(self, batch: _Batch, calls: list[_Call]) -> None:
         """The batch goes out again (reconnected, or its scripts sent whole): its deadline
         counts from the new write."""
         batch.calls = calls
         batch.started_at = self._loop.time()
         batch.sent_at = None
-        if self._watchdog is None and calls:
-            self._arm(batch.started_at + self._timeout)
 
     async def _connect(self, conn: AbstractConnection) -> None:
         """Connect an idle slot ahead of need (its preload rides in its first write)."""
@@ -500,7 +505,7 @@ class AutoPipeline:
                 await conn.send_packed_command(b"".join(commands))
                 loop = self._loop
                 if batch is not None:
-                    batch.sent_at = loop.time()
+                    self._wrote(batch)
                 for _ in range(len(commands)):
                     try:
                         reply = await conn.read_response()
@@ -552,7 +557,7 @@ class AutoPipeline:
             if payload:
                 writer.write(payload)
                 if batch is not None:
-                    batch.sent_at = loop.time()
+                    self._wrote(batch)
             while True:
                 try:
                     async with asyncio.timeout(timeout) as deadline:
