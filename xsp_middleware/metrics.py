@@ -55,7 +55,7 @@ Example (run as a doctest by the tests)::
 With FastAPI it is the same two calls, once per process, before serving::
 
     app = FastAPI()
-    app.add_middleware(XSPMiddleware, redis_url="redis://127.0.0.1:6379/0")
+    app.add_middleware(XSPMiddleware, settings=Settings.from_env(redis_url="redis://127.0.0.1:6379/0"))
     enable_metrics()
     mount_metrics(app)            # GET /metrics; metrics_app() is the bare ASGI app
 
