@@ -209,6 +209,8 @@ class AutoPipeline:
         self._flush_scheduled = False
         self._timeout = timeout
         self._trusted_lag = timeout * TRUSTED_LAG
+        self._patience = max(1.0, 10 * timeout)
+        """How long past its deadline a call may wait on evidence that the reader will see."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._busy: dict[int, tuple[AbstractConnection, _Batch]] = {}
         """Batches on their connections (by the connection's id), until every reply is read."""
@@ -311,9 +313,10 @@ class AutoPipeline:
         if now < due:
             return False, due
         waiting = _waiting_on_us(conn)
-        if waiting or (waiting is None and not trusted):
+        if (waiting or (waiting is None and not trusted)) and now < due + self._patience:
             # Reply bytes (or our own request bytes) wait in this process: the store may well
-            # have answered in time. The reader parses them first; then look again.
+            # have answered in time. The reader parses them first; then look again. (Never
+            # past the patience: a reader that makes no progress on them is stuck anyway.)
             return False, now + RECHECK
         if unanswered:
             for call in batch.calls:
@@ -553,6 +556,7 @@ class AutoPipeline:
         values."""
         loop = self._loop
         timeout = conn.socket_timeout or None
+        extended = False
         try:
             if payload:
                 writer.write(payload)
@@ -579,8 +583,9 @@ class AutoPipeline:
                                 replies.append(reply)
                     return
                 except TimeoutError as exc:  # the builtin one: asyncio.timeout expired
-                    if _waiting_on_us(conn):
-                        continue  # the loop was late, not the store: read what came
+                    if not extended and _waiting_on_us(conn):
+                        extended = True  # the loop was late, not the store: read what came
+                        continue
                     raise RedisTimeoutError(f"Timeout reading from {_peer(conn)}") from exc
         except OSError as exc:
             raise ConnectionError(f"Error while reading from {_peer(conn)} : {exc.args}") from exc
@@ -640,17 +645,22 @@ def _waiting_on_us(conn: AbstractConnection) -> bool | None:
     if callable(has_data) and has_data():
         return True  # part of a reply in hiredis's buffer
     transport = writer.transport
-    if transport.get_write_buffer_size():
-        return True  # our request is not all written yet
     sock = transport.get_extra_info("socket")
     if sock is None:
         return None
     try:
         poller = select.poll()
-        poller.register(sock.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
-        return bool(poller.poll(0))  # never blocks: the kernel holds reply bytes (or an EOF)
+        poller.register(sock.fileno(), select.POLLIN | select.POLLOUT)
+        events = poller.poll(0)  # never blocks
     except (OSError, ValueError):
         return None
+    mask = events[0][1] if events else 0
+    if mask & (select.POLLIN | select.POLLERR | select.POLLHUP):
+        return True  # the kernel holds reply bytes (or an EOF, which the reader will see)
+    # Request bytes still in the transport's buffer while the socket would take them: the loop
+    # has not got round to writing them. (A socket that takes nothing more is the store not
+    # reading: evidence about the store, not about us.)
+    return bool(transport.get_write_buffer_size()) and bool(mask & select.POLLOUT)
 
 
 def _peer(conn: AbstractConnection) -> str:
