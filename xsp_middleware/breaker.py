@@ -83,11 +83,7 @@ class CircuitBreaker:
     def __init__(self, policy: BreakerPolicy) -> None:
         self.policy = policy
         self._width = policy.window / _BUCKETS if policy.enabled else 1.0
-        self._calls = [0] * _BUCKETS
-        self._failures = [0] * _BUCKETS
-        self._total_calls = 0
-        self._total_failures = 0
-        self._bucket = int(time.monotonic() / self._width)
+        self._empty_window(time.monotonic())
         self._open_until: float | None = None
         """None while closed; when open, the time from which a probe may go."""
         self._opened_at = 0.0
@@ -174,6 +170,12 @@ class CircuitBreaker:
             with self._lock:
                 self._probe_sent = None
 
+    def _empty_window(self, now: float) -> None:
+        self._calls = [0] * _BUCKETS
+        self._failures = [0] * _BUCKETS
+        self._total_calls = self._total_failures = 0
+        self._bucket = int(now / self._width)
+
     def _advance(self, bucket: int) -> None:
         """Move the window to ``bucket``, forgetting the buckets that left it (under the lock)."""
         for step in range(1, min(bucket - self._bucket, _BUCKETS) + 1):
@@ -194,10 +196,7 @@ class CircuitBreaker:
                 return
             self._open_until = None
             opened_for = now - self._opened_at
-            self._calls = [0] * _BUCKETS
-            self._failures = [0] * _BUCKETS
-            self._total_calls = self._total_failures = 0
-            self._bucket = int(now / self._width)
+            self._empty_window(now)
         if observe.current is not None:
             observe.current.circuit(False)
         logs.event(

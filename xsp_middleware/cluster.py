@@ -37,8 +37,6 @@ from .scripts import REASONS
 if TYPE_CHECKING:
     from .store import Reservation
 
-logger = logging.getLogger("xsp_middleware")
-
 # Reason codes shared with the scripts (see reserve.lua).
 TZ_RETRY = 9
 CAPS_RETRY = 10

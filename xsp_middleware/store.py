@@ -695,14 +695,17 @@ class Store:
                 try:
                     await shards.ready()
                 except StoreUnavailable as exc:
+                    self.call_failed(exc, ticket)  # the store-wide breaker judges the slot map
                     return exc
+                self.breaker.record(ticket, False)
                 slot = slot_of(user_key)
                 sent = shards.send(
                     slot, RESERVE_USER, 9, body, self._orphan_user, context, decision=True
                 )
                 future = sent.future
                 reply = await settle(future)
-                if isinstance(reply, Redirected):
+                if isinstance(reply, Redirected):  # the script did not run: no verdict
+                    self.breaker_for(sent.node).no_verdict(sent.ticket)
                     await self._relearn(shards)
                     sent = shards.send(
                         slot, RESERVE_USER, 9, body, self._orphan_user, context, decision=True
@@ -715,21 +718,23 @@ class Store:
                 reply = await settle(future)
         except asyncio.CancelledError:
             self._undo_take(*undo, "n:released")
+            if sent is not None:
+                self.breaker_for(sent.node).no_verdict(sent.ticket)
+            else:
+                self.breaker.no_verdict(ticket)
             if future is not None:
                 if not future.done():
                     future.cancel()
                 elif not future.cancelled() and future.exception() is None:
                     self._orphan_user(context, future.result())
             raise
-        if isinstance(reply, StoreUnavailable):
-            if shards is not None and sent is not None:
-                self.split_outcome(sent.node, sent.ticket, reply, [])
-                shards.refresh_soon()
-            else:
-                self.call_failed(reply, ticket)
+        if sent is not None:
+            self.split_outcome(sent.node, sent.ticket, reply, [])
+            if shards is not None and isinstance(reply, StoreUnavailable):
+                shards.refresh_soon()  # a master may have failed over
+        elif isinstance(reply, StoreUnavailable):
+            self.call_failed(reply, ticket)
         else:
-            if sent is not None:
-                self.split_outcome(sent.node, sent.ticket, reply, [])
             self.breaker.record(ticket, False)
         return reply
 
@@ -1140,6 +1145,9 @@ class Store:
                 user = await settle(None if u_sent is None else u_sent.future)
                 if isinstance(campaign, Redirected) or isinstance(user, Redirected):
                     # Slots moved (a failover, a reshard): a redirected half did not run.
+                    for half, reply in ((c_sent, campaign), (u_sent, user)):
+                        if half is not None and isinstance(reply, Redirected):
+                            self.breaker_for(half.node).no_verdict(half.ticket)
                     await self._relearn(shards)
                     if isinstance(campaign, Redirected):
                         c_sent = send(c_call)

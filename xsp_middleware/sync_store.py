@@ -39,8 +39,6 @@ from .store import (
 )
 from .topology import sync_client
 
-logger = logging.getLogger("xsp_middleware")
-
 LATE_REPLY_SECONDS = 5.0
 """How long a timed-out reserve's reply is still awaited (on a thread) to release it."""
 
