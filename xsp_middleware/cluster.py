@@ -31,8 +31,8 @@ from redis.crc import key_slot
 from . import logs
 from .breaker import CALL, DENIED, CircuitBreaker
 from .errors import StoreUnavailable
-from .pipeline import AutoPipeline, Script
-from .scripts import REASONS
+from .pipeline import AutoPipeline
+from .scripts import REASONS, Script
 
 if TYPE_CHECKING:
     from .store import Reservation

@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import select
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -55,47 +54,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from . import logs
 from .errors import StoreUnavailable
-
-try:  # redis-py's own parser over hiredis, whose reader the pipeline feeds directly
-    from redis._parsers.hiredis import NOT_ENOUGH_DATA as _NOT_ENOUGH_DATA
-    from redis._parsers.hiredis import _AsyncHiredisParser
-except ImportError:  # pragma: no cover - another redis-py layout: read_response everywhere
-    _AsyncHiredisParser = None  # type: ignore[assignment,misc]
-    _NOT_ENOUGH_DATA = object()
-
-_STOCK_READ_RESPONSE = AbstractConnection.read_response
+from .scripts import Script, pack_args
+from .seam import NOT_ENOUGH_DATA, hiredis_streams, peer, waiting_on_us
 
 logger = logging.getLogger("xsp_middleware")
 
 Orphan = Callable[[Any, Any], None]
 """Called with (the call's context, reply) when a reply arrives after its caller gave up."""
-
-
-class Script:
-    """A Lua script, sent by SHA; re-sent whole when the server answers NOSCRIPT."""
-
-    __slots__ = ("eval", "evalsha", "name", "retry_safe", "sha", "text")
-
-    def __init__(self, name: str, text: str, *, retry_safe: bool) -> None:
-        import hashlib
-
-        self.retry_safe = retry_safe
-        """Running it twice errs toward under-delivery (never an overspend)."""
-        self.name = name
-        self.text = text
-        self.sha = hashlib.sha1(text.encode()).hexdigest()
-        self.evalsha = pack_args(("EVALSHA", self.sha))
-        self.eval = pack_args(("EVAL", text))
-
-
-def pack_args(args: Sequence[str | int]) -> bytes:
-    """RESP-encode command arguments (no array header). Callers pack the parts of a script
-    call that do not change per request once, and reuse the bytes."""
-    out = []
-    for arg in args:
-        data = arg.encode() if isinstance(arg, str) else str(arg).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
 
 
 class _Call:
@@ -312,7 +277,7 @@ class AutoPipeline:
         due = max(batch.sent_at, batch.heard_at) + timeout
         if now < due:
             return False, due
-        waiting = _waiting_on_us(conn)
+        waiting = waiting_on_us(conn)
         if (waiting or (waiting is None and not trusted)) and now < due + self._patience:
             # Reply bytes (or our own request bytes) wait in this process: the store may well
             # have answered in time. The reader parses them first; then look again. (Never
@@ -352,7 +317,7 @@ class AutoPipeline:
         commands = [c.command(True) for c in calls]
         written = False
         if conn.is_connected:
-            streams = _hiredis_streams(conn)
+            streams = hiredis_streams(conn)
             if streams is not None:
                 # Written now, not on the task's first step (the next loop iteration). A
                 # transport that refuses the write leaves it to the task, which reconnects.
@@ -500,7 +465,7 @@ class AutoPipeline:
             commands = self._preload + commands
         preloaded = len(self._preload) if not reused else 0
         try:
-            streams = _hiredis_streams(conn)
+            streams = hiredis_streams(conn)
             if streams is not None:
                 payload = b"" if written else b"".join(commands)
                 await self._exchange(conn, *streams, payload, len(commands), replies, batch)
@@ -568,7 +533,7 @@ class AutoPipeline:
                         await writer.drain()
                         while len(replies) < count:
                             reply = reader.gets()
-                            if reply is _NOT_ENOUGH_DATA or reply is False:
+                            if reply is NOT_ENOUGH_DATA or reply is False:
                                 data = await stream.read(read_size)
                                 if not data:
                                     raise ConnectionError("Connection closed by server.")
@@ -583,12 +548,12 @@ class AutoPipeline:
                                 replies.append(reply)
                     return
                 except TimeoutError as exc:  # the builtin one: asyncio.timeout expired
-                    if not extended and _waiting_on_us(conn):
+                    if not extended and waiting_on_us(conn):
                         extended = True  # the loop was late, not the store: read what came
                         continue
-                    raise RedisTimeoutError(f"Timeout reading from {_peer(conn)}") from exc
+                    raise RedisTimeoutError(f"Timeout reading from {peer(conn)}") from exc
         except OSError as exc:
-            raise ConnectionError(f"Error while reading from {_peer(conn)} : {exc.args}") from exc
+            raise ConnectionError(f"Error while reading from {peer(conn)} : {exc.args}") from exc
 
     async def aclose(self) -> None:
         if self._watchdog is not None:
@@ -606,66 +571,6 @@ def _error_reply(exc: ResponseError) -> BaseException:
     if isinstance(exc, AskError | TryAgainError | ClusterDownError):  # MovedError is an AskError
         return Redirected(f"the cluster redirected the call: {exc}")
     return StoreUnavailable(f"the store answered an error: {exc}")
-
-
-def _hiredis_streams(
-    conn: AbstractConnection,
-) -> tuple[asyncio.StreamWriter, asyncio.StreamReader, Any, int] | None:
-    """The connected socket streams and hiredis reader of a stock redis-py connection (what its
-    ``read_response`` uses), or None: another parser, or a connection class of its own
-    (fakeredis), is read through ``read_response``."""
-    if _AsyncHiredisParser is None or type(conn).read_response is not _STOCK_READ_RESPONSE:
-        return None
-    parser = getattr(conn, "_parser", None)
-    if not isinstance(parser, _AsyncHiredisParser):
-        return None
-    writer = getattr(conn, "_writer", None)
-    stream = getattr(parser, "_stream", None)
-    reader = getattr(parser, "_reader", None)
-    if writer is None or stream is None or reader is None:
-        return None
-    return writer, stream, reader, getattr(parser, "_read_size", 65536)
-
-
-def _waiting_on_us(conn: AbstractConnection) -> bool | None:
-    """Whether something on ``conn`` waits for this process rather than for the store: reply
-    bytes not yet read or parsed, or request bytes not yet on the wire. None: this connection
-    cannot be inspected (another connection class), so there is no direct evidence.
-
-    This looks at redis-py's stream and parser (as redis-py's own ``can_read`` does) and polls
-    the socket without blocking; ``tests/test_deadlines.py`` checks the seam on every run."""
-    writer = getattr(conn, "_writer", None)
-    stream = getattr(conn, "_reader", None)
-    if not isinstance(stream, asyncio.StreamReader) or writer is None:
-        return None
-    if getattr(stream, "_buffer", None) or stream.at_eof():
-        return True  # read from the socket, not parsed yet (or closed: the reader will see it)
-    parser_reader = getattr(getattr(conn, "_parser", None), "_reader", None)
-    has_data = getattr(parser_reader, "has_data", None)
-    if callable(has_data) and has_data():
-        return True  # part of a reply in hiredis's buffer
-    transport = writer.transport
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return None
-    try:
-        poller = select.poll()
-        poller.register(sock.fileno(), select.POLLIN | select.POLLOUT)
-        events = poller.poll(0)  # never blocks
-    except (OSError, ValueError):
-        return None
-    mask = events[0][1] if events else 0
-    if mask & (select.POLLIN | select.POLLERR | select.POLLHUP):
-        return True  # the kernel holds reply bytes (or an EOF, which the reader will see)
-    # Request bytes still in the transport's buffer while the socket would take them: the loop
-    # has not got round to writing them. (A socket that takes nothing more is the store not
-    # reading: evidence about the store, not about us.)
-    return bool(transport.get_write_buffer_size()) and bool(mask & select.POLLOUT)
-
-
-def _peer(conn: AbstractConnection) -> str:
-    describe = getattr(conn, "_host_error", None)
-    return str(describe()) if callable(describe) else "the store"
 
 
 async def _discard(conn: AbstractConnection) -> None:

@@ -3,9 +3,34 @@ the standalone script and the cluster's per-slot halves have one source of truth
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from importlib import resources
 
-from .pipeline import Script
+
+class Script:
+    """A Lua script, sent by SHA; re-sent whole when the server answers NOSCRIPT."""
+
+    __slots__ = ("eval", "evalsha", "name", "retry_safe", "sha", "text")
+
+    def __init__(self, name: str, text: str, *, retry_safe: bool) -> None:
+        self.retry_safe = retry_safe
+        """Running it twice errs toward under-delivery (never an overspend)."""
+        self.name = name
+        self.text = text
+        self.sha = hashlib.sha1(text.encode()).hexdigest()
+        self.evalsha = pack_args(("EVALSHA", self.sha))
+        self.eval = pack_args(("EVAL", text))
+
+
+def pack_args(args: Sequence[str | int]) -> bytes:
+    """RESP-encode command arguments (no array header). Callers pack the parts of a script
+    call that do not change per request once, and reuse the bytes."""
+    out = []
+    for arg in args:
+        data = arg.encode() if isinstance(arg, str) else str(arg).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
 
 
 def _load_script(name: str, *, retry_safe: bool) -> Script:

@@ -44,7 +44,7 @@ from .cluster import CAPS_RETRY, TZ_RETRY, Context, Sent, Shards, Split, combine
 from .errors import ConfigError, StoreUnavailable
 from .leases import LEASE_SHARE, LEASING_OFF, RETRY_MS, UNACKED_MAX_SECONDS, Lease
 from .money import amount_to_units, cpm_to_cost_units, units_to_decimal
-from .pipeline import AutoPipeline, Redirected, Script, pack_args
+from .pipeline import AutoPipeline, Redirected
 from .scripts import (
     CAMPAIGN_CONFIG,
     CLUSTER_SCRIPTS,
@@ -58,6 +58,8 @@ from .scripts import (
     RESERVE_CAMPAIGN,
     RESERVE_USER,
     STANDALONE_SCRIPTS,
+    Script,
+    pack_args,
 )
 from .settings import (
     CampaignConfig,

@@ -26,8 +26,8 @@ from . import logs, observe
 from .breaker import DENIED
 from .cluster import Context
 from .errors import StoreUnavailable
-from .pipeline import Redirected, Script
-from .scripts import RELEASE, RESERVE, RESERVE_CAMPAIGN, RESERVE_USER
+from .pipeline import Redirected
+from .scripts import RELEASE, RESERVE, RESERVE_CAMPAIGN, RESERVE_USER, Script
 from .settings import CampaignConfig
 from .store import (
     _NO_DRIVER_INFO,
