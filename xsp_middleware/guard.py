@@ -429,7 +429,7 @@ class Guard:
         except StoreUnavailable as exc:
             return _observed(self.degraded(facts, str(exc))), None
         except Exception as exc:  # our bug must not become a 500: log it, apply the policy
-            _internal_error(exc)
+            logs.internal_error("deciding", exc)
             return _observed(self.degraded(facts, f"internal error: {exc!r}")), None
         decision, reservation = self.decision(facts, r)
         return _observed(decision, r.degraded_check), reservation
@@ -444,7 +444,7 @@ class Guard:
         except StoreUnavailable as exc:
             return _observed(self.degraded(facts, str(exc))), None
         except Exception as exc:  # our bug must not become a 500: log it, apply the policy
-            _internal_error(exc)
+            logs.internal_error("deciding", exc)
             return _observed(self.degraded(facts, f"internal error: {exc!r}")), None
         decision, reservation = self.decision(facts, r)
         return _observed(decision, r.degraded_check), reservation
@@ -579,14 +579,4 @@ def _release_failed(reservation: Reservation, exc: Exception) -> None:
         "xsp_middleware: could not release a reservation of campaign %s: %s",
         reservation.campaign_id,
         exc,
-    )
-
-
-def _internal_error(exc: Exception) -> None:
-    logs.event(
-        "internal_error",
-        logging.ERROR,
-        "xsp_middleware: unexpected error while deciding: %r",
-        exc,
-        error=exc,
     )

@@ -149,6 +149,20 @@ def event(
     _writer.event(kind, level, message, args, error)
 
 
+def internal_error(doing: str, exc: BaseException) -> None:
+    """A bug of ours while ``doing`` something (``"deciding"``, ``"releasing a
+    reservation"``): reported with its traceback, at most once per interval; the request goes
+    on under the failure policy, never as a 500."""
+    event(
+        "internal_error",
+        logging.ERROR,
+        "xsp_middleware: unexpected error while %s: %r",
+        doing,
+        exc,
+        error=exc,
+    )
+
+
 def flush() -> None:
     """Write the pending counts of every kind now, from the calling thread (tests, shutdown)."""
     _writer.flush()

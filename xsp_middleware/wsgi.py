@@ -24,7 +24,6 @@ platform file transmission (correct, if not zero-copy).
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -43,8 +42,6 @@ if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
 __all__ = ["DECISION_KEY", "XSPWSGIMiddleware"]
-
-logger = logging.getLogger("xsp_middleware")
 
 DECISION_KEY = "xsp.decision"
 """The environ key of the request's :class:`Decision` (absent: not an ad request)."""
@@ -93,13 +90,7 @@ class RequestState:
         try:
             self.guard.release_sync(reservation)
         except Exception as exc:  # our bug must not become the app's error: log it
-            logs.event(
-                "internal_error",
-                logging.ERROR,
-                "xsp_middleware: unexpected error while releasing: %r",
-                exc,
-                error=exc,
-            )
+            logs.internal_error("releasing a reservation", exc)
 
 
 class XSPWSGIMiddleware:

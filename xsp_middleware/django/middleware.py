@@ -9,7 +9,6 @@ Guard`'s; this module only translates Django's request and response objects.
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Sequence
@@ -28,8 +27,6 @@ from ..store import Reservation
 from .conf import XSPImproperlyConfigured, settings_from_django
 
 __all__ = ["XSPMiddleware", "ad_view"]
-
-logger = logging.getLogger("xsp_middleware")
 
 T = TypeVar("T")
 
@@ -250,24 +247,14 @@ def _release_sync(guard: Guard, reservation: Reservation) -> None:
     try:
         guard.release_sync(reservation)  # a store failure is logged there
     except Exception as exc:  # our bug must not become a 500: the spend stays counted
-        _internal_error(exc)
+        logs.internal_error("releasing a reservation", exc)
 
 
 async def _release(guard: Guard, reservation: Reservation) -> None:
     try:
         await guard.release(reservation)
     except Exception as exc:
-        _internal_error(exc)
-
-
-def _internal_error(exc: Exception) -> None:
-    logs.event(
-        "internal_error",
-        logging.ERROR,
-        "xsp_middleware: unexpected error while releasing a reservation: %r",
-        exc,
-        error=exc,
-    )
+        logs.internal_error("releasing a reservation", exc)
 
 
 def _raw(text: str) -> bytes:
