@@ -24,7 +24,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 from redis.crc import key_slot
 
@@ -32,19 +32,18 @@ from . import logs
 from .breaker import CALL, DENIED, CircuitBreaker
 from .errors import StoreUnavailable
 from .pipeline import AutoPipeline
-from .scripts import REASONS, Script
-
-if TYPE_CHECKING:
-    from .store import Reservation
-
-# Reason codes shared with the scripts (see reserve.lua).
-TZ_RETRY = 9
-CAPS_RETRY = 10
-_BUDGET_REASONS = (2, 4)
-"""Campaign denials that come after the user's checks in the standalone script: the user's
-remaining impressions are known then."""
-
-Context = tuple[str, "str | None", bool]
+from .protocol import (
+    BUDGET_REASONS,
+    RETRY_REASONS,
+    CampaignReply,
+    Context,
+    Reason,
+    Reservation,
+    UserReply,
+    reservation,
+    text,
+)
+from .scripts import Script
 
 
 class Sent(NamedTuple):
@@ -76,163 +75,137 @@ def slot_of(key: str) -> int:
 
 def combine(
     context: Context,
-    campaign: Any,
-    user: Any,
+    campaign: CampaignReply | StoreUnavailable,
+    user: UserReply | StoreUnavailable | None,
     *,
     fallback_cost: int,
     frequency_fail_open: bool,
     budget_fail_open: bool,
 ) -> Split:
-    """Combine the replies (or StoreUnavailable errors) of the two halves. ``user`` is None for
-    an anonymous request (no user half)."""
-    from .store import Reservation
+    """Combine the decoded replies (or StoreUnavailable errors) of the two halves. ``user`` is
+    None for an anonymous request (no user half)."""
+    if isinstance(user, StoreUnavailable):
+        u_err: StoreUnavailable | None = user
+        u: UserReply | None = None
+    else:
+        u_err, u = None, user
+    u_logs = u.logs if u is not None else 0
+    u_passed = u is not None and u.passed == 1
 
-    campaign_id, user_key, counts = context
-    c_err = campaign if isinstance(campaign, StoreUnavailable) else None
-    u_err = user if isinstance(user, StoreUnavailable) else None
-    u_ok = user is not None and u_err is None
-    u_logs = int(user[4]) if u_ok else 0
-
-    if c_err is None and campaign[1] in (TZ_RETRY, CAPS_RETRY):
-        value = campaign[9]
-        text = value.decode() if isinstance(value, bytes) else str(value)
+    if not isinstance(campaign, StoreUnavailable) and campaign.reason in RETRY_REASONS:
         return Split(
-            undo_user=u_ok and user[0] == 1 and u_logs > 0,
-            retry=(int(campaign[1]), text, campaign[10] == 1),
+            undo_user=u_passed and u_logs > 0,
+            retry=(int(campaign.reason), text(campaign.config), campaign.personal == 1),
         )
 
-    def build(
-        reserved: bool,
-        reason: int,
-        *,
-        cost: int,
-        remaining: int | None,
-        left: int,
-        at: int,
-        day: int = 0,
-        logs: int = 0,
-        personal: int = 1,
-        held: bool = True,
-        degraded: str | None = None,
-        check: str | None = None,
-    ) -> Reservation:
-        return Reservation(
-            reserved=reserved,
-            reason=REASONS[reason],
-            cost_units=cost,
-            remaining_budget_units=None if remaining is None else max(0, remaining),
-            remaining_impressions=None if left < 0 else left,
-            at_ms=at,
-            campaign_id=campaign_id,
-            user_key=user_key,
-            counts_impression=counts,
-            day_start_ms=day,
-            logs=logs,
-            personalized=personal == 1,
-            campaign_held=held,
-            degraded=degraded,
-            degraded_check=check,
-        )
-
-    if c_err is not None:
-        if not u_ok:
-            return Split(error=c_err)
-        if user[0] != 1:  # the user's half denies: certain, whatever the campaign says
+    if isinstance(campaign, StoreUnavailable):
+        if u is None:
+            return Split(error=campaign)
+        if not u_passed:  # the user's half denies: certain, whatever the campaign says
             return Split(
-                reservation=build(
+                reservation=reservation(
+                    context,
                     False,
-                    user[1],
+                    u.reason,
                     cost=fallback_cost,
                     remaining=None,
-                    left=user[2],
-                    at=user[3],
-                    personal=user[5],
+                    left=u.left,
+                    at=u.at_ms,
+                    personal=u.personal,
                 )
             )
         if budget_fail_open:
-            why = f"campaign shard: {c_err}"
-            reservation = build(
+            served = reservation(
+                context,
                 True,
-                0,
+                Reason.SERVED,
                 cost=fallback_cost,
                 remaining=None,
-                left=user[2],
-                at=user[3],
+                left=u.left,
+                at=u.at_ms,
                 logs=u_logs,
-                personal=user[5],
+                personal=u.personal,
                 held=False,
-                degraded=why,
+                degraded=f"campaign shard: {campaign}",
                 check="budget",
             )
-            return Split(reservation=reservation)
-        return Split(error=c_err, undo_user=u_logs > 0)
+            return Split(reservation=served)
+        return Split(error=campaign, undo_user=u_logs > 0)
 
-    c_pass = campaign[0] == 1
-    cost, remaining, at, fired = campaign[2], campaign[3], campaign[5], campaign[6]
+    c = campaign
+    c_pass = c.passed == 1
     if u_err is not None:
         if not c_pass:
             return Split(
-                reservation=build(
-                    False, campaign[1], cost=cost, remaining=remaining, left=-1, at=at
+                reservation=reservation(
+                    context,
+                    False,
+                    c.reason,
+                    cost=c.cost,
+                    remaining=c.remaining,
+                    left=-1,
+                    at=c.at_ms,
                 ),
-                fired=fired,
+                fired=c.fired,
             )
         if frequency_fail_open:
-            why = f"user shard: {u_err}"
-            reservation = build(
+            served = reservation(
+                context,
                 True,
-                0,
-                cost=cost,
-                remaining=remaining,
+                Reason.SERVED,
+                cost=c.cost,
+                remaining=c.remaining,
                 left=-1,
-                at=at,
-                day=campaign[7],
-                degraded=why,
+                at=c.at_ms,
+                day=c.day_start_ms,
+                degraded=f"user shard: {u_err}",
                 check="frequency",
             )
-            return Split(reservation=reservation, fired=fired)
-        return Split(error=u_err, undo_campaign="", fired=fired)
+            return Split(reservation=served, fired=c.fired)
+        return Split(error=u_err, undo_campaign="", fired=c.fired)
 
-    if c_pass and (user is None or user[0] == 1):
-        reservation = build(
+    if c_pass and (u is None or u_passed):
+        served = reservation(
+            context,
             True,
-            0,
-            cost=cost,
-            remaining=remaining,
-            left=user[2] if user is not None else -1,
-            at=user[3] if user is not None else at,
-            day=campaign[7],
+            Reason.SERVED,
+            cost=c.cost,
+            remaining=c.remaining,
+            left=u.left if u is not None else -1,
+            at=u.at_ms if u is not None else c.at_ms,
+            day=c.day_start_ms,
             logs=u_logs,
-            personal=user[5] if user is not None else 1,
+            personal=u.personal if u is not None else 1,
         )
-        return Split(reservation=reservation, fired=fired)
+        return Split(reservation=served, fired=c.fired)
     if not c_pass:
         # The campaign denied (and counted its reason); undo the user's half if it passed.
-        left = user[2] if u_ok and campaign[1] in _BUDGET_REASONS else -1
-        reservation = build(
+        left = u.left if u is not None and c.reason in BUDGET_REASONS else -1
+        denied = reservation(
+            context,
             False,
-            campaign[1],
-            cost=cost,
-            remaining=remaining,
+            c.reason,
+            cost=c.cost,
+            remaining=c.remaining,
             left=left,
-            at=at,
-            day=campaign[7],
-            personal=user[5] if u_ok else 1,
+            at=c.at_ms,
+            day=c.day_start_ms,
+            personal=u.personal if u is not None else 1,
         )
-        return Split(
-            reservation=reservation, undo_user=u_ok and user[0] == 1 and u_logs > 0, fired=fired
-        )
+        return Split(reservation=denied, undo_user=u_passed and u_logs > 0, fired=c.fired)
     # The campaign passed and the user denied: give the spend back, counting the user's reason.
-    reservation = build(
+    assert u is not None
+    denied = reservation(
+        context,
         False,
-        user[1],
-        cost=cost,
-        remaining=remaining + cost,
-        left=user[2],
-        at=user[3],
-        personal=user[5],
+        u.reason,
+        cost=c.cost,
+        remaining=c.remaining + c.cost,
+        left=u.left,
+        at=u.at_ms,
+        personal=u.personal,
     )
-    return Split(reservation=reservation, undo_campaign=f"n:{int(user[1])}", fired=fired)
+    return Split(reservation=denied, undo_campaign=f"n:{int(u.reason)}", fired=c.fired)
 
 
 class Shards:

@@ -43,8 +43,6 @@ LEASE_SHARE = 8
 MIN_IMPRESSIONS = 32
 """The smallest lease asked for, in impressions: below this the renewals themselves would
 load the campaign's shard."""
-LEASING_OFF = 11
-"""lease.lua's answer when the store's flag turns leasing off for the campaign."""
 RETRY_MS = 250.0
 """After a refused or failed grant, decisions use the ordinary path for this long before the
 next request for a lease."""

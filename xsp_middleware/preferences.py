@@ -20,12 +20,10 @@ Two ways in:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
 from redis.exceptions import NoScriptError
@@ -33,6 +31,8 @@ from redis.exceptions import NoScriptError
 from . import logs
 from .errors import StoreUnavailable, XSPError
 from .guard import MAX_USER_ID_BYTES, PROBLEM_TYPE, cookie_value, warn_once
+from .protocol import prefs_reply
+from .scripts import PREFS
 from .settings import Rules, Settings, campaign_id_problem, validate_campaign_id
 from .store import Store
 
@@ -60,9 +60,6 @@ PREFERENCES_TTL_MS = 400 * 86400 * 1000
 """A stored preference keeps the user's hash alive at least this long (ms)."""
 MAX_BLOCKED_CAMPAIGNS = 1000
 """The most campaigns one user may block: the reserve script reads the list on every decision."""
-
-_SCRIPT = (resources.files("xsp_middleware") / "lua" / "prefs.lua").read_text()
-_SHA = hashlib.sha1(_SCRIPT.encode()).hexdigest()
 
 
 class TooManyBlockedCampaigns(XSPError, ValueError):
@@ -110,17 +107,13 @@ async def _write(store: Store, user_id: str | bytes, op: str, campaign_id: str =
 
     async def run() -> Any:
         try:
-            return await client.evalsha(_SHA, 1, key, *args)
+            return await client.evalsha(PREFS.sha, 1, key, *args)
         except NoScriptError:  # a new (or flushed) server: EVAL also caches it there
-            return await client.eval(_SCRIPT, 1, key, *args)
+            return await client.eval(PREFS.text, 1, key, *args)
 
-    reply = await store._admin(run())
-    try:
-        opted, blocked, status = reply
-        status = int(status)
-    except (TypeError, ValueError):
-        raise StoreUnavailable(f"unexpected reply from the preferences script: {reply!r}") from None
-    if status == 0:
+    reply = prefs_reply(await store._admin(run()))
+    opted, blocked = reply.opted_out, reply.blocked
+    if reply.status == 0:
         raise TooManyBlockedCampaigns(
             f"a user may block at most {MAX_BLOCKED_CAMPAIGNS} campaigns; unblock some first"
         )

@@ -56,18 +56,8 @@ CAMPAIGN_CONFIG = _load_script("campaign_config", retry_safe=True)
 # carries a sequence number the script applies at most once, so sending it again is safe.
 LEASE = _load_script("lease", retry_safe=True)
 
-REASONS = (
-    "served",
-    "frequency_capped",
-    "budget_exhausted",
-    "campaign_paused",
-    "paced",
-    "campaign_inactive",
-    "no_consent",
-    "user_blocked",
-)
-"""The scripts' reason codes (their index). 9 and 10 ask the app to retry: the campaign's
-stored time zone (9) or caps (10) differ from what it sent."""
+# The preferences app's writes (opt-out, blocks): admin calls, not on the decision path.
+PREFS = _load_script("prefs", retry_safe=False)
 
 # A leased decision runs only the user's half, on one server too.
 STANDALONE_SCRIPTS = (RESERVE, RELEASE, PEEK, RESERVE_USER, RELEASE_USER, LEASE)

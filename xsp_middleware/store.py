@@ -40,18 +40,35 @@ from . import logs, observe
 from .breaker import DENIED, CircuitBreaker
 from .caps import CALENDAR_PERIODS, FrequencyCap, parse_caps
 from .clock import Calendars, bounds, wall_ms, zone
-from .cluster import CAPS_RETRY, TZ_RETRY, Context, Sent, Shards, Split, combine, settle, slot_of
+from .cluster import Sent, Shards, Split, combine, settle, slot_of
 from .errors import ConfigError, StoreUnavailable
-from .leases import LEASE_SHARE, LEASING_OFF, RETRY_MS, UNACKED_MAX_SECONDS, Lease
+from .leases import LEASE_SHARE, RETRY_MS, UNACKED_MAX_SECONDS, Lease
 from .money import amount_to_units, cpm_to_cost_units, units_to_decimal
 from .pipeline import AutoPipeline, Redirected
+from .protocol import (
+    REASONS,
+    CampaignReply,
+    Context,
+    Reason,
+    UserReply,
+    campaign_reply,
+    config_reply,
+    lease_reply,
+    peek_reply,
+    reservation,
+    reservation_from,
+    text,
+    user_reply,
+)
+from .protocol import (
+    Reservation as Reservation,  # re-exported: the integrations import it from here
+)
 from .scripts import (
     CAMPAIGN_CONFIG,
     CLUSTER_SCRIPTS,
     LEASE,
     PEEK,
     PEEK_USER,
-    REASONS,
     RELEASE,
     RELEASE_USER,
     RESERVE,
@@ -106,35 +123,6 @@ def _require_lua() -> None:
         raise ConfigError(
             "the embedded store (memory://) needs Lua support: pip install 'fakeredis[lua]'"
         ) from None
-
-
-@dataclass(slots=True)  # not frozen: one is built per decision, and frozen init is slow
-class Reservation:
-    """What the reserve script answered, plus what a release needs."""
-
-    reserved: bool
-    reason: str
-    cost_units: int
-    remaining_budget_units: int | None
-    """None when the campaign's shard could not answer (a degraded cluster decision)."""
-    remaining_impressions: int | None
-    at_ms: int
-    campaign_id: str
-    user_key: str | None
-    counts_impression: bool = True
-    day_start_ms: int = 0
-    logs: int = 0
-    """Which user logs the reservation wrote (1: the campaign's, 2: across campaigns)."""
-    personalized: bool = True
-    """False when a stored opt-out made the script leave the user's state alone."""
-    campaign_held: bool = True
-    """The campaign's spend is held (false only when a cluster's campaign shard failed)."""
-    degraded: str | None = None
-    """Why one half of a cluster reservation failed, when the failure policy served anyway."""
-    degraded_check: str | None = None
-    """Which check that failure skipped: ``budget`` or ``frequency``."""
-    lease: int | None = None
-    """The generation of the budget lease that paid for it (None: the store's spend did)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,28 +223,8 @@ class _Sha256Mac:
         return outer.digest()
 
 
-def reservation_from(context: tuple[str, str | None, bool], reply: Any) -> Reservation:
-    """A reserve script reply (integers; see reserve.lua) as a Reservation."""
-    campaign_id, user_key, counts_impression = context
-    try:
-        reserved, reason, cost, left_budget, left, at_ms, _, day, logs = reply[:9]
-        return Reservation(
-            reserved=reserved == 1,
-            reason=REASONS[reason],
-            cost_units=cost,
-            remaining_budget_units=max(0, left_budget),
-            remaining_impressions=None if left < 0 else left,
-            at_ms=at_ms,
-            campaign_id=campaign_id,
-            user_key=user_key,
-            counts_impression=counts_impression,
-            day_start_ms=day,
-            logs=logs,
-            personalized=len(reply) < 11 or reply[10] == 1,
-        )
-    except (TypeError, ValueError, IndexError):
-        raise StoreUnavailable(f"unexpected reply from the reserve script: {reply!r}") from None
-
+_Undo = tuple[int, Script, int, bytes]
+"""A release to send: slot, script, argument count, arguments."""
 
 _HalfCall = tuple[int, Script, int, bytes, Callable[[Any, Any], None]]
 """One half of a cluster reservation: slot, script, argument count, arguments, orphan."""
@@ -483,10 +451,10 @@ class Store:
         )
         return 23, body
 
-    def learn_zone(self, campaign_id: str, reply: Any) -> str:
+    def learn_zone(self, campaign_id: str, reply: CampaignReply) -> str:
         """The reserve script answered "retry": the campaign's zone changed in the store."""
-        tz = _text(reply[9])
-        self.learn_config(campaign_id, (TZ_RETRY, tz, True))
+        tz = text(reply.config)
+        self.learn_config(campaign_id, (Reason.TZ_RETRY, tz, True))
         return tz
 
     async def reserve(
@@ -518,7 +486,7 @@ class Store:
             )
             future = pipeline.call(RESERVE, nargs, body, self._release_orphan, context)
             try:
-                reply = await future
+                reply = campaign_reply(await future)
             except StoreUnavailable as exc:
                 self.call_failed(exc, ticket)
                 raise
@@ -529,7 +497,7 @@ class Store:
                 if future.done() and not future.cancelled() and future.exception() is None:
                     self._release_orphan(context, future.result())
                 raise
-            if reply[1] != 9:
+            if reply.reason != Reason.TZ_RETRY:
                 break
             tz = self.learn_zone(campaign_id, reply)
         else:
@@ -620,49 +588,53 @@ class Store:
         generation, day_start = lease.generation, lease.day_start
         started = time.monotonic()
 
-        def reservation(
-            reserved: bool, reason: int, left: int = -1, at: int = 0, logs: int = 0, **kw: Any
+        def leased(
+            reserved: bool,
+            reason: int,
+            left: int = -1,
+            at: int = 0,
+            logs: int = 0,
+            personal: int = 1,
+            degraded: str | None = None,
         ) -> Reservation:
-            return Reservation(
-                reserved=reserved,
-                reason=REASONS[reason],
-                cost_units=cost,
-                remaining_budget_units=None
-                if lease.remaining is None
-                else lease.remaining + lease.balance,
-                remaining_impressions=None if left < 0 else left,
-                at_ms=at or self.now_ms(),
-                campaign_id=campaign_id,
-                user_key=user_key,
-                day_start_ms=day_start,
+            return reservation(
+                context,
+                reserved,
+                reason,
+                cost=cost,
+                remaining=None if lease.remaining is None else lease.remaining + lease.balance,
+                left=left,
+                at=at or self.now_ms(),
+                day=day_start,
                 logs=logs,
+                personal=personal,
+                degraded=degraded,
+                check=None if degraded is None else "frequency",
                 lease=generation if reserved else None,
-                **kw,
             )
 
         if user_key is None:
-            return reservation(True, 0)
+            return leased(True, Reason.SERVED)
         undo = (state, lease, generation, day_start, cost)
-        reply = await self._user_half(state, context, rule, tz, undo, ticket)
-        if isinstance(reply, StoreUnavailable):
+        raw = await self._user_half(state, context, rule, tz, undo, ticket)
+        if isinstance(raw, StoreUnavailable):
             if self.rules.settings.frequency_fail_open:
-                return reservation(
-                    True, 0, degraded=f"user shard: {reply}", degraded_check="frequency"
-                )
+                return leased(True, Reason.SERVED, degraded=f"user shard: {raw}")
             self._undo_take(*undo, "")
-            raise reply
+            raise raw
         try:
-            passed, reason, left = reply[0] == 1, int(reply[1]), int(reply[2])
-            at, logs, personal = int(reply[3]), int(reply[4]), reply[5] == 1
-        except (TypeError, ValueError, IndexError):
+            reply = user_reply(raw)
+        except StoreUnavailable:
             self._undo_take(*undo, "")
-            raise StoreUnavailable(f"unexpected reply from the user's script: {reply!r}") from None
+            raise
         if observe.current is not None:
             observe.current.store_call(time.monotonic() - started)
-        if not passed:
-            self._undo_take(*undo, f"n:{reason}")
-            return reservation(False, reason, left, at, personalized=personal)
-        return reservation(True, 0, left, at, logs, personalized=personal)
+        if reply.passed != 1:
+            self._undo_take(*undo, f"n:{reply.reason}")
+            return leased(False, reply.reason, reply.left, reply.at_ms, personal=reply.personal)
+        return leased(
+            True, Reason.SERVED, reply.left, reply.at_ms, reply.logs, personal=reply.personal
+        )
 
     async def _user_half(
         self,
@@ -859,27 +831,29 @@ class Store:
     def _granted(self, state: _LoopState, lease: Lease, reply: Any, sent: float) -> None:
         """Apply a grant. Its validity counts from when it was asked for (``sent``): the
         store's clock read it later than that, so the lease never outlives a day or flight."""
+        decoded = lease_reply(reply)
         try:
-            granted, reason, units, left, _, day_start, valid_ms = (int(v) for v in reply[:7])
-            tz, caps, price, flag = (_text(v) for v in reply[7:11])
-        except (TypeError, ValueError, IndexError):
+            granted, reason, units, left, _, day_start, valid_ms = map(int, decoded[:7])
+        except (TypeError, ValueError):
             raise StoreUnavailable(f"unexpected reply from the lease script: {reply!r}") from None
+        tz, caps, price = text(decoded.timezone), text(decoded.caps), text(decoded.price)
+        flag = decoded.leasing
         campaign_id = lease.campaign_id
         rule = lease.context[0]
         self.learn_leasing(campaign_id, flag)
-        self.learn_config(campaign_id, (CAPS_RETRY, caps, caps != rule.caps_spec))
+        self.learn_config(campaign_id, (Reason.CAPS_RETRY, caps, caps != rule.caps_spec))
         lease.price = int(price) if price.isdigit() else None
         lease.remaining = max(0, left)
         now = self._lease_now()
-        if reason == TZ_RETRY:
-            self.learn_config(campaign_id, (TZ_RETRY, tz, True))
+        if reason == Reason.TZ_RETRY:
+            self.learn_config(campaign_id, (Reason.TZ_RETRY, tz, True))
             return
-        lease.exhausted = granted != 1 and reason == 2
+        lease.exhausted = granted != 1 and reason == Reason.BUDGET_EXHAUSTED
         if granted != 1:
             lease.retry_at = now + RETRY_MS
             # Paused, outside its flight, leasing turned off, or over a budget lowered since
             # the units were granted: stop spending them now.
-            if reason in (3, 5, LEASING_OFF) or (reason == 2 and left < 0):
+            if reason in _STOP_LEASE or (reason == Reason.BUDGET_EXHAUSTED and left < 0):
                 self._return_soon(state, lease)
             return
         if units <= 0:
@@ -1068,7 +1042,7 @@ class Store:
     def learn_config(self, campaign_id: str, retry: tuple[int, str, bool]) -> None:
         """A campaign half answered "retry": its stored zone or caps differ from ours."""
         code, value, stored = retry
-        if code == TZ_RETRY:
+        if code == Reason.TZ_RETRY:
             if len(self._zones) > 100_000:
                 self._zones.clear()
             self._zones[campaign_id] = value
@@ -1095,15 +1069,19 @@ class Store:
                 observe.current.store_error(result.kind)
 
     def split_undo(
-        self, context: Context, split: Split, campaign: Any, user: Any
+        self,
+        context: Context,
+        split: Split,
+        campaign: CampaignReply | StoreUnavailable,
+        user: UserReply | StoreUnavailable | None,
     ) -> list[tuple[str, int, Script, int, bytes]]:
         """The releases a combined outcome needs: (which half, slot, script, count, args)."""
         calls: list[tuple[str, int, Script, int, bytes]] = []
-        if split.undo_campaign is not None:
+        if split.undo_campaign is not None and isinstance(campaign, CampaignReply):
             undo = self.campaign_undo(context, campaign, split.undo_campaign)
             if undo is not None:
                 calls.append(("campaign", *undo))
-        if split.undo_user:
+        if split.undo_user and isinstance(user, UserReply):
             undo = self.user_undo(context, user)
             if undo is not None:
                 calls.append(("user", *undo))
@@ -1162,12 +1140,6 @@ class Store:
             except asyncio.CancelledError:
                 self._abandon(context, c_sent.future, None if u_sent is None else u_sent.future)
                 raise
-            if (
-                isinstance(campaign, list)
-                and len(campaign) > 11
-                and (campaign[11] or campaign_id in self._stored_leasing)
-            ):
-                self.learn_leasing(campaign_id, campaign[11])
             failures: list[StoreUnavailable] = []
             self.split_outcome(c_sent.node, c_sent.ticket, campaign, failures)
             if u_sent is not None:
@@ -1200,13 +1172,21 @@ class Store:
     def split_combine(
         self,
         context: Context,
-        campaign: Any,
-        user: Any,
+        campaign_raw: Any,
+        user_raw: Any,
         cost_units: int | None,
         rule: CampaignConfig,
     ) -> tuple[Split, list[tuple[str, int, Script, int, bytes]]]:
-        """Both halves' answers combined, and the releases (compensations) that needs."""
+        """Both halves' answers (raw replies, or StoreUnavailable) decoded and combined, and
+        the releases (compensations) that needs. A malformed reply counts as that half's
+        failure."""
         settings = self.rules.settings
+        campaign = _decoded(campaign_raw, campaign_reply)
+        user = None if user_raw is None else _decoded(user_raw, user_reply)
+        if isinstance(campaign, CampaignReply) and (
+            campaign.leasing or context[0] in self._stored_leasing
+        ):
+            self.learn_leasing(context[0], campaign.leasing)
         split = combine(
             context,
             campaign,
@@ -1270,21 +1250,11 @@ class Store:
                 orphan(context, future.result())
 
     def campaign_undo(
-        self, context: Any, reply: Any, counter: str | None = None
+        self, context: Context, reply: CampaignReply, counter: str | None = None
     ) -> tuple[int, Script, int, bytes] | None:
         """The release of a campaign half that passed (None: nothing to undo), counted under
         ``counter`` (None: ``n:released``; '' nothing)."""
-        try:
-            passed = reply[0] == 1
-        except (TypeError, IndexError):
-            logs.event(
-                "compensation_failed",
-                logging.ERROR,
-                "could not release a campaign half: reply %r",
-                reply,
-            )
-            return None
-        if not passed:
+        if reply.passed != 1:
             return None
         campaign_id, _, counts = context
         cfg, st = self.campaign_keys(campaign_id)
@@ -1293,41 +1263,59 @@ class Store:
             cfg,
             st,
             campaign_id,
-            reply[2],
-            reply[5],
+            reply.cost,
+            reply.at_ms,
             "1" if counts else "0",
-            reply[7],
+            reply.day_start_ms,
             0,
         )
         if counter is not None:
             args += (counter,)
         return slot_of(cfg), RELEASE, len(args), pack_args(args)
 
-    def user_undo(self, context: Any, reply: Any) -> tuple[int, Script, int, bytes] | None:
+    def user_undo(
+        self, context: Context, reply: UserReply
+    ) -> tuple[int, Script, int, bytes] | None:
         """The release of a user half that passed and logged (None: nothing to undo)."""
-        try:
-            passed, logged = reply[0] == 1, int(reply[4])
-        except (TypeError, IndexError, ValueError):
-            logs.event(
-                "compensation_failed",
-                logging.ERROR,
-                "could not release a user half: reply %r",
-                reply,
-            )
-            return None
         campaign_id, user_key, _ = context
-        if not (passed and logged and user_key is not None):
+        if not (reply.passed == 1 and reply.logs and user_key is not None):
             return None
-        args = (1, user_key, campaign_id, reply[3], logged, *_dropped(reply))
+        args = (
+            1,
+            user_key,
+            campaign_id,
+            reply.at_ms,
+            reply.logs,
+            text(reply.campaign_dropped),
+            text(reply.user_dropped),
+        )
         return slot_of(user_key), RELEASE_USER, len(args), pack_args(args)
+
+    def late_campaign_undo(
+        self, context: Context, raw: Any
+    ) -> tuple[int, Script, int, bytes] | None:
+        """``campaign_undo`` for a raw reply nobody awaits any more (an orphaned half)."""
+        try:
+            return self.campaign_undo(context, campaign_reply(raw))
+        except StoreUnavailable:
+            compensation_failed("campaign", StoreUnavailable(f"reply {raw!r}", "error"))
+            return None
+
+    def late_user_undo(self, context: Context, raw: Any) -> _Undo | None:
+        """``user_undo`` for a raw reply nobody awaits any more (an orphaned half)."""
+        try:
+            return self.user_undo(context, user_reply(raw))
+        except StoreUnavailable:
+            compensation_failed("user", StoreUnavailable(f"reply {raw!r}", "error"))
+            return None
 
     def _orphan_campaign(self, context: Any, reply: Any) -> None:
         """A campaign half whose caller gave up: give its spend back."""
-        self._orphan_release(self.campaign_undo(context, reply))
+        self._orphan_release(self.late_campaign_undo(context, reply))
 
     def _orphan_user(self, context: Any, reply: Any) -> None:
         """A user half whose caller gave up: take its time out of the user's logs."""
-        self._orphan_release(self.user_undo(context, reply))
+        self._orphan_release(self.late_user_undo(context, reply))
 
     def _orphan_release(self, undo: tuple[int, Script, int, bytes] | None) -> None:
         if undo is not None:
@@ -1381,19 +1369,30 @@ class Store:
             self.breaker.no_verdict(ticket)
 
     def reserved(
-        self, context: tuple[str, str | None, bool], reply: Any, started: float, ticket: int
+        self, context: Context, reply: CampaignReply, started: float, ticket: int
     ) -> Reservation:
         """A reserve call answered: count it for the circuit (a probe closes it), record the
         latency, fire the exhaustion hook if this decision exhausted the campaign."""
         self.breaker.record(ticket, False)
         if observe.current is not None:
             observe.current.store_call(time.monotonic() - started)
-        reservation = reservation_from(context, reply)
-        if len(reply) > 11 and (reply[11] or context[0] in self._stored_leasing):
-            self.learn_leasing(context[0], reply[11])
-        if reply[6]:
-            self._exhausted(context[0], "lifetime" if reply[6] == 1 else "daily")
-        return reservation
+        made = reservation(
+            context,
+            reply.passed == 1,
+            reply.reason,
+            cost=reply.cost,
+            remaining=reply.remaining,
+            left=reply.left,
+            at=reply.at_ms,
+            day=reply.day_start_ms,
+            logs=reply.logs,
+            personal=reply.personal,
+        )
+        if reply.leasing or context[0] in self._stored_leasing:
+            self.learn_leasing(context[0], reply.leasing)
+        if reply.fired:
+            self._exhausted(context[0], "lifetime" if reply.fired == 1 else "daily")
+        return made
 
     async def release(self, reservation: Reservation) -> None:
         """Give back a reservation's spend and impression. Raises StoreUnavailable."""
@@ -1532,9 +1531,8 @@ class Store:
         if state.shards is not None:
             return await self._can_serve_split(campaign_id, user_key, rule, tz, now)
         assert state.pipeline is not None
-        reply = await state.pipeline.call(PEEK, len(args), pack_args(args))
-        allowed, left = (int(x) for x in reply)
-        return allowed == 1, None if left < 0 else left
+        reply = peek_reply(await state.pipeline.call(PEEK, len(args), pack_args(args)))
+        return reply.ok == 1, None if reply.left < 0 else reply.left
 
     async def _can_serve_split(
         self, campaign_id: str, user_key: str, rule: CampaignConfig, tz: str, now: int
@@ -1561,18 +1559,18 @@ class Store:
                     self._user_caps,
                     self._calendars.text("UTC", now) if self._user_caps else "",
                 )
-                reply = await self._call_slot(
-                    slot_of(user_key), PEEK_USER, len(args), pack_args(args)
+                reply = peek_reply(
+                    await self._call_slot(slot_of(user_key), PEEK_USER, len(args), pack_args(args))
                 )
-                stored_tz, stored_caps = (_text(x) for x in await config)
+                stored = config_reply(await config)
+                stored_tz, stored_caps = text(stored.timezone), text(stored.caps)
                 if attempt or (stored_tz == tz and stored_caps == caps):
                     break
                 tz, caps = stored_tz, stored_caps
         finally:
             config.cancel()
             config.add_done_callback(_consume)
-        allowed, left = (int(x) for x in reply)
-        return allowed == 1, None if left < 0 else left
+        return reply.ok == 1, None if reply.left < 0 else reply.left
 
     # -- admin ------------------------------------------------------------------------------
 
@@ -1698,8 +1696,8 @@ class Store:
         await self._report_lease(campaign_id)
         cfg_key, state_key = self.campaign_keys(campaign_id)
         (cfg_raw, st_raw), now = await self._hashes_and_time(cfg_key, state_key)
-        stored = {_text(k): _text(v) for k, v in cfg_raw.items()}
-        state = {_text(k): _text(v) for k, v in st_raw.items()}
+        stored = {text(k): text(v) for k, v in cfg_raw.items()}
+        state = {text(k): text(v) for k, v in st_raw.items()}
         config = self.rules.rule_for(campaign_id).over(stored)
         day_spent = 0
         day_start = day_end = 0
@@ -1761,8 +1759,8 @@ class Store:
 
         async def scan() -> None:
             async for key in self.client.scan_iter(match=f"{prefix}*", count=1000):
-                text = _text(key)
-                ids.add(text[len(prefix) : text.index("}", len(prefix))])
+                name = text(key)
+                ids.add(name[len(prefix) : name.index("}", len(prefix))])
 
         await self._admin(scan())
         return sorted(ids)
@@ -1774,7 +1772,7 @@ class Store:
         its current window and when it frees up next (epoch ms; None when not reached)."""
         key = self.user_key(user_id)
         (raw,), now = await self._hashes_and_time(key)
-        logs = {_text(k): _text(v) for k, v in raw.items()}
+        logs = {text(k): text(v) for k, v in raw.items()}
         # Fields starting with "!" are preferences (opt-out, blocked campaigns), not logs.
         fields = (
             [campaign_id]
@@ -1799,7 +1797,7 @@ class Store:
             validate_campaign_id(campaign_id)  # never a preference field ("!o", "!b")
             return bool(await self._admin(self.client.hdel(key, campaign_id)))
         fields = [
-            f for f in await self._admin(self.client.hkeys(key)) if not _text(f).startswith("!")
+            f for f in await self._admin(self.client.hkeys(key)) if not text(f).startswith("!")
         ]
         return bool(fields) and bool(await self._admin(self.client.hdel(key, *fields)))
 
@@ -1816,7 +1814,7 @@ class Store:
             names.append("cluster-require-full-coverage")
         for name in names:
             config.update(await self._admin(client.config_get(name, **target)))
-        return {"info": info, "config": {_text(k): _text(v) for k, v in config.items()}}
+        return {"info": info, "config": {text(k): text(v) for k, v in config.items()}}
 
     async def masters(self) -> list[tuple[str, dict[str, Any] | StoreUnavailable]]:
         """Every master (one, or each of a cluster's) with its INFO and settings, or why it
@@ -1847,7 +1845,7 @@ class Store:
         (``doctor`` checks they match)."""
         scripts = CLUSTER_SCRIPTS if self.is_cluster else STANDALONE_SCRIPTS
         # On a cluster, redis-py sends SCRIPT LOAD to every master.
-        return [_text(await self._admin(self.client.script_load(s.text))) for s in scripts]
+        return [text(await self._admin(self.client.script_load(s.text))) for s in scripts]
 
     async def _admin(self, awaitable: Any) -> Any:
         try:
@@ -1927,16 +1925,18 @@ def _consume(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
-def _dropped(reply: Any) -> tuple[str, str]:
-    """The times a user half's write dropped (reserve_user.lua), for its undo to put back."""
+def _decoded(raw: Any, decode: Callable[[Any], Any]) -> Any:
+    """A half's reply decoded, or its failure (a malformed reply is one) as a value."""
+    if isinstance(raw, StoreUnavailable):
+        return raw
     try:
-        return _text(reply[6]), _text(reply[7])
-    except IndexError:
-        return "", ""
+        return decode(raw)
+    except StoreUnavailable as exc:
+        return exc
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+_STOP_LEASE = (Reason.CAMPAIGN_PAUSED, Reason.CAMPAIGN_INACTIVE, Reason.LEASING_OFF)
+"""A refused grant that means: stop spending what the lease holds now."""
 
 
 def _run_hook(target: Callable[[], Any]) -> None:

@@ -24,18 +24,16 @@ from redis.retry import Retry
 
 from . import logs, observe
 from .breaker import DENIED
-from .cluster import Context
 from .errors import StoreUnavailable
 from .pipeline import Redirected
+from .protocol import Context, Reason, Reservation, campaign_reply, reservation_from
 from .scripts import RELEASE, RESERVE, RESERVE_CAMPAIGN, RESERVE_USER, Script
 from .settings import CampaignConfig
 from .store import (
     _NO_DRIVER_INFO,
-    Reservation,
     Store,
     _memory_server,
     compensation_failed,
-    reservation_from,
 )
 from .topology import sync_client
 
@@ -207,11 +205,11 @@ class SyncStore:
                 campaign_id, user_key, cost_units, rule, counts_impression, tz
             )
             try:
-                reply = self._call(RESERVE, nargs, body, context)
+                reply = campaign_reply(self._call(RESERVE, nargs, body, context))
             except StoreUnavailable as exc:
                 store.call_failed(exc, ticket)
                 raise
-            if reply[1] != 9:
+            if reply.reason != Reason.TZ_RETRY:
                 break
             tz = store.learn_zone(campaign_id, reply)
         else:
@@ -386,11 +384,11 @@ class SyncStore:
                 campaign_id, user_key, cost_units, rule, counts, tz
             )
             calls: list[tuple[int, Script, int, bytes, Any, Any]] = [
-                (c_slot, RESERVE_CAMPAIGN, c_n, c_body, context, store.campaign_undo)
+                (c_slot, RESERVE_CAMPAIGN, c_n, c_body, context, store.late_campaign_undo)
             ]
             if user_call is not None:
                 calls.append(
-                    (*user_call[:1], RESERVE_USER, *user_call[1:], context, store.user_undo)
+                    (*user_call[:1], RESERVE_USER, *user_call[1:], context, store.late_user_undo)
                 )
             results = self._run_slots(calls, decision=True)
             failures: list[StoreUnavailable] = []

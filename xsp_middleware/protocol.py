@@ -1,0 +1,269 @@
+"""What the Lua scripts answer, decoded in one place: the reason codes, one typed reply per
+script, and the :class:`Reservation` a decision produces.
+
+Nothing here does I/O. The async store, the blocking ``SyncStore`` and the cluster's split all
+read script replies through these decoders, so a script's reply layout (documented at the top
+of each ``lua/*.lua``) is written down once in Python, with named fields, next to its decoder.
+
+The decoders check the shape (a list of the script's length) and return the reply as a
+``NamedTuple`` without converting its values: integers arrive as ``int`` and strings as
+``bytes`` (``text()`` turns one into ``str``). A reply of another shape raises
+:class:`StoreUnavailable`, which every caller already handles as a failed store call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any, NamedTuple
+
+from .errors import StoreUnavailable
+
+Context = tuple[str, "str | None", bool]
+"""A reservation's (campaign id, user key or None when anonymous, counts an impression)."""
+
+
+class Reason(IntEnum):
+    """The scripts' reason codes. 0-7 are decisions; 9-11 ask the app to act and retry."""
+
+    SERVED = 0
+    FREQUENCY_CAPPED = 1
+    BUDGET_EXHAUSTED = 2
+    CAMPAIGN_PAUSED = 3
+    PACED = 4
+    CAMPAIGN_INACTIVE = 5
+    NO_CONSENT = 6
+    USER_BLOCKED = 7
+    TZ_RETRY = 9
+    """The campaign's stored time zone differs from the one the app sent."""
+    CAPS_RETRY = 10
+    """The campaign's stored caps differ from the ones the app sent (cluster halves)."""
+    LEASING_OFF = 11
+    """Leasing is off in the store (lease.lua)."""
+
+
+REASONS = tuple(r.name.lower() for r in Reason if r <= Reason.USER_BLOCKED)
+"""The decision reasons by code: ``REASONS[code]`` is the ``X-XSP-Decision`` value."""
+
+RETRY_REASONS = (Reason.TZ_RETRY, Reason.CAPS_RETRY)
+
+BUDGET_REASONS = (Reason.BUDGET_EXHAUSTED, Reason.PACED)
+"""Campaign denials that come after the user's checks in the standalone script: the user's
+remaining impressions are known then."""
+
+
+def text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _shape(raw: Any, size: int, script: str) -> None:
+    if not isinstance(raw, list) or len(raw) != size:
+        raise StoreUnavailable(f"unexpected reply from the {script} script: {raw!r}")
+
+
+class CampaignReply(NamedTuple):
+    """``reserve.lua`` (user and campaign on one server) and ``reserve_campaign.lua`` (the
+    campaign's half on a cluster)."""
+
+    passed: int
+    """1 reserved, 0 denied."""
+    reason: int
+    cost: int
+    remaining: int
+    """Remaining budget units (after this reservation when it passed)."""
+    left: int
+    """Remaining impressions under the caps (-1: no caps, or the campaign's half)."""
+    at_ms: int
+    fired: int
+    """Exhaustion this decision fired: 0 none, 1 lifetime, 2 daily."""
+    day_start_ms: int
+    """0: no daily budget."""
+    logs: int
+    """Which user logs it wrote: 1 the campaign's, 2 across campaigns (a sum)."""
+    config: bytes
+    """The stored time zone (reason 9) or caps (reason 10); otherwise empty."""
+    personal: int
+    """1 if the user's state was used (0: a stored opt-out left it alone)."""
+    leasing: bytes
+    """The stored leasing flag: ``1``, ``0`` or empty (unset)."""
+
+
+def campaign_reply(raw: Any) -> CampaignReply:
+    _shape(raw, 12, "reserve")
+    return CampaignReply._make(raw)
+
+
+class UserReply(NamedTuple):
+    """``reserve_user.lua``: the user's half (a cluster, or a decision paid by a lease)."""
+
+    passed: int
+    reason: int
+    left: int
+    at_ms: int
+    logs: int
+    personal: int
+    campaign_dropped: bytes
+    """Times (ms, comma-separated) the write dropped from the campaign's log: an undo puts
+    them back."""
+    user_dropped: bytes
+    """The same for the log across campaigns."""
+
+
+def user_reply(raw: Any) -> UserReply:
+    _shape(raw, 8, "user's")
+    return UserReply._make(raw)
+
+
+class LeaseReply(NamedTuple):
+    """``lease.lua``: a grant, a report or a return."""
+
+    granted: int
+    reason: int
+    units: int
+    remaining: int
+    """Remaining budget after the grant; negative when the campaign is over a lowered budget."""
+    now_ms: int
+    day_start_ms: int
+    valid_ms: int
+    """How long the grant may be used (the end of the day, flight or pacing period)."""
+    timezone: bytes
+    caps: bytes
+    price: bytes
+    leasing: bytes
+
+
+def lease_reply(raw: Any) -> LeaseReply:
+    _shape(raw, 11, "lease")
+    return LeaseReply._make(raw)
+
+
+class PeekReply(NamedTuple):
+    """``peek.lua`` and ``peek_user.lua``: whether the user could be served, read-only."""
+
+    ok: int
+    left: int
+    """Remaining impressions (-1: no caps)."""
+
+
+def peek_reply(raw: Any) -> PeekReply:
+    _shape(raw, 2, "peek")
+    return PeekReply._make(raw)
+
+
+class ConfigReply(NamedTuple):
+    """``campaign_config.lua``: the stored time zone and caps."""
+
+    timezone: bytes
+    caps: bytes
+
+
+def config_reply(raw: Any) -> ConfigReply:
+    _shape(raw, 2, "campaign config")
+    return ConfigReply._make(raw)
+
+
+class PrefsReply(NamedTuple):
+    """``prefs.lua``: the user's stored preferences after a write."""
+
+    opted_out: bytes
+    """Empty when unset."""
+    blocked: bytes
+    """The blocked campaign ids, empty when none."""
+    status: int
+    """0: refused, too many blocked campaigns; 1: written."""
+
+
+def prefs_reply(raw: Any) -> PrefsReply:
+    _shape(raw, 3, "preferences")
+    if not isinstance(raw[2], int):
+        raise StoreUnavailable(f"unexpected reply from the preferences script: {raw!r}")
+    return PrefsReply._make(raw)
+
+
+@dataclass(slots=True)  # not frozen: one is built per decision, and frozen init is slow
+class Reservation:
+    """What the reserve script answered, plus what a release needs."""
+
+    reserved: bool
+    reason: str
+    cost_units: int
+    remaining_budget_units: int | None
+    """None when the campaign's shard could not answer (a degraded cluster decision)."""
+    remaining_impressions: int | None
+    at_ms: int
+    campaign_id: str
+    user_key: str | None
+    counts_impression: bool = True
+    day_start_ms: int = 0
+    logs: int = 0
+    """Which user logs the reservation wrote (1: the campaign's, 2: across campaigns)."""
+    personalized: bool = True
+    """False when a stored opt-out made the script leave the user's state alone."""
+    campaign_held: bool = True
+    """The campaign's spend is held (false only when a cluster's campaign shard failed)."""
+    degraded: str | None = None
+    """Why one half of a cluster reservation failed, when the failure policy served anyway."""
+    degraded_check: str | None = None
+    """Which check that failure skipped: ``budget`` or ``frequency``."""
+    lease: int | None = None
+    """The generation of the budget lease that paid for it (None: the store's spend did)."""
+
+
+def reservation(
+    context: Context,
+    reserved: bool,
+    reason: int,
+    *,
+    cost: int,
+    remaining: int | None,
+    left: int,
+    at: int,
+    day: int = 0,
+    logs: int = 0,
+    personal: int = 1,
+    held: bool = True,
+    degraded: str | None = None,
+    check: str | None = None,
+    lease: int | None = None,
+) -> Reservation:
+    """The one place a Reservation is built from script answers: ``left`` < 0 means no cap
+    applies, a negative ``remaining`` is none left (None: unknown, the campaign's half failed)."""
+    campaign_id, user_key, counts = context
+    return Reservation(
+        reserved,
+        REASONS[reason],
+        cost,
+        None if remaining is None else max(0, remaining),
+        None if left < 0 else left,
+        at,
+        campaign_id,
+        user_key,
+        counts,
+        day,
+        logs,
+        personal == 1,
+        held,
+        degraded,
+        check,
+        lease,
+    )
+
+
+def reservation_from(context: Context, raw: Any) -> Reservation:
+    """A standalone reserve script's reply (see reserve.lua) as a Reservation."""
+    reply = campaign_reply(raw)
+    try:
+        return reservation(
+            context,
+            reply.passed == 1,
+            reply.reason,
+            cost=reply.cost,
+            remaining=reply.remaining,
+            left=reply.left,
+            at=reply.at_ms,
+            day=reply.day_start_ms,
+            logs=reply.logs,
+            personal=reply.personal,
+        )
+    except (TypeError, ValueError, IndexError):
+        raise StoreUnavailable(f"unexpected reply from the reserve script: {raw!r}") from None
