@@ -406,7 +406,7 @@ async def test_a_return_that_fails_behind_an_unanswered_call_is_not_lost() -> No
         for _ in range(3):
             served += (await store.reserve("hot", None, COST, rule)).reserved
         await asyncio.sleep(0.05)
-        lease = store._state().leases["hot"]
+        lease = store.leasing.lease("hot")
         server.signal(signal.SIGSTOP)
         try:
             while lease.balance * 2 >= lease.last_grant:  # spend until a renewal is due
@@ -457,8 +457,8 @@ async def test_a_release_never_overtakes_the_report_of_what_it_releases() -> Non
         first = await store.reserve("hot", None, COST, rule)  # the ordinary path; asks a grant
         await asyncio.sleep(0.05)
         await store.release(first)
-        lease = store._state().leases["hot"]
-        await asyncio.sleep(max(0.0, (lease.expires - store._lease_now()) / 1000 - 0.15))
+        lease = store.leasing.lease("hot")
+        await asyncio.sleep(max(0.0, (lease.expires - store.leasing.now()) / 1000 - 0.15))
         server.signal(signal.SIGSTOP)
         try:
             taken = [await store.reserve("hot", None, COST, rule)]  # asks for a renewal
@@ -495,7 +495,7 @@ async def test_a_lease_dropped_from_memory_and_made_again_has_its_calls_applied(
     other = store.rules.rule_for("cold")
     for i in range(10_001):  # anonymous, one each: a lease object per campaign, none leasing
         await store.reserve(f"cold{i}", None, None, other)
-    assert "hot" not in store._state().leases
+    assert store.leasing.lease("hot") is None
     served += (await store.reserve("hot", None, COST, rule)).reserved  # asks for a grant
     await asyncio.sleep(0.1)
     assert (await _observer(redis_url).get_campaign("hot")).leased_units > 0  # applied
@@ -527,7 +527,7 @@ async def test_a_release_from_a_lease_dropped_from_memory_is_undone_in_the_store
     other = store.rules.rule_for("cold")
     for i in range(10_001):
         await store.reserve(f"cold{i}", None, None, other)
-    assert "hot" not in store._state().leases
+    assert store.leasing.lease("hot") is None
     served += (await store.reserve("hot", None, COST, rule)).reserved  # made again, rate 0
     await store.release(out)
     await store.return_leases()

@@ -42,7 +42,8 @@ from .caps import CALENDAR_PERIODS, FrequencyCap, parse_caps
 from .clock import Calendars, bounds, wall_ms, zone
 from .cluster import Sent, Shards, Split, combine, settle, slot_of
 from .errors import ConfigError, StoreUnavailable
-from .leases import LEASE_SHARE, RETRY_MS, UNACKED_MAX_SECONDS, Lease
+from .leases import Lease
+from .leasing import Leasing
 from .money import amount_to_units, cpm_to_cost_units, units_to_decimal
 from .pipeline import AutoPipeline, Redirected
 from .protocol import (
@@ -53,7 +54,6 @@ from .protocol import (
     UserReply,
     campaign_reply,
     config_reply,
-    lease_reply,
     peek_reply,
     reservation,
     reservation_from,
@@ -66,7 +66,6 @@ from .protocol import (
 from .scripts import (
     CAMPAIGN_CONFIG,
     CLUSTER_SCRIPTS,
-    LEASE,
     PEEK,
     PEEK_USER,
     RELEASE,
@@ -290,11 +289,11 @@ class Store:
         (the user's half needs them and cannot read the campaign's slot)."""
         self.clock: Callable[[], int] | None = None
         """Test-only: epoch ms that the scripts use instead of Redis TIME (simulated days)."""
-        self._lease_ms = float(rules.settings.lease_seconds) * 1000.0
-        self._lease_auto = rules.settings.lease_above_rps
         self._stored_leasing: dict[str, bool] = {}
         """The leasing flag in the store, per campaign, as reserve and lease replies report it."""
         self._loops: dict[asyncio.AbstractEventLoop, _LoopState] = {}
+        self.leasing = Leasing(self)
+        """Budget leases (see leasing.py)."""
 
     # -- keys -------------------------------------------------------------------------------
 
@@ -471,8 +470,8 @@ class Store:
         tz = self._zones.get(campaign_id, rule.timezone)
         context = (campaign_id, user_key, counts_impression)
         state = self._state()
-        if counts_impression and (rule.leasing or self._lease_auto or self._stored_leasing):
-            leased = await self._reserve_leased(state, context, cost_units, rule, tz, ticket)
+        if counts_impression and (rule.leasing or self.leasing.auto or self._stored_leasing):
+            leased = await self.leasing.reserve(state, context, cost_units, rule, tz, ticket)
             if leased is not None:
                 return leased
         if state.shards is not None:
@@ -504,11 +503,7 @@ class Store:
             raise StoreUnavailable(f"campaign {campaign_id}: its time zone keeps changing")
         return self.reserved(context, reply, started, ticket)
 
-    # -- budget leasing (see leases.py) ----------------------------------------------------
-
-    def _lease_now(self) -> float:
-        """The clock leases expire on (ms): monotonic, or the test clock."""
-        return float(self.clock()) if self.clock is not None else time.monotonic() * 1000.0
+    # -- budget leasing (see leasing.py) --------------------------------------------------
 
     def learn_leasing(self, campaign_id: str, raw: Any) -> None:
         """A script reported the campaign's stored leasing flag ('1', '0' or '': unset)."""
@@ -518,494 +513,6 @@ class Store:
             self._stored_leasing[campaign_id] = raw in (b"1", "1")
         else:
             self._stored_leasing.pop(campaign_id, None)
-
-    def _lease_of(
-        self, state: _LoopState, campaign_id: str, rule: CampaignConfig
-    ) -> tuple[Lease | None, bool]:
-        """The campaign's lease in this loop (None: leasing is off for it), and whether it may
-        ask for more (on by config, or above the automatic rate)."""
-        stored = self._stored_leasing.get(campaign_id)
-        on = rule.leasing if stored is None else stored
-        lease = state.leases.get(campaign_id)
-        if not on and self._lease_auto is None:
-            return (lease, False) if lease is not None and lease.balance else (None, False)
-        if lease is None:
-            if len(state.leases) > 10_000:
-                for cid in [cid for cid, old in state.leases.items() if old.prunable]:
-                    del state.leases[cid]
-            lease = state.leases[campaign_id] = Lease(campaign_id)
-        lease.count(self._lease_now())
-        if not on:
-            assert self._lease_auto is not None
-            on = lease.rate >= self._lease_auto
-        if not on and not lease.balance:
-            return None, False
-        return lease, on
-
-    async def _reserve_leased(
-        self,
-        state: _LoopState,
-        context: Context,
-        cost_units: int | None,
-        rule: CampaignConfig,
-        tz: str,
-        ticket: int,
-    ) -> Reservation | None:
-        """A decision paid from the campaign's lease: only the user's half runs in the store
-        (none for an anonymous request). None: the lease cannot pay; take the ordinary path."""
-        campaign_id, user_key, _ = context
-        lease, may_renew = self._lease_of(state, campaign_id, rule)
-        if lease is None:
-            return None
-        lease.context = (rule, tz)
-        now = self._lease_now()
-        if lease.expires and now >= lease.expires:
-            self._return_soon(state, lease)
-        cost = cost_units if cost_units is not None else lease.price
-        if cost is None:
-            cost = rule.cost_units
-        asked = may_renew and lease.wants_renewal(now, self._lease_ms)
-        if asked:
-            lease.renewing = True
-            lease.pending = self._lease_task(state, self._renew(state, lease, cost))
-        if not lease.take(cost, now):
-            if asked or lease.pending is None or lease.pending.done():
-                return None  # the ordinary path, alongside the grant just asked for
-            # The lease is empty and a grant is on its way: wait for it rather than race it
-            # to the campaign's shard (where the units it will hold already count as spent).
-            waited = time.monotonic()
-            await asyncio.wait((lease.pending,))
-            if lease.error is not None and time.monotonic() - waited >= self.timeout / 2:
-                # The grant timed out: the failure policy applies now, rather than after a
-                # second timeout on the ordinary path. (A fast failure, such as a connection
-                # lost to a restart, leaves time for the ordinary path, which reconnects.)
-                raise lease.error
-            now = self._lease_now()
-            if not lease.take(cost, now):
-                return None
-        # Taken now, before any await: the lease may be settled (a new generation, a new day)
-        # while the user's half runs, and a release must go where these units came from.
-        generation, day_start = lease.generation, lease.day_start
-        started = time.monotonic()
-
-        def leased(
-            reserved: bool,
-            reason: int,
-            left: int = -1,
-            at: int = 0,
-            logs: int = 0,
-            personal: int = 1,
-            degraded: str | None = None,
-        ) -> Reservation:
-            return reservation(
-                context,
-                reserved,
-                reason,
-                cost=cost,
-                remaining=None if lease.remaining is None else lease.remaining + lease.balance,
-                left=left,
-                at=at or self.now_ms(),
-                day=day_start,
-                logs=logs,
-                personal=personal,
-                degraded=degraded,
-                check=None if degraded is None else "frequency",
-                lease=generation if reserved else None,
-            )
-
-        if user_key is None:
-            return leased(True, Reason.SERVED)
-        undo = (state, lease, generation, day_start, cost)
-        raw = await self._user_half(state, context, rule, tz, undo, ticket)
-        if isinstance(raw, StoreUnavailable):
-            if self.rules.settings.frequency_fail_open:
-                return leased(True, Reason.SERVED, degraded=f"user shard: {raw}")
-            self._undo_take(*undo, "")
-            raise raw
-        try:
-            reply = user_reply(raw)
-        except StoreUnavailable:
-            self._undo_take(*undo, "")
-            raise
-        if observe.current is not None:
-            observe.current.store_call(time.monotonic() - started)
-        if reply.passed != 1:
-            self._undo_take(*undo, f"n:{reply.reason}")
-            return leased(False, reply.reason, reply.left, reply.at_ms, personal=reply.personal)
-        return leased(
-            True, Reason.SERVED, reply.left, reply.at_ms, reply.logs, personal=reply.personal
-        )
-
-    async def _user_half(
-        self,
-        state: _LoopState,
-        context: Context,
-        rule: CampaignConfig,
-        tz: str,
-        undo: tuple[_LoopState, Lease, int, int, int],
-        ticket: int,
-    ) -> Any:
-        """Run a leased decision's user half: its reply, or its failure as a value. ``undo``
-        is what the decision took from the lease (see _undo_take), given back if the decision
-        is cancelled."""
-        campaign_id, user_key, _ = context
-        assert user_key is not None
-        static = self._static_part(campaign_id, rule, tz)
-        now = "" if self.clock is None else str(self.clock())
-        body = b"".join(
-            (
-                b"$1\r\n1\r\n",
-                pack_args((user_key, campaign_id, self._caps.get(campaign_id, rule.caps_spec))),
-                static.user_tail,
-                pack_args((now,)),
-                self._optout_policy,
-            )
-        )
-        sent: Sent | None = None
-        shards = state.shards
-        future: asyncio.Future[Any] | None = None
-        try:
-            if shards is not None:
-                try:
-                    await shards.ready()
-                except StoreUnavailable as exc:
-                    self.call_failed(exc, ticket)  # the store-wide breaker judges the slot map
-                    return exc
-                self.breaker.record(ticket, False)
-                slot = slot_of(user_key)
-                sent = shards.send(
-                    slot, RESERVE_USER, 9, body, self._orphan_user, context, decision=True
-                )
-                future = sent.future
-                reply = await settle(future)
-                if isinstance(reply, Redirected):  # the script did not run: no verdict
-                    self.breaker_for(sent.node).no_verdict(sent.ticket)
-                    await self._relearn(shards)
-                    sent = shards.send(
-                        slot, RESERVE_USER, 9, body, self._orphan_user, context, decision=True
-                    )
-                    future = sent.future
-                    reply = await settle(future)
-            else:
-                assert state.pipeline is not None
-                future = state.pipeline.call(RESERVE_USER, 9, body, self._orphan_user, context)
-                reply = await settle(future)
-        except asyncio.CancelledError:
-            self._undo_take(*undo, "n:released")
-            if sent is not None:
-                self.breaker_for(sent.node).no_verdict(sent.ticket)
-            else:
-                self.breaker.no_verdict(ticket)
-            if future is not None:
-                if not future.done():
-                    future.cancel()
-                elif not future.cancelled() and future.exception() is None:
-                    self._orphan_user(context, future.result())
-            raise
-        if sent is not None:
-            self.split_outcome(sent.node, sent.ticket, reply, [])
-            if shards is not None and isinstance(reply, StoreUnavailable):
-                shards.refresh_soon()  # a master may have failed over
-        elif isinstance(reply, StoreUnavailable):
-            self.call_failed(reply, ticket)
-        else:
-            self.breaker.record(ticket, False)
-        return reply
-
-    def _lease_task(self, state: _LoopState, work: Any) -> asyncio.Task[None]:
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(work)
-        state.lease_tasks.add(task)
-        task.add_done_callback(state.lease_tasks.discard)
-        return task
-
-    def _lease_call(
-        self, state: _LoopState, lease: Lease, wanted: int, smallest: int
-    ) -> tuple[int, int, bytes]:
-        """The slot and packed arguments of one lease.lua call, with the lease's report, one
-        day's owed units and the loop's next sequence number (which makes sending it again
-        safe)."""
-        rule, tz = lease.context
-        cfg_key, state_key = self.campaign_keys(lease.campaign_id)
-        bounds = self._calendars.span(tz, self.now_ms())[0]
-        # Nothing below can fail: what the report and the owed units take off the lease is in
-        # the call, which is kept until it is answered.
-        used, counters = lease.report()
-        back, back_day = lease.take_owed()
-        state.lease_seq += 1
-        answers = f"{self._prefix}:c:{{{lease.campaign_id}}}:q:{state.lease_client}.{lease.number}"
-        args = (
-            3,
-            cfg_key,
-            state_key,
-            answers,
-            lease.campaign_id,
-            *rule.wire,
-            tz,
-            bounds,
-            self._allowance,
-            "" if self.clock is None else str(self.clock()),
-            wanted,
-            back,
-            back_day,
-            used,
-            counters,
-            smallest,
-            LEASE_SHARE,
-            state.lease_seq,
-        )
-        return slot_of(cfg_key) if self.is_cluster else 0, len(args), pack_args(args)
-
-    async def _send_lease(self, state: _LoopState, slot: int, nargs: int, body: bytes) -> Any:
-        if state.shards is not None:
-            return await self._call_slot(slot, LEASE, nargs, body)
-        assert state.pipeline is not None
-        return await state.pipeline.call(LEASE, nargs, body)
-
-    async def _lease_exchange(
-        self,
-        state: _LoopState,
-        lease: Lease,
-        build: Callable[[], tuple[int, int, bytes]],
-        handle: Callable[[Any], None],
-    ) -> None:
-        """One lease.lua call, in order with the lease's others. A call whose reply was lost
-        (a timeout, a dropped connection) stays pending and is sent again, with the same
-        sequence number, before the next one: the script applies it at most once, so a grant,
-        a report or a return is never lost nor applied twice. Raises StoreUnavailable."""
-        if lease.lock is None:
-            lease.lock = asyncio.Lock()
-        async with lease.lock:
-            if lease.unacked is not None:
-                call, then, first_sent = lease.unacked
-                if time.time() - first_sent > UNACKED_MAX_SECONDS:
-                    # The store forgets a call's answer after a day: sent again now, it could
-                    # be applied twice (a return twice would let the budget be overspent).
-                    # Dropped, it can only under-deliver: a grant or a return in it leaves its
-                    # units counted as spent, and the counts it reported are not recorded.
-                    logs.event(
-                        "lease_call_dropped",
-                        logging.ERROR,
-                        "campaign %s: a lease call unanswered for %d h is dropped: its units "
-                        "stay counted as spent and the counts it carried are lost",
-                        lease.campaign_id,
-                        UNACKED_MAX_SECONDS // 3600,
-                    )
-                    lease.unacked = None
-                else:
-                    reply = await self._send_lease(state, *call)
-                    lease.unacked = None
-                    then(reply)
-            call = build()
-            # Wall-clock time: the store's day runs on while this host is suspended.
-            lease.unacked = (call, handle, time.time())
-            reply = await self._send_lease(state, *call)
-            lease.unacked = None
-            handle(reply)
-
-    async def _renew(self, state: _LoopState, lease: Lease, cost: int) -> None:
-        """Ask for more budget before the lease runs out (and report what it served)."""
-        sent = self._lease_now()
-        try:
-            await self._lease_exchange(
-                state,
-                lease,
-                lambda: self._lease_call(
-                    state, lease, lease.wanted(cost, self._lease_ms, sent), cost
-                ),
-                lambda reply: self._granted(state, lease, reply, sent),
-            )
-            lease.error = None
-        except StoreUnavailable as exc:
-            lease.error = exc
-            lease.retry_at = self._lease_now() + RETRY_MS
-            logs.event(
-                "lease_failed",
-                logging.WARNING,
-                "campaign %s: a budget lease failed: %s",
-                lease.campaign_id,
-                exc,
-            )
-        finally:
-            lease.renewing = False
-
-    def _granted(self, state: _LoopState, lease: Lease, reply: Any, sent: float) -> None:
-        """Apply a grant. Its validity counts from when it was asked for (``sent``): the
-        store's clock read it later than that, so the lease never outlives a day or flight."""
-        decoded = lease_reply(reply)
-        try:
-            granted, reason, units, left, _, day_start, valid_ms = map(int, decoded[:7])
-        except (TypeError, ValueError):
-            raise StoreUnavailable(f"unexpected reply from the lease script: {reply!r}") from None
-        tz, caps, price = text(decoded.timezone), text(decoded.caps), text(decoded.price)
-        flag = decoded.leasing
-        campaign_id = lease.campaign_id
-        rule = lease.context[0]
-        self.learn_leasing(campaign_id, flag)
-        self.learn_config(campaign_id, (Reason.CAPS_RETRY, caps, caps != rule.caps_spec))
-        lease.price = int(price) if price.isdigit() else None
-        lease.remaining = max(0, left)
-        now = self._lease_now()
-        if reason == Reason.TZ_RETRY:
-            self.learn_config(campaign_id, (Reason.TZ_RETRY, tz, True))
-            return
-        lease.exhausted = granted != 1 and reason == Reason.BUDGET_EXHAUSTED
-        if granted != 1:
-            lease.retry_at = now + RETRY_MS
-            # Paused, outside its flight, leasing turned off, or over a budget lowered since
-            # the units were granted: stop spending them now.
-            if reason in _STOP_LEASE or (reason == Reason.BUDGET_EXHAUSTED and left < 0):
-                self._return_soon(state, lease)
-            return
-        if units <= 0:
-            return
-        if day_start != lease.day_start:
-            # The day turned: what the lease holds (and what it served) belongs to the old day,
-            # and so does any release of it; a new generation keeps them apart.
-            lease.settle()
-            self._send_owed(state, lease)
-        lease.balance += units
-        lease.day_start = day_start
-        lease.last_grant = units
-        lease.granted_at = now
-        lease.expires = sent + min(self._lease_ms, float(valid_ms))
-        self._arm_expiry(state, lease)
-
-    def _arm_expiry(self, state: _LoopState, lease: Lease) -> None:
-        if lease.timer is not None:
-            lease.timer.cancel()
-        delay = max(0.0, (lease.expires - self._lease_now()) / 1000.0) + 0.005
-        lease.timer = asyncio.get_running_loop().call_later(delay, self._expired, state, lease)
-
-    def _expired(self, state: _LoopState, lease: Lease) -> None:
-        lease.timer = None
-        if lease.expires and self._lease_now() < lease.expires:
-            self._arm_expiry(state, lease)  # renewed meanwhile
-        elif not lease.idle:
-            self._return_soon(state, lease)
-
-    def _return_soon(self, state: _LoopState, lease: Lease) -> asyncio.Task[None] | None:
-        """Give the lease's unspent units back (and report what it served), in the background."""
-        lease.settle()
-        if lease.timer is not None:
-            lease.timer.cancel()
-            lease.timer = None
-        if lease.idle:
-            return None
-        return self._lease_task(state, self._give_back(state, lease, settle=True))
-
-    def _undo_take(
-        self, state: _LoopState, lease: Lease, generation: int, day_start: int, cost: int, why: str
-    ) -> bool:
-        """Undo a decision's take from its lease (see Lease.give_back). Units owed to the store
-        because the lease was settled meanwhile are sent back in the background."""
-        if lease.give_back(generation, day_start, cost, why):
-            return True
-        self._send_owed(state, lease)
-        return False
-
-    def _send_owed(self, state: _LoopState, lease: Lease) -> asyncio.Task[None] | None:
-        """Send what the lease owes the store (and its report), unless a call will already."""
-        if lease.flushing is not None and not lease.flushing.done():
-            return lease.flushing
-        if not lease.owed or lease.context is None:
-            return None
-        lease.flushing = self._lease_task(state, self._give_back(state, lease, settle=False))
-        return lease.flushing
-
-    async def _give_back(self, state: _LoopState, lease: Lease, *, settle: bool) -> None:
-        """Send the lease's report and what it owes the store, one day per call; with
-        ``settle``, a balance it has meanwhile goes back too (a grant whose lost reply was
-        replayed first, see _lease_exchange, or one that was on its way)."""
-
-        def build() -> tuple[int, int, bytes]:
-            if settle and lease.balance:
-                lease.settle()
-            return self._lease_call(state, lease, 0, 1)
-
-        try:
-            await self._lease_exchange(state, lease, build, _ignore)
-            while lease.owed:
-                await self._lease_exchange(state, lease, build, _ignore)
-        except StoreUnavailable as exc:
-            # Kept on the lease (in the unanswered call, or still owed): sent with its next
-            # call, or at shutdown. Until then the units stay counted as spent: under-delivery,
-            # never an overspend.
-            logs.event(
-                "lease_return_failed",
-                logging.WARNING,
-                "campaign %s: could not report a lease or give back its units yet: %s",
-                lease.campaign_id,
-                exc,
-            )
-
-    async def _report_lease(self, campaign_id: str) -> None:
-        """Report what this loop's lease of the campaign served (not its balance)."""
-        state = self._loops.get(asyncio.get_running_loop())
-        lease = None if state is None else state.leases.get(campaign_id)
-        if state is None or lease is None or lease.context is None:
-            return
-        if lease.unreported:
-            await self._give_back(state, lease, settle=False)
-
-    async def _drop_lease(self, campaign_id: str) -> None:
-        """Give back this loop's lease of the campaign now (its config changed)."""
-        state = self._loops.get(asyncio.get_running_loop())
-        lease = None if state is None else state.leases.get(campaign_id)
-        if state is None or lease is None or lease.context is None:
-            return
-        if lease.pending is not None and not lease.pending.done():
-            await asyncio.wait((lease.pending,))
-        lease.retry_at = 0.0
-        lease.exhausted = False
-        task = self._return_soon(state, lease)
-        if task is not None:
-            await asyncio.wait((task,))
-
-    async def return_leases(self) -> None:
-        """Give back every budget lease this event loop holds (shutdown): their unspent units
-        return to the campaigns' budgets and their served impressions are reported."""
-        state = self._loops.get(asyncio.get_running_loop())
-        if state is None:
-            return
-        # A grant still in flight would land after the return: let it land first.
-        if state.lease_tasks:
-            await asyncio.gather(*list(state.lease_tasks), return_exceptions=True)
-        for lease in state.leases.values():
-            if not lease.idle and lease.context is not None:
-                self._return_soon(state, lease)
-        if state.lease_tasks:
-            await asyncio.gather(*list(state.lease_tasks), return_exceptions=True)
-
-    async def _release_leased(self, state: _LoopState, r: Reservation) -> None:
-        """Undo a leased reservation: its units go back to the lease (or to the store when the
-        lease has been returned since), and its time comes out of the user's logs."""
-        lease = state.leases.get(r.campaign_id)
-        assert r.lease is not None
-        if lease is not None and lease.context is None:
-            # Made again after this reservation's lease was dropped (when idle: its report was
-            # answered), and never used since: the store undoes it, as below.
-            lease = None
-        task = None
-        if lease is not None:
-            # Undone through the lease, whose calls are in order: after the report that counted
-            # the impression, never before it.
-            into_lease = lease.give_back(r.lease, r.day_start_ms, r.cost_units, "n:released")
-            if into_lease and lease.exhausted:
-                # The budget is at its end: the units go back to the store, where any process
-                # can spend them and where they reactivate an exhausted campaign.
-                task = self._return_soon(state, lease)
-            elif not into_lease:
-                task = self._send_owed(state, lease)
-            if task is not None:
-                await asyncio.wait((task,))
-        # A lease made idle and dropped since (its report answered): the store undoes it.
-        calls = self.release_split_calls(r, campaign=lease is None)
-        for slot, script, nargs, body in calls:
-            if state.shards is not None:
-                await self._call_slot(slot, script, nargs, body)
-            else:
-                assert state.pipeline is not None
-                await state.pipeline.call(script, nargs, body)
 
     # -- Redis Cluster: a reservation in two halves (see cluster.py) ------------------------
 
@@ -1398,7 +905,7 @@ class Store:
         """Give back a reservation's spend and impression. Raises StoreUnavailable."""
         state = self._state()
         if reservation.lease is not None:
-            await self._release_leased(state, reservation)
+            await self.leasing.release(state, reservation)
             return
         if state.shards is None:
             assert state.pipeline is not None
@@ -1656,7 +1163,7 @@ class Store:
         await self._admin(self.client.hset(cfg_key, mapping=write))
         # This process sees its own change at once: its lease goes back and the next grant
         # reads the new config. Other processes see it at their next grant.
-        await self._drop_lease(campaign_id)
+        await self.leasing.drop(campaign_id)
         return await self.get_campaign(campaign_id)
 
     def _cpm(self, cpm: Money) -> int:
@@ -1693,7 +1200,7 @@ class Store:
     async def get_campaign(self, campaign_id: str) -> CampaignView:
         """The campaign's effective config and state. Unconfigured campaigns show the defaults.
         This process's budget leases report what they served first (read your own writes)."""
-        await self._report_lease(campaign_id)
+        await self.leasing.report(campaign_id)
         cfg_key, state_key = self.campaign_keys(campaign_id)
         (cfg_raw, st_raw), now = await self._hashes_and_time(cfg_key, state_key)
         stored = {text(k): text(v) for k, v in cfg_raw.items()}
@@ -1748,7 +1255,7 @@ class Store:
         """Forget a campaign's stored config and state (spend, counters). Users' logs expire on
         their own. Returns whether anything was stored."""
         validate_campaign_id(campaign_id)
-        await self._drop_lease(campaign_id)
+        await self.leasing.drop(campaign_id)
         deleted = await self._admin(self.client.delete(*self.campaign_keys(campaign_id)))
         return bool(deleted)
 
@@ -1856,10 +1363,14 @@ class Store:
     async def ping(self) -> None:
         await self._admin(self.client.ping())
 
+    async def return_leases(self) -> None:
+        """Give back this loop's budget leases: their unspent units return to the store."""
+        await self.leasing.return_all()
+
     async def aclose(self) -> None:
         """Give back this loop's budget leases, then close its connections (optional: they are
         also freed with the loop, but unreturned leases stay counted as spent)."""
-        await self.return_leases()
+        await self.leasing.return_all()
         loop = asyncio.get_running_loop()
         state = self._loops.pop(loop, None)
         if state is not None:
@@ -1868,10 +1379,6 @@ class Store:
             if state.shards is not None:
                 await state.shards.aclose()
             await state.client.aclose()
-
-
-def _ignore(reply: Any) -> None:
-    """A lease call whose reply needs nothing more (a report, a return)."""
 
 
 def day_span(tz: str, now_ms: int) -> tuple[int, int]:
@@ -1933,10 +1440,6 @@ def _decoded(raw: Any, decode: Callable[[Any], Any]) -> Any:
         return decode(raw)
     except StoreUnavailable as exc:
         return exc
-
-
-_STOP_LEASE = (Reason.CAMPAIGN_PAUSED, Reason.CAMPAIGN_INACTIVE, Reason.LEASING_OFF)
-"""A refused grant that means: stop spending what the lease holds now."""
 
 
 def _run_hook(target: Callable[[], Any]) -> None:
