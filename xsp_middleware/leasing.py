@@ -239,7 +239,7 @@ class Leasing:
                     self.store._orphan_user(context, future.result())
             raise
         if sent is not None:
-            self.store.split_outcome(sent.node, sent.ticket, reply, [])
+            self.store.halves.outcome(sent.node, sent.ticket, reply, [])
             if shards is not None and isinstance(reply, StoreUnavailable):
                 shards.refresh_soon()  # a master may have failed over
         elif isinstance(reply, StoreUnavailable):
@@ -535,7 +535,7 @@ class Leasing:
             if task is not None:
                 await asyncio.wait((task,))
         # A lease made idle and dropped since (its report answered): the store undoes it.
-        calls = self.store.release_split_calls(r, campaign=lease is None)
+        calls = self.store.halves.releases(r, campaign=lease is None)
         for slot, script, nargs, body in calls:
             if state.shards is not None:
                 await self.store._call_slot(slot, script, nargs, body)

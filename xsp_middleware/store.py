@@ -40,8 +40,9 @@ from . import logs, observe
 from .breaker import DENIED, CircuitBreaker
 from .caps import CALENDAR_PERIODS, FrequencyCap, parse_caps
 from .clock import Calendars, bounds, wall_ms, zone
-from .cluster import Sent, Shards, Split, combine, settle, slot_of
+from .cluster import Sent, Shards, settle, slot_of
 from .errors import ConfigError, StoreUnavailable
+from .halves import Halves, compensation_failed
 from .leases import Lease
 from .leasing import Leasing
 from .money import amount_to_units, cpm_to_cost_units, units_to_decimal
@@ -51,14 +52,12 @@ from .protocol import (
     CampaignReply,
     Context,
     Reason,
-    UserReply,
     campaign_reply,
     config_reply,
     peek_reply,
     reservation,
     reservation_from,
     text,
-    user_reply,
 )
 from .protocol import (
     Reservation as Reservation,  # re-exported: the integrations import it from here
@@ -69,7 +68,6 @@ from .scripts import (
     PEEK,
     PEEK_USER,
     RELEASE,
-    RELEASE_USER,
     RESERVE,
     RESERVE_CAMPAIGN,
     RESERVE_USER,
@@ -222,9 +220,6 @@ class _Sha256Mac:
         return outer.digest()
 
 
-_Undo = tuple[int, Script, int, bytes]
-"""A release to send: slot, script, argument count, arguments."""
-
 _HalfCall = tuple[int, Script, int, bytes, Callable[[Any, Any], None]]
 """One half of a cluster reservation: slot, script, argument count, arguments, orphan."""
 
@@ -294,6 +289,8 @@ class Store:
         self._loops: dict[asyncio.AbstractEventLoop, _LoopState] = {}
         self.leasing = Leasing(self)
         """Budget leases (see leasing.py)."""
+        self.halves = Halves(self)
+        """The shared, I/O-free side of cluster reservations (see halves.py)."""
 
     # -- keys -------------------------------------------------------------------------------
 
@@ -516,36 +513,6 @@ class Store:
 
     # -- Redis Cluster: a reservation in two halves (see cluster.py) ------------------------
 
-    def split_calls(
-        self,
-        campaign_id: str,
-        user_key: str | None,
-        cost_units: int | None,
-        rule: CampaignConfig,
-        counts_impression: bool,
-        tz: str,
-    ) -> tuple[int, tuple[int, bytes], tuple[int, int, bytes] | None]:
-        """The campaign half (its slot, packed arguments) and the user half (slot, count,
-        packed arguments; None when anonymous) of one reservation."""
-        static = self._static_part(campaign_id, rule, tz)
-        now = "" if self.clock is None else str(self.clock())
-        tail = (
-            pack_args(("" if cost_units is None else str(cost_units), now))
-            + (b"$1\r\n1\r\n" if counts_impression else b"$1\r\n0\r\n")
-            + self._optout_policy
-        )
-        head = b"$1\r\n2\r\n" + static.keys + static.argv + tail
-        if user_key is None:
-            return static.slot, (22, head), None
-        caps = pack_args((self._caps.get(campaign_id, rule.caps_spec),))
-        user = pack_args((user_key, campaign_id))
-        user_body = b"$1\r\n1\r\n" + user + caps + static.user_tail + pack_args((now,))
-        return (
-            static.slot,
-            (23, head + caps),
-            (slot_of(user_key), 9, user_body + self._optout_policy),
-        )
-
     def learn_config(self, campaign_id: str, retry: tuple[int, str, bool]) -> None:
         """A campaign half answered "retry": its stored zone or caps differ from ours."""
         code, value, stored = retry
@@ -559,40 +526,6 @@ class Store:
             self._caps[campaign_id] = value
         else:
             self._caps.pop(campaign_id, None)
-
-    def split_outcome(
-        self, node: str, ticket: int, result: Any, failures: list[StoreUnavailable]
-    ) -> None:
-        """Account one half's answer (None: no such half) to its shard's breaker, with the
-        ticket its call was sent with, and to the observer."""
-        if result is None:
-            return
-        failed = isinstance(result, StoreUnavailable)
-        if node != "?":
-            self.breaker_for(node).record(ticket, failed and result.is_store_failure)
-        if failed:
-            failures.append(result)
-            if observe.current is not None:
-                observe.current.store_error(result.kind)
-
-    def split_undo(
-        self,
-        context: Context,
-        split: Split,
-        campaign: CampaignReply | StoreUnavailable,
-        user: UserReply | StoreUnavailable | None,
-    ) -> list[tuple[str, int, Script, int, bytes]]:
-        """The releases a combined outcome needs: (which half, slot, script, count, args)."""
-        calls: list[tuple[str, int, Script, int, bytes]] = []
-        if split.undo_campaign is not None and isinstance(campaign, CampaignReply):
-            undo = self.campaign_undo(context, campaign, split.undo_campaign)
-            if undo is not None:
-                calls.append(("campaign", *undo))
-        if split.undo_user and isinstance(user, UserReply):
-            undo = self.user_undo(context, user)
-            if undo is not None:
-                calls.append(("user", *undo))
-        return calls
 
     async def _reserve_split(
         self,
@@ -617,7 +550,7 @@ class Store:
             return shards.send(slot, script, n, body, orphan, context, decision=True)
 
         for _ in range(3):
-            c_slot, (c_n, c_body), user_call = self.split_calls(
+            c_slot, (c_n, c_body), user_call = self.halves.calls(
                 campaign_id, user_key, cost_units, rule, counts, tz
             )
             c_call = (c_slot, RESERVE_CAMPAIGN, c_n, c_body, self._orphan_campaign)
@@ -648,15 +581,15 @@ class Store:
                 self._abandon(context, c_sent.future, None if u_sent is None else u_sent.future)
                 raise
             failures: list[StoreUnavailable] = []
-            self.split_outcome(c_sent.node, c_sent.ticket, campaign, failures)
+            self.halves.outcome(c_sent.node, c_sent.ticket, campaign, failures)
             if u_sent is not None:
-                self.split_outcome(u_sent.node, u_sent.ticket, user, failures)
+                self.halves.outcome(u_sent.node, u_sent.ticket, user, failures)
             if failures:  # a master may have failed over: find where its slots went
                 shards.refresh_soon()
-            split, undo = self.split_combine(context, campaign, user, cost_units, rule)
+            split, undo = self.halves.combine(context, campaign, user, cost_units, rule)
             if undo:
                 await self._run_undo(shards, undo)
-            outcome = self.split_result(context, split, failures, started, rule)
+            outcome = self.halves.result(context, split, failures, started, rule)
             if isinstance(outcome, Reservation):
                 return outcome
             tz = outcome
@@ -675,57 +608,6 @@ class Store:
             )
 
     # Shared by this store and the blocking SyncStore around the two halves of a reservation.
-
-    def split_combine(
-        self,
-        context: Context,
-        campaign_raw: Any,
-        user_raw: Any,
-        cost_units: int | None,
-        rule: CampaignConfig,
-    ) -> tuple[Split, list[tuple[str, int, Script, int, bytes]]]:
-        """Both halves' answers (raw replies, or StoreUnavailable) decoded and combined, and
-        the releases (compensations) that needs. A malformed reply counts as that half's
-        failure."""
-        settings = self.rules.settings
-        campaign = _decoded(campaign_raw, campaign_reply)
-        user = None if user_raw is None else _decoded(user_raw, user_reply)
-        if isinstance(campaign, CampaignReply) and (
-            campaign.leasing or context[0] in self._stored_leasing
-        ):
-            self.learn_leasing(context[0], campaign.leasing)
-        split = combine(
-            context,
-            campaign,
-            user,
-            fallback_cost=rule.cost_units if cost_units is None else cost_units,
-            frequency_fail_open=settings.frequency_fail_open,
-            budget_fail_open=settings.budget_fail_open,
-        )
-        return split, self.split_undo(context, split, campaign, user)
-
-    def split_result(
-        self,
-        context: Context,
-        split: Split,
-        failures: list[StoreUnavailable],
-        started: float,
-        rule: CampaignConfig,
-    ) -> Reservation | str:
-        """Once any compensation ran: the reservation, or the time zone to retry with (the
-        campaign's config changed). Raises StoreUnavailable when the policy refuses."""
-        campaign_id = context[0]
-        if split.retry is not None:
-            self.learn_config(campaign_id, split.retry)
-            return self._zones.get(campaign_id, rule.timezone)
-        if split.fired:
-            self._exhausted(campaign_id, "lifetime" if split.fired == 1 else "daily")
-        if split.error is not None:
-            raise split.error
-        assert split.reservation is not None
-        if not failures and observe.current is not None:
-            observe.current.store_call(time.monotonic() - started)
-        return split.reservation
 
     async def _run_undo(
         self, shards: Shards, calls: list[tuple[str, int, Script, int, bytes]]
@@ -756,73 +638,13 @@ class Store:
             elif not future.cancelled() and future.exception() is None:
                 orphan(context, future.result())
 
-    def campaign_undo(
-        self, context: Context, reply: CampaignReply, counter: str | None = None
-    ) -> tuple[int, Script, int, bytes] | None:
-        """The release of a campaign half that passed (None: nothing to undo), counted under
-        ``counter`` (None: ``n:released``; '' nothing)."""
-        if reply.passed != 1:
-            return None
-        campaign_id, _, counts = context
-        cfg, st = self.campaign_keys(campaign_id)
-        args: tuple[str | int, ...] = (
-            2,
-            cfg,
-            st,
-            campaign_id,
-            reply.cost,
-            reply.at_ms,
-            "1" if counts else "0",
-            reply.day_start_ms,
-            0,
-        )
-        if counter is not None:
-            args += (counter,)
-        return slot_of(cfg), RELEASE, len(args), pack_args(args)
-
-    def user_undo(
-        self, context: Context, reply: UserReply
-    ) -> tuple[int, Script, int, bytes] | None:
-        """The release of a user half that passed and logged (None: nothing to undo)."""
-        campaign_id, user_key, _ = context
-        if not (reply.passed == 1 and reply.logs and user_key is not None):
-            return None
-        args = (
-            1,
-            user_key,
-            campaign_id,
-            reply.at_ms,
-            reply.logs,
-            text(reply.campaign_dropped),
-            text(reply.user_dropped),
-        )
-        return slot_of(user_key), RELEASE_USER, len(args), pack_args(args)
-
-    def late_campaign_undo(
-        self, context: Context, raw: Any
-    ) -> tuple[int, Script, int, bytes] | None:
-        """``campaign_undo`` for a raw reply nobody awaits any more (an orphaned half)."""
-        try:
-            return self.campaign_undo(context, campaign_reply(raw))
-        except StoreUnavailable:
-            compensation_failed("campaign", StoreUnavailable(f"reply {raw!r}", "error"))
-            return None
-
-    def late_user_undo(self, context: Context, raw: Any) -> _Undo | None:
-        """``user_undo`` for a raw reply nobody awaits any more (an orphaned half)."""
-        try:
-            return self.user_undo(context, user_reply(raw))
-        except StoreUnavailable:
-            compensation_failed("user", StoreUnavailable(f"reply {raw!r}", "error"))
-            return None
-
     def _orphan_campaign(self, context: Any, reply: Any) -> None:
         """A campaign half whose caller gave up: give its spend back."""
-        self._orphan_release(self.late_campaign_undo(context, reply))
+        self._orphan_release(self.halves.late_campaign_undo(context, reply))
 
     def _orphan_user(self, context: Any, reply: Any) -> None:
         """A user half whose caller gave up: take its time out of the user's logs."""
-        self._orphan_release(self.late_user_undo(context, reply))
+        self._orphan_release(self.halves.late_user_undo(context, reply))
 
     def _orphan_release(self, undo: tuple[int, Script, int, bytes] | None) -> None:
         if undo is not None:
@@ -911,38 +733,13 @@ class Store:
             assert state.pipeline is not None
             await state.pipeline.call(RELEASE, *self.release_call(reservation))
             return
-        calls = self.release_split_calls(reservation)
+        calls = self.halves.releases(reservation)
         results = await asyncio.gather(
             *(self._call_slot(*call) for call in calls), return_exceptions=True
         )
         for result in results:
             if isinstance(result, BaseException):
                 raise result
-
-    def release_split_calls(
-        self, r: Reservation, *, campaign: bool = True
-    ) -> list[tuple[int, Script, int, bytes]]:
-        """A cluster (or leased) reservation's releases: the campaign's half (unless
-        ``campaign`` is false) and the user's half."""
-        calls = []
-        cfg_key, state_key = self.campaign_keys(r.campaign_id)
-        if r.campaign_held and campaign:
-            args: tuple[str | int, ...] = (
-                2,
-                cfg_key,
-                state_key,
-                r.campaign_id,
-                r.cost_units,
-                r.at_ms,
-                "1" if r.counts_impression else "0",
-                r.day_start_ms,
-                0,
-            )
-            calls.append((slot_of(cfg_key), RELEASE, len(args), pack_args(args)))
-        if r.logs and r.user_key is not None:
-            args = (1, r.user_key, r.campaign_id, r.at_ms, r.logs)
-            calls.append((slot_of(r.user_key), RELEASE_USER, len(args), pack_args(args)))
-        return calls
 
     def release_call(self, r: Reservation) -> tuple[int, bytes]:
         cfg_key, state_key = self.campaign_keys(r.campaign_id)
@@ -1432,16 +1229,6 @@ def _consume(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
-def _decoded(raw: Any, decode: Callable[[Any], Any]) -> Any:
-    """A half's reply decoded, or its failure (a malformed reply is one) as a value."""
-    if isinstance(raw, StoreUnavailable):
-        return raw
-    try:
-        return decode(raw)
-    except StoreUnavailable as exc:
-        return exc
-
-
 def _run_hook(target: Callable[[], Any]) -> None:
     try:
         target()
@@ -1457,15 +1244,3 @@ def _log_release_failure(future: asyncio.Future[Any]) -> None:
             "releasing an orphaned reservation failed: %s",
             future.exception(),
         )
-
-
-def compensation_failed(what: str, exc: StoreUnavailable) -> None:
-    """A cluster half that passed could not be released (the other half denied): it stays
-    held, an under-delivery (a cap slot or spend), never an overspend."""
-    logs.event(
-        "compensation_failed",
-        logging.WARNING,
-        "could not release the %s half of a reservation: %s",
-        what,
-        exc,
-    )

@@ -25,6 +25,7 @@ from redis.retry import Retry
 from . import logs, observe
 from .breaker import DENIED
 from .errors import StoreUnavailable
+from .halves import compensation_failed
 from .pipeline import Redirected
 from .protocol import Context, Reason, Reservation, campaign_reply, reservation_from
 from .scripts import RELEASE, RESERVE, RESERVE_CAMPAIGN, RESERVE_USER, Script
@@ -33,7 +34,6 @@ from .store import (
     _NO_DRIVER_INFO,
     Store,
     _memory_server,
-    compensation_failed,
 )
 from .topology import sync_client
 
@@ -225,7 +225,7 @@ class SyncStore:
 
     def _release_split(self, reservation: Reservation) -> None:
         """A cluster reservation's two halves released, both sent before either is read."""
-        calls = self.store.release_split_calls(reservation)
+        calls = self.store.halves.releases(reservation)
         results = self._run_slots([(slot, s, n, b, None, None) for slot, s, n, b in calls])
         for _, _, result in results:
             if isinstance(result, StoreUnavailable):
@@ -380,28 +380,34 @@ class SyncStore:
             raise
         store.breaker.record(ticket, False)
         for _ in range(3):
-            c_slot, (c_n, c_body), user_call = store.split_calls(
+            c_slot, (c_n, c_body), user_call = store.halves.calls(
                 campaign_id, user_key, cost_units, rule, counts, tz
             )
             calls: list[tuple[int, Script, int, bytes, Any, Any]] = [
-                (c_slot, RESERVE_CAMPAIGN, c_n, c_body, context, store.late_campaign_undo)
+                (c_slot, RESERVE_CAMPAIGN, c_n, c_body, context, store.halves.late_campaign_undo)
             ]
             if user_call is not None:
                 calls.append(
-                    (*user_call[:1], RESERVE_USER, *user_call[1:], context, store.late_user_undo)
+                    (
+                        *user_call[:1],
+                        RESERVE_USER,
+                        *user_call[1:],
+                        context,
+                        store.halves.late_user_undo,
+                    )
                 )
             results = self._run_slots(calls, decision=True)
             failures: list[StoreUnavailable] = []
             for node, node_ticket, result in results:
-                store.split_outcome(node, node_ticket, result, failures)
+                store.halves.outcome(node, node_ticket, result, failures)
             if failures:  # a master may have failed over: find where its slots went
                 self._refresh_soon()
             campaign = results[0][2]
             user = results[1][2] if user_call is not None else None
-            split, undo = store.split_combine(context, campaign, user, cost_units, rule)
+            split, undo = store.halves.combine(context, campaign, user, cost_units, rule)
             if undo:
                 self._compensate(undo)
-            outcome = store.split_result(context, split, failures, started, rule)
+            outcome = store.halves.result(context, split, failures, started, rule)
             if isinstance(outcome, Reservation):
                 return outcome
             tz = outcome
