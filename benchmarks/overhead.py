@@ -80,9 +80,8 @@ from starlette.routing import Route
 from xsp_middleware import XSPMiddleware
 from xsp_middleware.demo import vast_xml
 from xsp_middleware.errors import StoreUnavailable
-from xsp_middleware.pipeline import AutoPipeline
-from xsp_middleware.scripts import STANDALONE_SCRIPTS
-from xsp_middleware.store import RESERVE
+from xsp_middleware.store.pipeline import AutoPipeline
+from xsp_middleware.store.scripts import RESERVE, STANDALONE_SCRIPTS
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))

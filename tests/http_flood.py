@@ -11,7 +11,7 @@ Run as a script, it takes a JSON config on argv and prints one JSON report on st
     python tests/http_flood.py '{"port": 8000, "path": "/ad?campaign_id=c1&cpm=2.00",
         "phases": [[512, 4.0], [16, 3.0]]}'
 
-Used by ``tests/test_overload.py`` and ``benchmarks/overload.py``.
+Used by ``tests/integration/test_overload.py`` and ``benchmarks/overload.py``.
 """
 
 from __future__ import annotations

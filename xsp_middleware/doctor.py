@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import XSPError
-from .scripts import CLUSTER_SCRIPTS, STANDALONE_SCRIPTS
 from .store import Store
-from .topology import redacted
+from .store.scripts import CLUSTER_SCRIPTS, STANDALONE_SCRIPTS
+from .store_url import redacted
 
 Check = tuple[str, str, str]  # (ok | warn | fail, name, detail)
 

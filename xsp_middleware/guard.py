@@ -288,7 +288,7 @@ class Guard:
     def sync_store(self) -> Any:
         """The blocking twin of ``store``, created on first use (once, whatever the threads)."""
         if self._sync_store is None:
-            from .sync_store import SyncStore
+            from .store.sync import SyncStore
 
             with self._lock:
                 if self._sync_store is None:

@@ -31,10 +31,10 @@ from redis.exceptions import NoScriptError
 from . import logs
 from .errors import StoreUnavailable, XSPError
 from .guard import MAX_USER_ID_BYTES, PROBLEM_TYPE, cookie_value, warn_once
-from .protocol import prefs_reply
-from .scripts import PREFS
 from .settings import Rules, Settings, campaign_id_problem, validate_campaign_id
 from .store import Store
+from .store.protocol import prefs_reply
+from .store.scripts import PREFS
 
 __all__ = [
     "BLOCKED_FIELD",

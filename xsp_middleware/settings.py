@@ -22,7 +22,7 @@ from .caps import FrequencyCap, caps_from_spec, caps_spec, parse_caps
 from .clock import parse_instant, zone
 from .errors import ConfigError
 from .money import amount_to_units, cpm_to_cost_units
-from .topology import parse_store_url
+from .store_url import parse_store_url
 
 Money = str | Decimal | int
 CapLike = str | FrequencyCap
@@ -54,7 +54,7 @@ class Campaign:
     * ``cpm``: the price when a request carries none.
     * ``pacing``: ``asap``, ``even`` or ``frontloaded`` (needs a daily budget or a flight).
     * ``leasing``: spend the budget from leases this process takes in slices (see
-      :mod:`xsp_middleware.leases`), for campaigns hot enough to load their Redis shard.
+      :mod:`xsp_middleware.store.leases`), for campaigns hot enough to load their Redis shard.
 
     >>> Campaign(id="c1", budget="500.00", caps=["5/1d"], cpm="4.00").config(defaults()).caps
     (FrequencyCap(max_impressions=5, window_seconds=86400, calendar=None),)
@@ -245,7 +245,7 @@ class Settings:
     """``redis://``/``rediss://`` (one server), ``redis+cluster://host:port[,host:port...]``
     (Redis Cluster), ``redis+sentinel://host:port[,host:port...]/service_name`` (Sentinel), or
     ``memory://`` (also the meaning of None): the embedded in-process store. See
-    :mod:`xsp_middleware.topology`."""
+    :mod:`xsp_middleware.store.topology`."""
     user_cookie: str = "user_id"
     campaign_param: str = "campaign_id"
     price_param: str = "cpm"
@@ -302,10 +302,10 @@ class Settings:
     :mod:`xsp_middleware.breaker`."""
     leasing: bool = False
     """Lease the budget of every campaign (``Campaign(leasing=...)`` and the store's flag
-    decide per campaign). See :mod:`xsp_middleware.leases`."""
+    decide per campaign). See :mod:`xsp_middleware.store.leases`."""
     lease_above_rps: int | None = None
     """Lease the budget of any campaign whose decisions in this process pass this many per
-    second (None: only campaigns with ``leasing`` on). See :mod:`xsp_middleware.leases`."""
+    second (None: only campaigns with ``leasing`` on). See :mod:`xsp_middleware.store.leases`."""
     lease_seconds: float = 1.0
     """How long a budget lease may be spent from before its unspent part goes back (renewals
     extend it). It also bounds how long a pause or a caps change takes to reach a process that

@@ -22,7 +22,8 @@ from redis.retry import Retry
 from ..doctor import _safe_url
 from ..errors import ConfigError
 from ..settings import DEVELOPMENT_SECRET_KEY, Settings
-from ..topology import parse_store_url, sync_client
+from ..store.topology import sync_client
+from ..store_url import parse_store_url
 from .conf import SETTING, settings_from_django
 
 TAG = "xsp"

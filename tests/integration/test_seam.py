@@ -9,7 +9,7 @@ import asyncio
 import fakeredis
 import redis.asyncio as aredis
 
-from xsp_middleware.seam import NOT_ENOUGH_DATA, hiredis_streams, waiting_on_us
+from xsp_middleware.store.redis_compat import NOT_ENOUGH_DATA, hiredis_streams, waiting_on_us
 
 
 async def test_a_stock_connection_exposes_its_streams_and_what_waits_on_it(redis_url: str) -> None:

@@ -41,7 +41,7 @@ from xsp_middleware.metrics import (
     mount_metrics,
 )
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 ROOT = TESTS.parent
 
 

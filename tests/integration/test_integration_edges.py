@@ -208,9 +208,7 @@ def test_a_late_reservation_under_wsgi_is_released(redis_url: str, slow_proxy: s
 
     warm = Client(XSPWSGIMiddleware(app, redis_url=redis_url, secret_key=SECRET))
     warm.get("/ad?campaign_id=warm")  # loads the scripts on the server
-    slow = Client(
-        XSPWSGIMiddleware(app, redis_url=slow_proxy, secret_key=SECRET)
-    )
+    slow = Client(XSPWSGIMiddleware(app, redis_url=slow_proxy, secret_key=SECRET))
     r = slow.get("/ad?campaign_id=late", headers=as_user("u1"))
     assert (r.status_code, r.headers["x-xsp-decision"]) == (204, "store_unavailable")
     deadline = time.monotonic() + 5

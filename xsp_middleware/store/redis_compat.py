@@ -2,7 +2,7 @@
 
 The auto-pipeline feeds a connection's own hiredis reader from whole socket reads (one read for
 a batch's replies), and its deadline checks look at what is waiting unread on a connection.
-Both need redis-py's stream, parser and transport. ``tests/test_seam.py`` checks on every run,
+Both need redis-py's stream, parser and transport. ``tests/integration/test_seam.py`` checks on every run,
 against a real ``redis-server``, that these internals are still where this module looks; where
 they are not (another parser, another connection class such as fakeredis's), the callers fall
 back to redis-py's public ``read_response`` and to judging without direct evidence.

@@ -10,9 +10,9 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from . import logs, observe
-from .cluster import Split, combine, slot_of
-from .errors import StoreUnavailable
+from .. import logs, observe
+from ..errors import StoreUnavailable
+from ..settings import CampaignConfig
 from .protocol import (
     CampaignReply,
     Context,
@@ -23,10 +23,10 @@ from .protocol import (
     user_reply,
 )
 from .scripts import RELEASE, RELEASE_USER, Script, pack_args
-from .settings import CampaignConfig
+from .shards import Split, combine, slot_of
 
 if TYPE_CHECKING:
-    from .store import Store
+    from .aio import Store
 
 Undo = tuple[int, Script, int, bytes]
 """A release to send: slot, script, argument count, arguments."""

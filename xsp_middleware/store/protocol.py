@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, NamedTuple
 
-from .errors import StoreUnavailable
+from ..errors import StoreUnavailable
 
 Context = tuple[str, "str | None", bool]
 """A reservation's (campaign id, user key or None when anonymous, counts an impression)."""

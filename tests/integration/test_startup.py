@@ -13,7 +13,7 @@ import httpx
 import pytest
 from redis_server import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DJANGO = ROOT / "examples" / "django_project"
 
 SERVERS = {

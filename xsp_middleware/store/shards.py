@@ -28,9 +28,9 @@ from typing import Any, NamedTuple
 
 from redis.crc import key_slot
 
-from . import logs
-from .breaker import CALL, DENIED, CircuitBreaker
-from .errors import StoreUnavailable
+from .. import logs
+from ..breaker import CALL, DENIED, CircuitBreaker
+from ..errors import StoreUnavailable
 from .pipeline import AutoPipeline
 from .protocol import (
     BUDGET_REASONS,

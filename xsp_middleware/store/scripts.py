@@ -34,7 +34,7 @@ def pack_args(args: Sequence[str | int]) -> bytes:
 
 
 def _load_script(name: str, *, retry_safe: bool) -> Script:
-    lua = resources.files("xsp_middleware") / "lua"
+    lua = resources.files("xsp_middleware.store") / "lua"
     text = (lua / "lib.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
     return Script(name, text, retry_safe=retry_safe)
 

@@ -20,7 +20,7 @@ from test_cli import cli
 
 from xsp_middleware import Settings, XSPMiddleware
 from xsp_middleware.errors import ConfigError
-from xsp_middleware.topology import SCHEMES, parse_store_url
+from xsp_middleware.store_url import SCHEMES, parse_store_url
 
 PASSWORD = "hunter2-s3cret"
 

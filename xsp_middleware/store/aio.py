@@ -36,16 +36,24 @@ try:
 except ImportError:  # redis-py before 7.1
     DriverInfo = None  # type: ignore[assignment,misc]
 
-from . import logs, observe
-from .breaker import DENIED, CircuitBreaker
-from .caps import CALENDAR_PERIODS, FrequencyCap, parse_caps
-from .clock import Calendars, bounds, wall_ms, zone
-from .cluster import Sent, Shards, settle, slot_of
-from .errors import ConfigError, StoreUnavailable
+from .. import logs, observe
+from ..breaker import DENIED, CircuitBreaker
+from ..caps import CALENDAR_PERIODS, FrequencyCap, parse_caps
+from ..clock import Calendars, bounds, wall_ms, zone
+from ..errors import ConfigError, StoreUnavailable
+from ..money import amount_to_units, cpm_to_cost_units, units_to_decimal
+from ..settings import (
+    CampaignConfig,
+    CapLike,
+    Money,
+    Rules,
+    instant_ms,
+    validate_campaign_id,
+)
+from ..store_url import parse_store_url, redacted
 from .halves import Halves, compensation_failed
 from .leases import Lease
 from .leasing import Leasing
-from .money import amount_to_units, cpm_to_cost_units, units_to_decimal
 from .pipeline import AutoPipeline, Redirected
 from .protocol import (
     REASONS,
@@ -75,15 +83,8 @@ from .scripts import (
     Script,
     pack_args,
 )
-from .settings import (
-    CampaignConfig,
-    CapLike,
-    Money,
-    Rules,
-    instant_ms,
-    validate_campaign_id,
-)
-from .topology import async_client, parse_store_url, redacted
+from .shards import Sent, Shards, settle, slot_of
+from .topology import async_client
 
 logger = logging.getLogger("xsp_middleware")
 
@@ -895,7 +896,7 @@ class Store:
     ) -> CampaignView:
         """Create or update a campaign's stored config; fields left as None keep their value.
         ``leasing`` turns budget leasing on or off for every process (see
-        :mod:`xsp_middleware.leases`).
+        :mod:`xsp_middleware.store.leases`).
 
         Money is given as decimal strings (``budget="500.00"``, ``cpm="4.00"``). Every process
         sees the change on its next decision: the reserve script reads the stored config in the

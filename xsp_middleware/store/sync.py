@@ -22,19 +22,19 @@ from redis.exceptions import (
 )
 from redis.retry import Retry
 
-from . import logs, observe
-from .breaker import DENIED
-from .errors import StoreUnavailable
-from .halves import compensation_failed
-from .pipeline import Redirected
-from .protocol import Context, Reason, Reservation, campaign_reply, reservation_from
-from .scripts import RELEASE, RESERVE, RESERVE_CAMPAIGN, RESERVE_USER, Script
-from .settings import CampaignConfig
-from .store import (
+from .. import logs, observe
+from ..breaker import DENIED
+from ..errors import StoreUnavailable
+from ..settings import CampaignConfig
+from .aio import (
     _NO_DRIVER_INFO,
     Store,
     _memory_server,
 )
+from .halves import compensation_failed
+from .pipeline import Redirected
+from .protocol import Context, Reason, Reservation, campaign_reply, reservation_from
+from .scripts import RELEASE, RESERVE, RESERVE_CAMPAIGN, RESERVE_USER, Script
 from .topology import sync_client
 
 LATE_REPLY_SECONDS = 5.0

@@ -28,7 +28,7 @@ from conftest import SECRET
 from django.conf import settings
 from redis_server import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "django_project"
 MIDDLEWARE = "xsp_middleware.django.XSPMiddleware"
 

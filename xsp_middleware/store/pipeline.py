@@ -52,10 +52,10 @@ from redis.exceptions import (
 )
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from . import logs
-from .errors import StoreUnavailable
+from .. import logs
+from ..errors import StoreUnavailable
+from .redis_compat import NOT_ENOUGH_DATA, hiredis_streams, peer, waiting_on_us
 from .scripts import Script, pack_args
-from .seam import NOT_ENOUGH_DATA, hiredis_streams, peer, waiting_on_us
 
 logger = logging.getLogger("xsp_middleware")
 

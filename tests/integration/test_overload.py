@@ -26,7 +26,7 @@ from starlette.routing import Route
 
 from xsp_middleware import Campaign, Settings, XSPMiddleware
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BIG_BUDGET = [Campaign(id="c1", budget="1000000.00")]
 
 

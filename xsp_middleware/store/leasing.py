@@ -11,17 +11,17 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from . import logs, observe
-from .cluster import Sent, settle, slot_of
-from .errors import StoreUnavailable
+from .. import logs, observe
+from ..errors import StoreUnavailable
+from ..settings import CampaignConfig
 from .leases import LEASE_SHARE, RETRY_MS, UNACKED_MAX_SECONDS, Lease
 from .pipeline import Redirected
 from .protocol import Context, Reason, Reservation, lease_reply, reservation, text, user_reply
 from .scripts import LEASE, RESERVE_USER, pack_args
-from .settings import CampaignConfig
+from .shards import Sent, settle, slot_of
 
 if TYPE_CHECKING:
-    from .store import Store, _LoopState
+    from .aio import Store, _LoopState
 
 _STOP_LEASE = (Reason.CAMPAIGN_PAUSED, Reason.CAMPAIGN_INACTIVE, Reason.LEASING_OFF)
 """A refused grant that means: stop spending what the lease holds now."""

@@ -22,7 +22,7 @@ from xsp_middleware import Settings
 from xsp_middleware.settings import Rules
 from xsp_middleware.store import Store
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @contextmanager

@@ -12,7 +12,7 @@ import pytest
 
 from xsp_middleware import StoreUnavailable
 from xsp_middleware.metrics import _DENIAL_REASONS
-from xsp_middleware.protocol import (
+from xsp_middleware.store.protocol import (
     REASONS,
     Reason,
     campaign_reply,
@@ -23,7 +23,7 @@ from xsp_middleware.protocol import (
     reservation_from,
     user_reply,
 )
-from xsp_middleware.scripts import PREFS, RESERVE, RESERVE_USER
+from xsp_middleware.store.scripts import PREFS, RESERVE, RESERVE_USER
 
 
 def test_reason_names_are_the_decision_header_values() -> None:

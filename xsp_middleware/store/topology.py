@@ -1,0 +1,114 @@
+"""The redis-py clients a store URL means (see ``store_url.py`` for the URL grammar)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from ..store_url import StoreURL
+
+
+def async_client(topology: StoreURL, options: dict[str, Any]) -> Any:
+    """A redis-py asyncio client for a standalone, Sentinel or Cluster URL, with ``options`` on
+    every data-node connection. A cluster's slot map is read on first use."""
+    import redis.asyncio as aredis
+
+    if topology.kind == "cluster":
+        from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+        kwargs = topology.cluster_kwargs(asyncio=True)
+        cluster = RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in topology.nodes],
+            require_full_coverage=False,
+            **kwargs,
+            **options,
+        )
+        _ask_any_master(cluster)
+        return cluster
+    if topology.kind == "sentinel":
+        return _sentinel_master(topology, options, asyncio=True)
+    return aredis.Redis.from_url(topology.url, **options)
+
+
+_BUILD_RETRIES = 3
+
+
+def _ask_any_master(cluster: Any) -> None:
+    """redis-py's asyncio RedisCluster asks COMMAND of the master owning slot 0 when it first
+    initializes, so with that one master down no admin command works at all, even for slots
+    the other masters serve. Ask the next master that answers instead (and make it the default
+    node for keyless commands)."""
+    from redis.exceptions import ConnectionError, TimeoutError
+
+    parser = cluster.commands_parser
+    ask = parser.initialize
+
+    async def initialize(node: Any = None) -> None:
+        failure: BaseException | None = None
+        for candidate in [node, *cluster.nodes_manager.get_nodes_by_server_type("primary")]:
+            if candidate is None:
+                continue
+            try:
+                await ask(candidate)
+            except (ConnectionError, TimeoutError, OSError) as exc:
+                failure = exc
+                continue
+            cluster.nodes_manager.default_node = candidate
+            return
+        raise failure or ConnectionError("no cluster master answers")
+
+    parser.initialize = initialize
+
+
+def _sentinel_master(topology: StoreURL, options: dict[str, Any], *, asyncio: bool) -> Any:
+    """A client of the master Sentinel names for the service (asyncio or sync): its
+    connections ask the sentinels for the master again on every reconnect. The sentinels get
+    the data nodes' timeouts and the URL's sentinel credentials."""
+    from importlib import import_module
+
+    clients: Any = import_module("redis.asyncio" if asyncio else "redis")
+    sentinels: Any = import_module("redis.asyncio.sentinel" if asyncio else "redis.sentinel")
+    kwargs = topology.sentinel_master_kwargs(
+        sentinels.SentinelManagedSSLConnection, asyncio=asyncio
+    )
+    timeouts = {
+        k: v for k, v in options.items() if k in ("socket_connect_timeout", "socket_timeout")
+    }
+    sentinel = sentinels.Sentinel(
+        list(topology.nodes), sentinel_kwargs={**timeouts, **topology.sentinel_kwargs}
+    )
+    assert topology.service is not None
+    return sentinel.master_for(topology.service, redis_class=clients.Redis, **kwargs, **options)
+
+
+def sync_client(topology: StoreURL, options: dict[str, Any]) -> Any:
+    """A redis-py sync client for a standalone, Sentinel or Cluster URL, with ``options``
+    (timeouts, retries, protocol) on every data-node connection. A RedisCluster reads the slot
+    map when built, so building one can raise redis-py's errors."""
+    import redis
+
+    if topology.kind == "cluster":
+        from redis.cluster import ClusterNode, RedisCluster
+
+        kwargs = topology.cluster_kwargs(asyncio=False)
+        nodes = [ClusterNode(h, p) for h, p in topology.nodes]  # type: ignore[no-untyped-call]
+        # redis-py asks COMMAND of the master that owns slot 0 while it is built, and with no
+        # retries a dead one fails the whole client. Retries let it move to another master;
+        # they are then switched off again for every connection.
+        building = {**options, "retry": Retry(NoBackoff(), _BUILD_RETRIES)}
+        cluster = RedisCluster(
+            startup_nodes=nodes, require_full_coverage=False, **kwargs, **building
+        )
+        no_retry = options.get("retry")
+        if no_retry is not None:
+            cluster.set_retry(no_retry)
+            cluster.nodes_manager.connection_kwargs["retry"] = no_retry
+            for node in cluster.get_nodes():  # type: ignore[no-untyped-call]
+                if node.redis_connection is not None:
+                    node.redis_connection.set_retry(no_retry)
+        return cluster
+    if topology.kind == "sentinel":
+        return _sentinel_master(topology, options, asyncio=False)
+    return redis.Redis.from_url(topology.url, **options)
