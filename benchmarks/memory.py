@@ -41,11 +41,40 @@ def used_memory(server: RedisServer) -> int:
     raise RuntimeError("INFO memory has no used_memory")
 
 
+class ScatteredClock:
+    """A store clock that reads a random instant of the hour after ``start`` on every call:
+    each user's impression log holds times spread over the window, as in production."""
+
+    def __init__(self, start: int, rng: random.Random) -> None:
+        self.start, self.rng = start, rng
+
+    def _ms(self) -> int:
+        return self.start + self.rng.randrange(3_600_000)
+
+    @property
+    def arg(self) -> str:
+        return str(self._ms())
+
+    @property
+    def wire(self) -> bytes:
+        text = b"%d" % self._ms()
+        return b"$%d\r\n%b\r\n" % (len(text), text)
+
+    def now_ms(self) -> int:
+        return self._ms()
+
+    def lease_ms(self) -> float:
+        return float(self._ms())
+
+    def seen_ms(self, server_ms: int) -> int:
+        return self._ms()
+
+
 async def fill(store: Store, users: int, campaigns: list[str]) -> int:
     rules = {cid: store.rules.rule_for(cid) for cid in campaigns}
     rng = random.Random(7)
     start = int(time.time() * 1000) - 3_600_000
-    store.clock = lambda: start + rng.randrange(3_600_000)
+    store.clock = ScatteredClock(start, rng)
     served = 0
     for start in range(0, users, CHUNK):
         calls = [

@@ -143,7 +143,7 @@ class Unpipelined(AutoPipeline):
 async def unpipelined(app: XSPMiddleware) -> XSPMiddleware:
     """``app`` with this event loop's pipeline replaced by :class:`Unpipelined`."""
     store = app.store
-    state = store._state()
+    state = store.state()
     assert state.pipeline is not None
     await state.pipeline.aclose()
     state.pipeline = Unpipelined(
@@ -272,7 +272,9 @@ def script_calls(xsp: XSPMiddleware, count: int) -> list[tuple[int, bytes]]:
     rule = store.rules.rule_for("c0")
     cost = 25_000  # CPM 2.50 in units of 1e-7 per impression
     return [
-        store.reserve_call(f"c{n % CAMPAIGNS}", store.user_key(f"s{n}"), cost, rule, True, "UTC")
+        store.planner.reserve_call(
+            f"c{n % CAMPAIGNS}", store.user_key(f"s{n}"), cost, rule, True, "UTC"
+        )
         for n in range(count)
     ]
 
@@ -281,7 +283,7 @@ async def drive_script(xsp: XSPMiddleware, seconds: float, calls: list[tuple[int
     """The reserve script alone: ``CONCURRENCY`` workers send ``xsp``'s packed calls through
     its own auto-pipeline back to back, with no ASGI, no parsing, no HMAC and no decision.
     Its CPU per call is what one pipelined script call costs this process."""
-    state = xsp.store._state()
+    state = xsp.store.state()
     assert state.pipeline is not None
     pipeline = state.pipeline
     phase = Phase()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from datetime import date, datetime, timedelta
+from typing import Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from .errors import ConfigError
@@ -95,3 +96,69 @@ def parse_instant(text: str, tz_name: str, *, end: bool = False) -> int:
 
 def format_instant(ms: int, tz_name: str) -> str:
     return datetime.fromtimestamp(ms / 1000, zone(tz_name)).isoformat()
+
+
+class Clock(Protocol):
+    """What a store takes for now (see :class:`StoreClock`, the one used in production)."""
+
+    @property
+    def arg(self) -> str: ...
+    @property
+    def wire(self) -> bytes: ...
+    def now_ms(self) -> int: ...
+    def lease_ms(self) -> float: ...
+    def seen_ms(self, server_ms: int) -> int: ...
+
+
+class StoreClock:
+    """The clock a store runs on: Redis ``TIME``, read by each script on the server (so every
+    process agrees), and this host's wall clock for the calendar the app packs. This is the
+    only clock in production; :class:`ManualClock` stands in for it in tests and the demo.
+
+    The scripts take a ``now`` argument: empty means "read ``TIME``". ``wire`` is that argument
+    packed, so the hot path appends it without a branch."""
+
+    __slots__ = ()
+
+    arg = ""
+    wire = b"$0\r\n\r\n"
+
+    def now_ms(self) -> int:
+        """The app-side time (epoch ms) the calendar bounds are computed for."""
+        return wall_ms()
+
+    def lease_ms(self) -> float:
+        """The time budget leases expire on (ms): monotonic, immune to wall-clock steps."""
+        return time.monotonic() * 1000.0
+
+    def seen_ms(self, server_ms: int) -> int:
+        """The time a script reading ``TIME`` = ``server_ms`` runs at."""
+        return server_ms
+
+
+class ManualClock:
+    """A clock that moves only when told (epoch ms): the scripts get it instead of ``TIME``, so a
+    simulated day takes a second. For tests and the demo; pass it to ``Store(rules, clock=)``."""
+
+    __slots__ = ("now",)
+
+    def __init__(self, now: int) -> None:
+        self.now = now
+
+    @property
+    def arg(self) -> str:
+        return str(self.now)
+
+    @property
+    def wire(self) -> bytes:
+        text = b"%d" % self.now
+        return b"$%d\r\n%b\r\n" % (len(text), text)
+
+    def now_ms(self) -> int:
+        return self.now
+
+    def lease_ms(self) -> float:
+        return float(self.now)
+
+    def seen_ms(self, server_ms: int) -> int:
+        return self.now

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 from xml.sax.saxutils import escape
 
+from .clock import ManualClock
 from .errors import XSPError
 from .middleware import XSPMiddleware
 from .money import format_units
@@ -302,12 +303,11 @@ async def plot_pacing(rules: Rules, path: str) -> int:
     )
     day_start = 1_798_761_600_000  # 2027-01-01T00:00:00Z, a UTC midnight
     minutes, per_minute = 24 * 60, 7  # 10080 requests; the budget buys 5000
-    clock = day_start
-    store.clock = lambda: clock
+    clock = store.clock = ManualClock(day_start)
     hours, spend = [], []
     rule = rules.rule_for(campaign)
     for minute in range(minutes):
-        clock = day_start + minute * 60_000 + 30_000
+        clock.now = day_start + minute * 60_000 + 30_000
         for i in range(per_minute):
             await store.reserve(campaign, store.user_key(f"p{minute}-{i}"), None, rule)
         view = await store.get_campaign(campaign)

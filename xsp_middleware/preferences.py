@@ -96,7 +96,7 @@ def _parse(opted: bytes | str | None, blocked: bytes | str | None) -> Preference
 async def get_preferences(store: Store, user_id: str | bytes) -> Preferences:
     """The user's preferences (defaults when nothing is stored). Raises StoreUnavailable."""
     key = store.user_key(user_id)
-    opted, blocked = await store._admin(store.client.hmget(key, OPTED_OUT_FIELD, BLOCKED_FIELD))
+    opted, blocked = await store.admin_call(store.client.hmget(key, OPTED_OUT_FIELD, BLOCKED_FIELD))
     return _parse(opted, blocked)
 
 
@@ -111,7 +111,7 @@ async def _write(store: Store, user_id: str | bytes, op: str, campaign_id: str =
         except NoScriptError:  # a new (or flushed) server: EVAL also caches it there
             return await client.eval(PREFS.text, 1, key, *args)
 
-    reply = prefs_reply(await store._admin(run()))
+    reply = prefs_reply(await store.admin_call(run()))
     opted, blocked = reply.opted_out, reply.blocked
     if reply.status == 0:
         raise TooManyBlockedCampaigns(
@@ -139,7 +139,7 @@ async def unblock_campaign(store: Store, user_id: str | bytes, campaign_id: str)
 async def forget_user(store: Store, user_id: str | bytes) -> bool:
     """Erase everything stored for the user (preferences and cap logs: the whole hash).
     Returns whether anything was stored."""
-    return bool(await store._admin(store.client.delete(store.user_key(user_id))))
+    return bool(await store.admin_call(store.client.delete(store.user_key(user_id))))
 
 
 # -- the ASGI app -----------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The campaign model inside the reserve script: daily budgets across DST, flights, calendar
 and rolling caps, user caps across campaigns, even and frontloaded pacing. A test clock
-(``store.clock``) stands in for Redis TIME, so a day takes a second."""
+(``store.clock``, a ManualClock) stands in for Redis TIME, so a day takes a second."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 from conftest import SECRET, as_user, client
 
 from xsp_middleware import Campaign, Settings
+from xsp_middleware.clock import ManualClock as Clock
 from xsp_middleware.settings import Rules
 from xsp_middleware.store import Store
 
@@ -20,14 +21,6 @@ NEW_YORK = ZoneInfo("America/New_York")
 
 def ms(text: str, tz: Any = UTC) -> int:
     return int(datetime.fromisoformat(text).replace(tzinfo=tz).timestamp() * 1000)
-
-
-class Clock:
-    def __init__(self, now: int) -> None:
-        self.now = now
-
-    def __call__(self) -> int:
-        return self.now
 
 
 async def _ask(c: Any, campaign: str, user: str = "u1") -> str:

@@ -18,6 +18,7 @@ from redis_topologies import RedisClusterNodes
 from test_processes import _env, uvicorn
 
 from xsp_middleware import Campaign, ConfigError, Settings, XSPMiddleware
+from xsp_middleware.clock import ManualClock
 from xsp_middleware.errors import StoreUnavailable
 from xsp_middleware.settings import Rules
 from xsp_middleware.store import Store
@@ -157,7 +158,7 @@ async def test_pacing_caps_the_lease(redis_url: str, make_app: Any) -> None:
         ],
     )
     midnight = datetime.datetime(2027, 3, 1, tzinfo=datetime.UTC).timestamp() * 1000
-    app.store.clock = lambda: int(midnight + 86_400_000 // 10)
+    app.store.clock = ManualClock(int(midnight + 86_400_000 // 10))
     codes = await _burst(app, 1000)
     # daily 1000 ads; the curve allows 100 + 50 at 10% of the day.
     assert codes.count(200) == 150

@@ -174,36 +174,21 @@ class Harness:
             self.client = Client(self.mw, use_cookies=False)
         assert (self.mw.flask_app is not None) == (kind == "flask")
         self.store_calls: list[str] = []
-        self.compensations = 0
-        """Cluster only: deny-path releases of the half that passed (part of that reserve)."""
+        # Each reserve and release of the blocking store is one round trip (on a cluster, two
+        # halves sent together); test_roundtrips.py counts them at the server.
         sync_store = self.mw.guard.sync_store
-        call = sync_store._call
+        reserve, release = sync_store.reserve, sync_store.release
 
-        def counting(script: Any, *args: Any) -> Any:
-            self.store_calls.append(script.name if hasattr(script, "name") else str(script))
-            return call(script, *args)
-
-        sync_store._call = counting
-        # On a cluster a reserve is two concurrent halves and a release two concurrent halves:
-        # each is still one round trip, recorded under the same name.
-        split_reserve, split_release = sync_store._reserve_split, sync_store._release_split
-        compensate = sync_store._compensate
-
-        def reserve_split(*args: Any) -> Any:
+        def counting_reserve(*args: Any, **kwargs: Any) -> Any:
             self.store_calls.append("reserve")
-            return split_reserve(*args)
+            return reserve(*args, **kwargs)
 
-        def release_split(*args: Any) -> Any:
+        def counting_release(*args: Any, **kwargs: Any) -> Any:
             self.store_calls.append("release")
-            return split_release(*args)
+            return release(*args, **kwargs)
 
-        def compensating(*args: Any) -> Any:
-            self.compensations += 1
-            return compensate(*args)
-
-        sync_store._reserve_split = reserve_split
-        sync_store._release_split = release_split
-        sync_store._compensate = compensating
+        sync_store.reserve = counting_reserve
+        sync_store.release = counting_release
 
     def get(self, url: str, user: str | None = "u1", **kwargs: Any) -> TestResponse:
         """Like a server: read the whole body, then close() it (unless ``buffered=False``)."""

@@ -287,6 +287,7 @@ async def test_a_fresh_process_with_stale_caps_never_lets_a_user_past_the_stored
     """The user's half trims the log with the caps this process last saw. A fresh process only
     knows the settings' caps (1/1m) while the store says 3/1d: its first decision for the
     campaign retries with the stored caps, and the times its stale write trimmed are put back."""
+    from xsp_middleware.clock import ManualClock
     from xsp_middleware.settings import Rules, Settings
     from xsp_middleware.store import Store
 
@@ -304,12 +305,12 @@ async def test_a_fresh_process_with_stale_caps_never_lets_a_user_past_the_stored
     user = admin.user_key("alice")
     first = Store(rules)
     for at in (now - 2 * 3_600_000, now - 3_600_000):
-        first.clock = lambda at=at: at
+        first.clock = ManualClock(at)
         assert (await first.reserve("c1", user, None, rule)).reserved
     fresh = Store(rules)
     outcomes = []
     for minutes in (0, 1, 2, 3):
-        fresh.clock = lambda minutes=minutes: now + minutes * 60_000
+        fresh.clock = ManualClock(now + minutes * 60_000)
         outcomes.append((await fresh.reserve("c1", user, None, rule)).reason)
     assert outcomes == ["served", "frequency_capped", "frequency_capped", "frequency_capped"]
     for store in (admin, first, fresh):

@@ -205,11 +205,16 @@ def test_user_keys_are_the_hmac_sha256_of_the_id_for_keys_of_any_length(key_leng
     import hmac
 
     from xsp_middleware.store import Store
+    from xsp_middleware.store.plans import UserMac
 
     secret = bytes(range(256))[:key_length] if key_length else b""
-    store = Store(Rules.from_settings(Settings(redis_url="memory://mac")))
-    store._user_mac = type(store._user_mac)(secret)
+    mac = UserMac(secret)
     for user_id in ["u1", "", "x" * 300, "ünïcode"]:
-        digest = hmac.digest(secret, user_id.encode(), "sha256")[:16]
+        assert mac.digest(user_id.encode()) == hmac.digest(secret, user_id.encode(), "sha256")
+    # And the store's keys are those digests, under the configured secret_key.
+    rules = Rules.from_settings(Settings(redis_url="memory://mac"))
+    store = Store(rules)
+    for user_id in ["u1", "", "x" * 300, "ünïcode"]:
+        digest = hmac.digest(rules.secret_key, user_id.encode(), "sha256")[:16]
         expected = base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
         assert store.user_key(user_id) == f"xsp:u:{{{expected}}}"

@@ -5,7 +5,8 @@ One I/O-free protocol (``protocol.py``: keys, call builders, typed replies, the 
 reserve plans) is driven by two thin drivers: ``aio.py`` (asyncio, auto-pipelined) and
 ``sync.py`` (blocking, for WSGI threads). ``docs/architecture.md`` draws the flow."""
 
-from .aio import CampaignView, Store, cap_windows, day_span
+from .admin import CampaignView, cap_windows, day_span
+from .aio import Store
 from .protocol import Reservation
 from .sync import SyncStore
 

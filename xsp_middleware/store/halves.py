@@ -26,7 +26,7 @@ from .scripts import RELEASE, RELEASE_USER, Script, pack_args
 from .shards import Split, combine, slot_of
 
 if TYPE_CHECKING:
-    from .aio import Store
+    from .plans import Planner
 
 Undo = tuple[int, Script, int, bytes]
 """A release to send: slot, script, argument count, arguments."""
@@ -36,8 +36,8 @@ class Halves:
     """The I/O-free side of a store's cluster reservations (and of a leased decision's
     releases): built once, driven by both the async and the blocking store."""
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
+    def __init__(self, planner: Planner) -> None:
+        self.planner = planner
 
     def calls(
         self,
@@ -50,23 +50,23 @@ class Halves:
     ) -> tuple[int, tuple[int, bytes], tuple[int, int, bytes] | None]:
         """The campaign half (its slot, packed arguments) and the user half (slot, count,
         packed arguments; None when anonymous) of one reservation."""
-        static = self.store._static_part(campaign_id, rule, tz)
-        now = "" if self.store.clock is None else str(self.store.clock())
+        static = self.planner.static_part(campaign_id, rule, tz)
+        now = self.planner.clock.arg
         tail = (
             pack_args(("" if cost_units is None else str(cost_units), now))
             + (b"$1\r\n1\r\n" if counts_impression else b"$1\r\n0\r\n")
-            + self.store._optout_policy
+            + self.planner.optout_policy
         )
         head = b"$1\r\n2\r\n" + static.keys + static.argv + tail
         if user_key is None:
             return static.slot, (22, head), None
-        caps = pack_args((self.store._caps.get(campaign_id, rule.caps_spec),))
+        caps = pack_args((self.planner.caps.get(campaign_id, rule.caps_spec),))
         user = pack_args((user_key, campaign_id))
         user_body = b"$1\r\n1\r\n" + user + caps + static.user_tail + pack_args((now,))
         return (
             static.slot,
             (23, head + caps),
-            (slot_of(user_key), 9, user_body + self.store._optout_policy),
+            (slot_of(user_key), 9, user_body + self.planner.optout_policy),
         )
 
     def outcome(
@@ -78,7 +78,7 @@ class Halves:
             return
         failed = isinstance(result, StoreUnavailable)
         if node != "?":
-            self.store.breaker_for(node).record(ticket, failed and result.is_store_failure)
+            self.planner.breaker_for(node).record(ticket, failed and result.is_store_failure)
         if failed:
             failures.append(result)
             if observe.current is not None:
@@ -114,13 +114,13 @@ class Halves:
         """Both halves' answers (raw replies, or StoreUnavailable) decoded and combined, and
         the releases (compensations) that needs. A malformed reply counts as that half's
         failure."""
-        settings = self.store.rules.settings
+        settings = self.planner.rules.settings
         campaign = _decoded(campaign_raw, campaign_reply)
         user = None if user_raw is None else _decoded(user_raw, user_reply)
         if isinstance(campaign, CampaignReply) and (
-            campaign.leasing or context[0] in self.store._stored_leasing
+            campaign.leasing or context[0] in self.planner.stored_leasing
         ):
-            self.store.learn_leasing(context[0], campaign.leasing)
+            self.planner.learn_leasing(context[0], campaign.leasing)
         split = combine(
             context,
             campaign,
@@ -143,10 +143,10 @@ class Halves:
         campaign's config changed). Raises StoreUnavailable when the policy refuses."""
         campaign_id = context[0]
         if split.retry is not None:
-            self.store.learn_config(campaign_id, split.retry)
-            return self.store._zones.get(campaign_id, rule.timezone)
+            self.planner.learn_config(campaign_id, split.retry)
+            return self.planner.zones.get(campaign_id, rule.timezone)
         if split.fired:
-            self.store._exhausted(campaign_id, "lifetime" if split.fired == 1 else "daily")
+            self.planner.exhausted(campaign_id, "lifetime" if split.fired == 1 else "daily")
         if split.error is not None:
             raise split.error
         assert split.reservation is not None
@@ -162,7 +162,7 @@ class Halves:
         if reply.passed != 1:
             return None
         campaign_id, _, counts = context
-        cfg, st = self.store.campaign_keys(campaign_id)
+        cfg, st = self.planner.campaign_keys(campaign_id)
         args: tuple[str | int, ...] = (
             2,
             cfg,
@@ -220,7 +220,7 @@ class Halves:
         """A cluster (or leased) reservation's releases: the campaign's half (unless
         ``campaign`` is false) and the user's half."""
         calls = []
-        cfg_key, state_key = self.store.campaign_keys(r.campaign_id)
+        cfg_key, state_key = self.planner.campaign_keys(r.campaign_id)
         if r.campaign_held and campaign:
             args: tuple[str | int, ...] = (
                 2,

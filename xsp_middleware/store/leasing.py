@@ -21,7 +21,7 @@ from .scripts import LEASE, RESERVE_USER, pack_args
 from .shards import Sent, settle, slot_of
 
 if TYPE_CHECKING:
-    from .aio import Store, _LoopState
+    from .aio import LoopState, Store
 
 _STOP_LEASE = (Reason.CAMPAIGN_PAUSED, Reason.CAMPAIGN_INACTIVE, Reason.LEASING_OFF)
 """A refused grant that means: stop spending what the lease holds now."""
@@ -33,6 +33,8 @@ class Leasing:
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        self.planner = store.planner
+        self._orphan_user = store.orphan(store.planner.halves.late_user_undo)
         settings = store.rules.settings
         self.ms = float(settings.lease_seconds) * 1000.0
         """How long a grant may be used, at most (``lease_seconds``)."""
@@ -41,20 +43,18 @@ class Leasing:
 
     def lease(self, campaign_id: str) -> Lease | None:
         """This event loop's lease of the campaign, if it holds one."""
-        return self.store._state().leases.get(campaign_id)
+        return self.store.state().leases.get(campaign_id)
 
     def now(self) -> float:
         """The clock leases expire on (ms): monotonic, or the test clock."""
-        return (
-            float(self.store.clock()) if self.store.clock is not None else time.monotonic() * 1000.0
-        )
+        return self.planner.clock.lease_ms()
 
     def _lease_of(
-        self, state: _LoopState, campaign_id: str, rule: CampaignConfig
+        self, state: LoopState, campaign_id: str, rule: CampaignConfig
     ) -> tuple[Lease | None, bool]:
         """The campaign's lease in this loop (None: leasing is off for it), and whether it may
         ask for more (on by config, or above the automatic rate)."""
-        stored = self.store._stored_leasing.get(campaign_id)
+        stored = self.planner.stored_leasing.get(campaign_id)
         on = rule.leasing if stored is None else stored
         lease = state.leases.get(campaign_id)
         if not on and self.auto is None:
@@ -74,7 +74,7 @@ class Leasing:
 
     async def reserve(
         self,
-        state: _LoopState,
+        state: LoopState,
         context: Context,
         cost_units: int | None,
         rule: CampaignConfig,
@@ -168,11 +168,11 @@ class Leasing:
 
     async def _user_half(
         self,
-        state: _LoopState,
+        state: LoopState,
         context: Context,
         rule: CampaignConfig,
         tz: str,
-        undo: tuple[_LoopState, Lease, int, int, int],
+        undo: tuple[LoopState, Lease, int, int, int],
         ticket: int,
     ) -> Any:
         """Run a leased decision's user half: its reply, or its failure as a value. ``undo``
@@ -180,17 +180,17 @@ class Leasing:
         is cancelled."""
         campaign_id, user_key, _ = context
         assert user_key is not None
-        static = self.store._static_part(campaign_id, rule, tz)
-        now = "" if self.store.clock is None else str(self.store.clock())
+        static = self.planner.static_part(campaign_id, rule, tz)
+        now = self.planner.clock.arg
         body = b"".join(
             (
                 b"$1\r\n1\r\n",
                 pack_args(
-                    (user_key, campaign_id, self.store._caps.get(campaign_id, rule.caps_spec))
+                    (user_key, campaign_id, self.planner.caps.get(campaign_id, rule.caps_spec))
                 ),
                 static.user_tail,
                 pack_args((now,)),
-                self.store._optout_policy,
+                self.planner.optout_policy,
             )
         )
         sent: Sent | None = None
@@ -201,30 +201,28 @@ class Leasing:
                 try:
                     await shards.ready()
                 except StoreUnavailable as exc:
-                    self.store.call_failed(
+                    self.planner.call_failed(
                         exc, ticket
                     )  # the store-wide breaker judges the slot map
                     return exc
                 self.store.breaker.record(ticket, False)
                 slot = slot_of(user_key)
                 sent = shards.send(
-                    slot, RESERVE_USER, 9, body, self.store._orphan_user, context, decision=True
+                    slot, RESERVE_USER, 9, body, self._orphan_user, context, decision=True
                 )
                 future = sent.future
                 reply = await settle(future)
                 if isinstance(reply, Redirected):  # the script did not run: no verdict
                     self.store.breaker_for(sent.node).no_verdict(sent.ticket)
-                    await self.store._relearn(shards)
+                    await self.store.relearn(shards)
                     sent = shards.send(
-                        slot, RESERVE_USER, 9, body, self.store._orphan_user, context, decision=True
+                        slot, RESERVE_USER, 9, body, self._orphan_user, context, decision=True
                     )
                     future = sent.future
                     reply = await settle(future)
             else:
                 assert state.pipeline is not None
-                future = state.pipeline.call(
-                    RESERVE_USER, 9, body, self.store._orphan_user, context
-                )
+                future = state.pipeline.call(RESERVE_USER, 9, body, self._orphan_user, context)
                 reply = await settle(future)
         except asyncio.CancelledError:
             self._undo_take(*undo, "n:released")
@@ -236,40 +234,40 @@ class Leasing:
                 if not future.done():
                     future.cancel()
                 elif not future.cancelled() and future.exception() is None:
-                    self.store._orphan_user(context, future.result())
+                    self._orphan_user(context, future.result())
             raise
         if sent is not None:
-            self.store.halves.outcome(sent.node, sent.ticket, reply, [])
+            self.planner.halves.outcome(sent.node, sent.ticket, reply, [])
             if shards is not None and isinstance(reply, StoreUnavailable):
                 shards.refresh_soon()  # a master may have failed over
         elif isinstance(reply, StoreUnavailable):
-            self.store.call_failed(reply, ticket)
+            self.planner.call_failed(reply, ticket)
         else:
             self.store.breaker.record(ticket, False)
         return reply
 
-    def _lease_task(self, state: _LoopState, work: Any) -> asyncio.Task[None]:
+    def _lease_task(self, state: LoopState, work: Any) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(work)
         state.lease_tasks.add(task)
         task.add_done_callback(state.lease_tasks.discard)
         return task
 
     def _lease_call(
-        self, state: _LoopState, lease: Lease, wanted: int, smallest: int
+        self, state: LoopState, lease: Lease, wanted: int, smallest: int
     ) -> tuple[int, int, bytes]:
         """The slot and packed arguments of one lease.lua call, with the lease's report, one
         day's owed units and the loop's next sequence number (which makes sending it again
         safe)."""
         rule, tz = lease.context
         cfg_key, state_key = self.store.campaign_keys(lease.campaign_id)
-        bounds = self.store._calendars.span(tz, self.store.now_ms())[0]
+        bounds = self.planner.calendars.span(tz, self.store.now_ms())[0]
         # Nothing below can fail: what the report and the owed units take off the lease is in
         # the call, which is kept until it is answered.
         used, counters = lease.report()
         back, back_day = lease.take_owed()
         state.lease_seq += 1
         answers = (
-            f"{self.store._prefix}:c:{{{lease.campaign_id}}}:q:{state.lease_client}.{lease.number}"
+            f"{self.planner.prefix}:c:{{{lease.campaign_id}}}:q:{state.lease_client}.{lease.number}"
         )
         args = (
             3,
@@ -280,8 +278,8 @@ class Leasing:
             *rule.wire,
             tz,
             bounds,
-            self.store._allowance,
-            "" if self.store.clock is None else str(self.store.clock()),
+            self.planner.allowance,
+            self.planner.clock.arg,
             wanted,
             back,
             back_day,
@@ -293,15 +291,15 @@ class Leasing:
         )
         return slot_of(cfg_key) if self.store.is_cluster else 0, len(args), pack_args(args)
 
-    async def _send_lease(self, state: _LoopState, slot: int, nargs: int, body: bytes) -> Any:
+    async def _send_lease(self, state: LoopState, slot: int, nargs: int, body: bytes) -> Any:
         if state.shards is not None:
-            return await self.store._call_slot(slot, LEASE, nargs, body)
+            return await self.store.call_slot(slot, LEASE, nargs, body)
         assert state.pipeline is not None
         return await state.pipeline.call(LEASE, nargs, body)
 
     async def _lease_exchange(
         self,
-        state: _LoopState,
+        state: LoopState,
         lease: Lease,
         build: Callable[[], tuple[int, int, bytes]],
         handle: Callable[[Any], None],
@@ -340,7 +338,7 @@ class Leasing:
             lease.unacked = None
             handle(reply)
 
-    async def _renew(self, state: _LoopState, lease: Lease, cost: int) -> None:
+    async def _renew(self, state: LoopState, lease: Lease, cost: int) -> None:
         """Ask for more budget before the lease runs out (and report what it served)."""
         sent = self.now()
         try:
@@ -364,7 +362,7 @@ class Leasing:
         finally:
             lease.renewing = False
 
-    def _granted(self, state: _LoopState, lease: Lease, reply: Any, sent: float) -> None:
+    def _granted(self, state: LoopState, lease: Lease, reply: Any, sent: float) -> None:
         """Apply a grant. Its validity counts from when it was asked for (``sent``): the
         store's clock read it later than that, so the lease never outlives a day or flight."""
         decoded = lease_reply(reply)
@@ -376,13 +374,13 @@ class Leasing:
         flag = decoded.leasing
         campaign_id = lease.campaign_id
         rule = lease.context[0]
-        self.store.learn_leasing(campaign_id, flag)
-        self.store.learn_config(campaign_id, (Reason.CAPS_RETRY, caps, caps != rule.caps_spec))
+        self.planner.learn_leasing(campaign_id, flag)
+        self.planner.learn_config(campaign_id, (Reason.CAPS_RETRY, caps, caps != rule.caps_spec))
         lease.price = int(price) if price.isdigit() else None
         lease.remaining = max(0, left)
         now = self.now()
         if reason == Reason.TZ_RETRY:
-            self.store.learn_config(campaign_id, (Reason.TZ_RETRY, tz, True))
+            self.planner.learn_config(campaign_id, (Reason.TZ_RETRY, tz, True))
             return
         lease.exhausted = granted != 1 and reason == Reason.BUDGET_EXHAUSTED
         if granted != 1:
@@ -406,20 +404,20 @@ class Leasing:
         lease.expires = sent + min(self.ms, float(valid_ms))
         self._arm_expiry(state, lease)
 
-    def _arm_expiry(self, state: _LoopState, lease: Lease) -> None:
+    def _arm_expiry(self, state: LoopState, lease: Lease) -> None:
         if lease.timer is not None:
             lease.timer.cancel()
         delay = max(0.0, (lease.expires - self.now()) / 1000.0) + 0.005
         lease.timer = asyncio.get_running_loop().call_later(delay, self._expired, state, lease)
 
-    def _expired(self, state: _LoopState, lease: Lease) -> None:
+    def _expired(self, state: LoopState, lease: Lease) -> None:
         lease.timer = None
         if lease.expires and self.now() < lease.expires:
             self._arm_expiry(state, lease)  # renewed meanwhile
         elif not lease.idle:
             self._return_soon(state, lease)
 
-    def _return_soon(self, state: _LoopState, lease: Lease) -> asyncio.Task[None] | None:
+    def _return_soon(self, state: LoopState, lease: Lease) -> asyncio.Task[None] | None:
         """Give the lease's unspent units back (and report what it served), in the background."""
         lease.settle()
         if lease.timer is not None:
@@ -430,7 +428,7 @@ class Leasing:
         return self._lease_task(state, self._give_back(state, lease, settle=True))
 
     def _undo_take(
-        self, state: _LoopState, lease: Lease, generation: int, day_start: int, cost: int, why: str
+        self, state: LoopState, lease: Lease, generation: int, day_start: int, cost: int, why: str
     ) -> bool:
         """Undo a decision's take from its lease (see Lease.give_back). Units owed to the store
         because the lease was settled meanwhile are sent back in the background."""
@@ -439,7 +437,7 @@ class Leasing:
         self._send_owed(state, lease)
         return False
 
-    def _send_owed(self, state: _LoopState, lease: Lease) -> asyncio.Task[None] | None:
+    def _send_owed(self, state: LoopState, lease: Lease) -> asyncio.Task[None] | None:
         """Send what the lease owes the store (and its report), unless a call will already."""
         if lease.flushing is not None and not lease.flushing.done():
             return lease.flushing
@@ -448,7 +446,7 @@ class Leasing:
         lease.flushing = self._lease_task(state, self._give_back(state, lease, settle=False))
         return lease.flushing
 
-    async def _give_back(self, state: _LoopState, lease: Lease, *, settle: bool) -> None:
+    async def _give_back(self, state: LoopState, lease: Lease, *, settle: bool) -> None:
         """Send the lease's report and what it owes the store, one day per call; with
         ``settle``, a balance it has meanwhile goes back too (a grant whose lost reply was
         replayed first, see _lease_exchange, or one that was on its way)."""
@@ -476,7 +474,7 @@ class Leasing:
 
     async def report(self, campaign_id: str) -> None:
         """Report what this loop's lease of the campaign served (not its balance)."""
-        state = self.store._loops.get(asyncio.get_running_loop())
+        state = self.store.current_state()
         lease = None if state is None else state.leases.get(campaign_id)
         if state is None or lease is None or lease.context is None:
             return
@@ -485,7 +483,7 @@ class Leasing:
 
     async def drop(self, campaign_id: str) -> None:
         """Give back this loop's lease of the campaign now (its config changed)."""
-        state = self.store._loops.get(asyncio.get_running_loop())
+        state = self.store.current_state()
         lease = None if state is None else state.leases.get(campaign_id)
         if state is None or lease is None or lease.context is None:
             return
@@ -500,7 +498,7 @@ class Leasing:
     async def return_all(self) -> None:
         """Give back every budget lease this event loop holds (shutdown): their unspent units
         return to the campaigns' budgets and their served impressions are reported."""
-        state = self.store._loops.get(asyncio.get_running_loop())
+        state = self.store.current_state()
         if state is None:
             return
         # A grant still in flight would land after the return: let it land first.
@@ -512,7 +510,7 @@ class Leasing:
         if state.lease_tasks:
             await asyncio.gather(*list(state.lease_tasks), return_exceptions=True)
 
-    async def release(self, state: _LoopState, r: Reservation) -> None:
+    async def release(self, state: LoopState, r: Reservation) -> None:
         """Undo a leased reservation: its units go back to the lease (or to the store when the
         lease has been returned since), and its time comes out of the user's logs."""
         lease = state.leases.get(r.campaign_id)
@@ -535,10 +533,10 @@ class Leasing:
             if task is not None:
                 await asyncio.wait((task,))
         # A lease made idle and dropped since (its report answered): the store undoes it.
-        calls = self.store.halves.releases(r, campaign=lease is None)
+        calls = self.planner.halves.releases(r, campaign=lease is None)
         for slot, script, nargs, body in calls:
             if state.shards is not None:
-                await self.store._call_slot(slot, script, nargs, body)
+                await self.store.call_slot(slot, script, nargs, body)
             else:
                 assert state.pipeline is not None
                 await state.pipeline.call(script, nargs, body)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -112,3 +113,39 @@ def sync_client(topology: StoreURL, options: dict[str, Any]) -> Any:
     if topology.kind == "sentinel":
         return _sentinel_master(topology, options, asyncio=False)
     return redis.Redis.from_url(topology.url, **options)
+
+
+try:
+    from redis.driver_info import DriverInfo
+except ImportError:  # redis-py before 7.1
+    DriverInfo = None  # type: ignore[assignment,misc]
+
+_NO_DRIVER_INFO: dict[str, Any] = (
+    {"driver_info": DriverInfo(name=None, lib_version=None)}
+    if DriverInfo is not None
+    else {"lib_name": None, "lib_version": None}
+)
+
+
+def connection_options(timeout: float, *, blocking: bool) -> dict[str, Any]:
+    """What every connection to a data node gets, from either driver: no retries, no health
+    checks, RESP2 and no CLIENT SETINFO (a new connection sends nothing before our first write,
+    which carries SCRIPT LOADs and CLIENT SETNAME with the first decisions).
+
+    The socket timeouts differ, on purpose, by how each driver keeps its deadline:
+
+    * asyncio (``blocking=False``): decisions fail on their own deadlines, judged on evidence
+      about the store (see pipeline.py). The socket timeouts only free a connection stuck on a
+      hung server, or a connect to an unreachable one: as short as ``store_timeout``, they
+      would count the event loop's lag against the store. So ``max(1 s, 10 x timeout)``.
+    * blocking (``blocking=True``): a WSGI thread's read has no loop to lag behind it; the
+      socket timeout *is* the decision's deadline, so it is ``store_timeout`` itself."""
+    socket_timeout = timeout if blocking else max(1.0, timeout * 10)
+    return {
+        "socket_connect_timeout": socket_timeout,
+        "socket_timeout": socket_timeout,
+        "retry": Retry(NoBackoff(), 0) if blocking else AsyncRetry(NoBackoff(), 0),
+        "health_check_interval": 0,
+        "protocol": 2,
+        **_NO_DRIVER_INFO,
+    }
