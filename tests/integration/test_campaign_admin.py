@@ -19,9 +19,8 @@ from zoneinfo import ZoneInfo
 import pytest
 from conftest import as_user, client
 from http_load import fire
+from processes import CLI, cli, example_env, show, uvicorn
 from redis_server import RedisServer
-from test_cli import CLI, cli, show
-from test_processes import _env, uvicorn
 
 from xsp_middleware import Campaign, XSPMiddleware
 
@@ -281,7 +280,7 @@ async def test_lifetime_exhaustion_hook_fires_exactly_once_across_two_processes(
     (tmp_path / "xsp_hook_probe.py").write_text(HOOK_MODULE)
     hook_file = tmp_path / "hooks.txt"
     pythonpath = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
-    env = _env(
+    env = example_env(
         redis_url,
         PYTHONPATH=pythonpath,
         XSP_ON_BUDGET_EXHAUSTED="xsp_hook_probe:hook",

@@ -3,33 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SECRET, as_user, client
-
-CLI = str(Path(sys.executable).parent / "xsp-middleware")
-
-
-def cli(*args: str, redis_url: str | None = None, **env: str) -> subprocess.CompletedProcess[str]:
-    full_env = {**os.environ, "XSP_SECRET_KEY": SECRET, **env}
-    if redis_url is not None:
-        full_env["XSP_REDIS_URL"] = redis_url
-    return subprocess.run([CLI, *args], capture_output=True, text=True, env=full_env, timeout=30)
-
-
-def show(redis_url: str, campaign: str) -> dict[str, Any]:
-    result = cli("campaign", "show", campaign, "--json", redis_url=redis_url)
-    assert result.returncode == 0, result.stderr
-    data: dict[str, Any] = json.loads(result.stdout)
-    return data
-
+from conftest import as_user, client
+from processes import cli, show
 
 CORE_FIELDS = ("id", "budget", "spent", "remaining", "impressions", "caps", "cpm", "status")
 

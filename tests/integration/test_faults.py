@@ -183,8 +183,8 @@ import psutil  # noqa: E402
 import pytest  # noqa: E402
 import redis  # noqa: E402
 from conftest import SECRET  # noqa: E402
+from processes import uvicorn  # noqa: E402
 from redis_server import RedisServer  # noqa: E402
-from test_processes import uvicorn  # noqa: E402
 
 from xsp_middleware import Settings  # noqa: E402
 from xsp_middleware.settings import Rules  # noqa: E402

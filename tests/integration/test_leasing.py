@@ -13,9 +13,9 @@ import pytest
 import redis
 from conftest import SECRET, as_user, client
 from http_load import fire
+from processes import example_env, uvicorn
 from redis_server import RedisServer
 from redis_topologies import RedisClusterNodes
-from test_processes import _env, uvicorn
 
 from xsp_middleware import Campaign, ConfigError, Settings, XSPMiddleware
 from xsp_middleware.clock import ManualClock
@@ -294,7 +294,7 @@ async def test_two_uvicorn_processes_return_their_leases_when_they_shut_down(
     redis_url: str,
 ) -> None:
     campaigns = json.dumps([{"id": "c1", "budget": "2.00", "leasing": True}])  # 1000 ads
-    env = _env(redis_url, XSP_CAMPAIGNS=campaigns)
+    env = example_env(redis_url, XSP_CAMPAIGNS=campaigns)
     with uvicorn(env) as a, uvicorn(env) as b:
         ports = [int(base.rsplit(":", 1)[1]) for base in (a, b)]
         replies = await fire(

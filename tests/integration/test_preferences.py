@@ -15,10 +15,10 @@ import redis
 from conftest import SECRET, as_user, client
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from processes import cli
 from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
-from test_cli import cli
 
 from xsp_middleware import ConfigError, Settings, Store, XSPMiddleware, preferences_app
 from xsp_middleware import preferences as prefs_module

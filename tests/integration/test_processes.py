@@ -3,12 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
 
@@ -16,53 +10,13 @@ import httpx
 import pytest
 from conftest import SECRET, as_user
 from http_load import Reply, fire
-from redis_server import free_port
+from processes import example_env, uvicorn
 
 from xsp_middleware import Settings
 from xsp_middleware.settings import Rules
 from xsp_middleware.store import Store
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@contextmanager
-def uvicorn(env: dict[str, str], *extra: str) -> Iterator[str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "examples.fastapi_app:app",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-            *extra,
-        ],
-        cwd=ROOT,
-        env={**os.environ, **env},
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.1)
-        yield base
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
-
-def _env(redis_url: str, **more: str) -> dict[str, str]:
-    return {"XSP_REDIS_URL": redis_url, "XSP_SECRET_KEY": SECRET, **more}
 
 
 async def _hammer(bases: list[str], n: int, user: str | None = None) -> list[Reply]:
@@ -78,7 +32,7 @@ async def _hammer(bases: list[str], n: int, user: str | None = None) -> list[Rep
 
 async def test_two_processes_serve_exactly_the_budget(redis_url: str) -> None:
     campaigns = json.dumps([{"id": "c1", "budget": "0.274"}])  # 137 impressions at CPM 2.00
-    env = _env(redis_url, XSP_CAMPAIGNS=campaigns)
+    env = example_env(redis_url, XSP_CAMPAIGNS=campaigns)
     with uvicorn(env) as a, uvicorn(env) as b:
         responses = await _hammer([a, b], 1000)
     codes = [r.status for r in responses]
@@ -94,13 +48,13 @@ async def test_two_processes_serve_exactly_the_budget(redis_url: str) -> None:
 
 
 async def test_two_processes_hold_one_users_cap_exactly(redis_url: str) -> None:
-    with uvicorn(_env(redis_url)) as a, uvicorn(_env(redis_url)) as b:
+    with uvicorn(example_env(redis_url)) as a, uvicorn(example_env(redis_url)) as b:
         responses = await _hammer([a, b], 300, user="u1")
     assert [r.status for r in responses].count(200) == 3
 
 
 def test_example_runs_with_two_workers(redis_url: str) -> None:
-    with uvicorn(_env(redis_url), "--workers", "2") as base:
+    with uvicorn(example_env(redis_url), "--workers", "2") as base:
         r = httpx.get(f"{base}/ad?campaign_id=c1&cpm=2.50", headers=as_user("u1"))
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("application/xml")
@@ -110,7 +64,7 @@ def test_example_runs_with_two_workers(redis_url: str) -> None:
 
 @pytest.mark.parametrize("path", ["/health", "/ad"])
 def test_example_passes_unguarded_requests_through(redis_url: str, path: str) -> None:
-    with uvicorn(_env(redis_url)) as base:
+    with uvicorn(example_env(redis_url)) as base:
         r = httpx.get(f"{base}{path}")
     # /ad without campaign_id is not an ad request: the example answers it with its own 400.
     assert r.status_code == (400 if path == "/ad" else 200)

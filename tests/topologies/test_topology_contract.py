@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import redis
 from conftest import SECRET
+from processes import cli
 from redis_server import RedisServer
 from redis_topologies import RedisClusterNodes, RedisSentinelSetup
 from starlette.applications import Starlette
-from test_cli import cli
 
 from xsp_middleware import Settings, XSPMiddleware
 from xsp_middleware.errors import ConfigError
