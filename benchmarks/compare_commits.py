@@ -117,7 +117,8 @@ def worker(url: str, seconds: float) -> dict[str, Any]:
     from xsp_middleware import Campaign, Settings, XSPMiddleware
 
     campaigns = [Campaign(id=f"c{i}", budget="900000000.00") for i in range(CAMPAIGNS)]
-    settings = Settings(redis_url=url, secret_key="bench-secret-key-0123456789", campaigns=campaigns)
+    secret = "bench-secret-key-0123456789"
+    settings = Settings(redis_url=url, secret_key=secret, campaigns=campaigns)
     app = XSPMiddleware(_bare, settings=settings)
 
     redis.Redis.from_url(url).flushall()  # every run starts from an empty store
