@@ -128,6 +128,11 @@ def test_a_sync_pool_hands_out_a_connection_and_a_reply_waits_as_long_as_asked(
             assert read_reply_within(conn, 1.0) == b"PONG"
             with pytest.raises(RedisTimeoutError):  # nothing owed: a short wait, not 5 s
                 read_reply_within(conn, 0.05)
+            # A reply that comes after the wait can still be read, if the connection was kept.
+            conn.send_packed_command([b"*3\r\n$5\r\nBLPOP\r\n$6\r\nnokey!\r\n$3\r\n0.3\r\n"])
+            with pytest.raises(RedisTimeoutError):
+                read_reply_within(conn, 0.05, disconnect_on_error=False)
+            assert read_reply_within(conn, 2.0) is None  # BLPOP's own timeout: a nil reply
         finally:
             pool.release(conn)
         url = urlsplit(redis_url)

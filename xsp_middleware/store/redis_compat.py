@@ -200,28 +200,29 @@ else:
         return pool.get_connection("EVALSHA")
 
 
+_READ_WITHIN_DOC = """The next reply on a sync connection, waiting up to ``timeout`` seconds for
+it rather than the connection's ``socket_timeout``. Raises redis-py's TimeoutError when none
+comes (the connection disconnected, unless ``disconnect_on_error`` is False: a late reply can
+then still be read from it), its ResponseError for an error reply. redis-py 8.1.0 takes
+``read_response(timeout=)``; 5.0.8 has no such argument, and the wait is then
+``can_read(timeout)`` before the read (the form is chosen once, at import)."""
+
 if "timeout" in inspect.signature(SyncConnection.read_response).parameters:
 
-    def read_reply_within(conn: Any, timeout: float) -> Any:
-        """The next reply on a sync connection, waiting up to ``timeout`` seconds for it
-        rather than the connection's ``socket_timeout``. Raises redis-py's TimeoutError (the
-        connection disconnected) when none comes, its ResponseError for an error reply.
-        redis-py 8.1.0 takes ``read_response(timeout=)``; 5.0.8 has no such argument, and the
-        wait is then ``can_read(timeout)`` before the read."""
-        return conn.read_response(timeout=timeout)
+    def read_reply_within(conn: Any, timeout: float, *, disconnect_on_error: bool = True) -> Any:
+        return conn.read_response(disconnect_on_error=disconnect_on_error, timeout=timeout)
 
 else:
 
-    def read_reply_within(conn: Any, timeout: float) -> Any:
-        """The next reply on a sync connection, waiting up to ``timeout`` seconds for it
-        rather than the connection's ``socket_timeout``. Raises redis-py's TimeoutError (the
-        connection disconnected) when none comes, its ResponseError for an error reply.
-        redis-py 8.1.0 takes ``read_response(timeout=)``; 5.0.8 has no such argument, and the
-        wait is then ``can_read(timeout)`` before the read."""
+    def read_reply_within(conn: Any, timeout: float, *, disconnect_on_error: bool = True) -> Any:
         if not conn.can_read(timeout=timeout):
-            conn.disconnect()
+            if disconnect_on_error:
+                conn.disconnect()
             raise RedisTimeoutError(f"Timeout reading from {peer(conn)}")
-        return conn.read_response()
+        return conn.read_response(disconnect_on_error=disconnect_on_error)
+
+
+read_reply_within.__doc__ = _READ_WITHIN_DOC
 
 
 def server_address(client: Any) -> str:
