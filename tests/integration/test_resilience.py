@@ -13,9 +13,9 @@ from conftest import SECRET, as_user, client
 from redis_server import RedisServer
 
 from xsp_middleware import Settings
-from xsp_middleware import pipeline as pipeline_module
 from xsp_middleware.settings import Rules
 from xsp_middleware.store import Store
+from xsp_middleware.store import pipeline as pipeline_module
 
 
 class CuttingProxy:
