@@ -186,19 +186,17 @@ def _takes_no_command_name() -> bool:
 if _takes_no_command_name():  # redis-py 5.3 and later deprecate the argument
 
     def checkout(pool: Any) -> Any:
-        """A connection from a sync redis-py connection pool (give it back with
-        ``pool.release``). redis-py before 5.3 requires a command name, which it ignores;
-        5.3 and later deprecate passing one. The form is chosen once, at import."""
         return pool.get_connection()
 
 else:
 
     def checkout(pool: Any) -> Any:
-        """A connection from a sync redis-py connection pool (give it back with
-        ``pool.release``). redis-py before 5.3 requires a command name, which it ignores;
-        5.3 and later deprecate passing one. The form is chosen once, at import."""
         return pool.get_connection("EVALSHA")
 
+
+checkout.__doc__ = """A connection from a sync redis-py connection pool (give it back with
+``pool.release``). redis-py before 5.3 requires a command name, which it ignores; 5.3 and later
+deprecate passing one. The form is chosen once, at import."""
 
 _READ_WITHIN_DOC = """The next reply on a sync connection, waiting up to ``timeout`` seconds for
 it rather than the connection's ``socket_timeout``. Raises redis-py's TimeoutError when none
