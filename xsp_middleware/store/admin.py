@@ -21,6 +21,7 @@ from ..money import amount_to_units, cpm_to_cost_units, units_to_decimal
 from ..settings import CampaignConfig, CapLike, Money, Rules, instant_ms, validate_campaign_id
 from ..store_url import StoreURL, redacted
 from .protocol import REASONS, text
+from .redis_compat import server_address
 from .scripts import CLUSTER_SCRIPTS, STANDALONE_SCRIPTS
 
 if TYPE_CHECKING:
@@ -371,8 +372,7 @@ class Admin:
             host, port = await self.admin_call(client.connection_pool.get_master_address())
             name = f"{host}:{port}"
         else:
-            kwargs = client.connection_pool.connection_kwargs
-            name = str(kwargs.get("path") or f"{kwargs.get('host')}:{kwargs.get('port')}")
+            name = server_address(client)
         try:
             return [(name, await self.server_info())]
         except StoreUnavailable as exc:

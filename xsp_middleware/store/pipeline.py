@@ -29,7 +29,9 @@ never desyncs. A reply that arrives for a caller who already gave up is handed t
 (the store releases an orphaned reservation).
 
 Per call, the hot path costs one future and a list append or two, and the replies of a batch are
-parsed straight from the connection's hiredis reader, one socket read for many replies.
+parsed straight from the connection's hiredis reader, one socket read for many replies. That
+reader, and what waits unread, come from ``redis_compat`` (the one place that reaches into
+redis-py's connection internals); where it finds none, replies come through ``read_response``.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .. import logs
 from ..errors import StoreUnavailable
-from .redis_compat import NOT_ENOUGH_DATA, hiredis_streams, peer, waiting_on_us
+from . import redis_compat
+from .redis_compat import NOT_ENOUGH_DATA, peer, waiting_on_us
 from .scripts import Script, pack_args
 
 logger = logging.getLogger("xsp_middleware")
@@ -317,7 +320,7 @@ class AutoPipeline:
         commands = [c.command(True) for c in calls]
         written = False
         if conn.is_connected:
-            streams = hiredis_streams(conn)
+            streams = redis_compat.hiredis_streams(conn)
             if streams is not None:
                 # Written now, not on the task's first step (the next loop iteration). A
                 # transport that refuses the write leaves it to the task, which reconnects.
@@ -465,7 +468,7 @@ class AutoPipeline:
             commands = self._preload + commands
         preloaded = len(self._preload) if not reused else 0
         try:
-            streams = hiredis_streams(conn)
+            streams = redis_compat.hiredis_streams(conn)
             if streams is not None:
                 payload = b"" if written else b"".join(commands)
                 await self._exchange(conn, *streams, payload, len(commands), replies, batch)

@@ -43,6 +43,7 @@ from .protocol import (
     reservation,
     text,
 )
+from .redis_compat import SlotMap, node_connection_factory
 from .scripts import Script
 
 
@@ -222,6 +223,7 @@ class Shards:
         breaker: Callable[[str], CircuitBreaker],
     ) -> None:
         self.client = client
+        self._map = SlotMap(client)
         self._slots = slots
         self._timeout = timeout
         self._preload = preload
@@ -262,16 +264,14 @@ class Shards:
             # Like a connect (see pipeline.py): a bound of store_timeout would count the event
             # loop's lag against the cluster. It is read once per event loop, and again in the
             # background after a failure or MOVED; a decision waits on it only then.
-            await asyncio.wait_for(
-                self.client.nodes_manager.initialize(), max(1.0, 10 * self._timeout)
-            )
+            await asyncio.wait_for(self._map.read(), max(1.0, 10 * self._timeout))
         except Exception as exc:  # redis-py raises several kinds here; all mean "unreachable"
             raise StoreUnavailable(f"cannot read the cluster's slot map: {exc}") from exc
         self._ready = True
 
     def node_name(self, slot: int) -> str:
         try:
-            node = self.client.nodes_manager.get_node_from_slot(slot)
+            node = self._map.master_of(slot)
         except Exception as exc:  # SlotNotCoveredError and friends
             raise StoreUnavailable(f"slot {slot} is not served: {exc}") from exc
         return str(node.name)
@@ -279,9 +279,8 @@ class Shards:
     def pipeline(self, name: str) -> AutoPipeline:
         pipeline = self._pipelines.get(name)
         if pipeline is None:
-            node = self.client.nodes_manager.nodes_cache[name]
             pipeline = self._pipelines[name] = AutoPipeline(
-                _connection_factory(node),
+                node_connection_factory(self._map.node(name)),
                 slots=self._slots,
                 timeout=self._timeout,
                 preload=self._preload,
@@ -334,16 +333,6 @@ def _log_refresh(task: asyncio.Task[None]) -> None:
             "re-learning the cluster's slot map failed: %s",
             task.exception(),
         )
-
-
-def _connection_factory(node: Any) -> Callable[[], Any]:
-    from redis.asyncio.retry import Retry
-    from redis.backoff import NoBackoff
-
-    kwargs = dict(node.connection_kwargs)
-    kwargs["retry"] = Retry(NoBackoff(), 0)
-    cls = node.connection_class
-    return lambda: cls(**kwargs)
 
 
 def _failed(exc: BaseException) -> asyncio.Future[Any]:

@@ -30,6 +30,7 @@ from .aio import Store
 from .pipeline import Redirected
 from .plans import Answer, Batch, Call, drive
 from .protocol import Reservation, reservation_from
+from .redis_compat import SlotMap, checkout, read_reply_within
 from .scripts import RELEASE, RESERVE, Script
 from .topology import connection_options, sync_client
 
@@ -45,6 +46,7 @@ class SyncStore:
         self.planner = store.planner
         self._options = connection_options(store.timeout, blocking=True)
         self._cluster: Any = None
+        self._slot_map: SlotMap | None = None
         self._cluster_lock = threading.Lock()
         self._refreshed_at = 0.0
         client: Any = None
@@ -67,7 +69,9 @@ class SyncStore:
             with self._cluster_lock:
                 if self._cluster is None:
                     try:
-                        self._cluster = sync_client(self.store.topology, self._options)
+                        cluster = sync_client(self.store.topology, self._options)
+                        self._slot_map = SlotMap(cluster)
+                        self._cluster = cluster
                     except (RedisError, RedisClusterException, OSError) as exc:
                         raise StoreUnavailable(f"cannot reach the cluster: {exc}") from exc
         return self._cluster
@@ -116,7 +120,7 @@ class SyncStore:
         is still read, on a thread, and released: a late reservation never stays behind."""
         pool = self._pool
         try:
-            conn = pool.get_connection()
+            conn = checkout(pool)
         except (RedisError, OSError) as exc:
             raise _unavailable(exc) from exc
         handed_off = False
@@ -148,7 +152,7 @@ class SyncStore:
 
     def _drain_late_reply(self, pool: Any, conn: Any, context: Any) -> None:
         try:
-            reply = conn.read_response(timeout=LATE_REPLY_SECONDS)
+            reply = read_reply_within(conn, LATE_REPLY_SECONDS)
             reservation = reservation_from(context, reply)
             if reservation.reserved:
                 if observe.current is not None:
@@ -202,7 +206,7 @@ class SyncStore:
                 sent.append((node, DENIED, None, error))
                 continue
             try:
-                conn = pool.get_connection()
+                conn = checkout(pool)
             except (RedisError, OSError) as exc:
                 sent.append((node, ticket, None, _unavailable(exc)))
                 continue
@@ -256,7 +260,7 @@ class SyncStore:
         """A timed-out half's reply, read on a thread: a half that passed is released."""
         assert call.late is not None
         try:
-            undo = call.late(context, conn.read_response(timeout=LATE_REPLY_SECONDS))
+            undo = call.late(context, read_reply_within(conn, LATE_REPLY_SECONDS))
             if undo is not None:
                 if observe.current is not None:
                     observe.current.released("late_reply")
@@ -275,8 +279,9 @@ class SyncStore:
     def _node_pool(self, slot: int) -> tuple[str, Any]:
         """The connection pool of the master serving ``slot``."""
         cluster = self.cluster_client()
+        assert self._slot_map is not None
         try:
-            node = cluster.nodes_manager.get_node_from_slot(slot)
+            node = self._slot_map.master_of(slot)
             return str(node.name), cluster.get_redis_connection(node).connection_pool
         except (RedisError, RedisClusterException, OSError) as exc:
             raise StoreUnavailable(f"slot {slot} is not served: {exc}") from exc
@@ -292,7 +297,9 @@ class SyncStore:
 
     def _refresh_map(self) -> None:
         try:
-            self.cluster_client().nodes_manager.initialize()
+            self.cluster_client()
+            assert self._slot_map is not None
+            self._slot_map.read_blocking()
         except (RedisError, RedisClusterException, OSError, StoreUnavailable) as exc:
             logs.event(
                 "slot_map_refresh_failed",
@@ -314,12 +321,17 @@ def _send(conn: Any, script: Script, nargs: int, body: bytes) -> None:
 def _read(conn: Any, script: Script, nargs: int, body: bytes, timeout: float | None) -> Any:
     """The reply of the call sent on ``conn``; on NOSCRIPT (a restarted or flushed script
     cache: the script did not run) the script is sent whole and that reply read."""
-    wait: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
     try:
-        return conn.read_response(disconnect_on_error=False, **wait)
+        return _reply(conn, timeout)
     except NoScriptError:
         conn.send_packed_command([b"*%d\r\n" % (nargs + 2) + script.eval + body])
-        return conn.read_response(disconnect_on_error=False, **wait)
+        return _reply(conn, timeout)
+
+
+def _reply(conn: Any, timeout: float | None) -> Any:
+    if timeout is None:  # the connection's socket_timeout: store_timeout
+        return conn.read_response(disconnect_on_error=False)
+    return read_reply_within(conn, timeout, disconnect_on_error=False)
 
 
 def _unavailable(exc: BaseException) -> StoreUnavailable:

@@ -9,6 +9,12 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from ..store_url import StoreURL
+from .redis_compat import (
+    NO_DRIVER_INFO,
+    SlotMap,
+    ask_any_master_for_commands,
+    set_cluster_retry,
+)
 
 
 def async_client(topology: StoreURL, options: dict[str, Any]) -> Any:
@@ -26,7 +32,8 @@ def async_client(topology: StoreURL, options: dict[str, Any]) -> Any:
             **kwargs,
             **options,
         )
-        _ask_any_master(cluster)
+        SlotMap(cluster)  # redis-py's internals we use are there, or a clear error now
+        ask_any_master_for_commands(cluster)
         return cluster
     if topology.kind == "sentinel":
         return _sentinel_master(topology, options, asyncio=True)
@@ -34,33 +41,6 @@ def async_client(topology: StoreURL, options: dict[str, Any]) -> Any:
 
 
 _BUILD_RETRIES = 3
-
-
-def _ask_any_master(cluster: Any) -> None:
-    """redis-py's asyncio RedisCluster asks COMMAND of the master owning slot 0 when it first
-    initializes, so with that one master down no admin command works at all, even for slots
-    the other masters serve. Ask the next master that answers instead (and make it the default
-    node for keyless commands)."""
-    from redis.exceptions import ConnectionError, TimeoutError
-
-    parser = cluster.commands_parser
-    ask = parser.initialize
-
-    async def initialize(node: Any = None) -> None:
-        failure: BaseException | None = None
-        for candidate in [node, *cluster.nodes_manager.get_nodes_by_server_type("primary")]:
-            if candidate is None:
-                continue
-            try:
-                await ask(candidate)
-            except (ConnectionError, TimeoutError, OSError) as exc:
-                failure = exc
-                continue
-            cluster.nodes_manager.default_node = candidate
-            return
-        raise failure or ConnectionError("no cluster master answers")
-
-    parser.initialize = initialize
 
 
 def _sentinel_master(topology: StoreURL, options: dict[str, Any], *, asyncio: bool) -> Any:
@@ -102,29 +82,14 @@ def sync_client(topology: StoreURL, options: dict[str, Any]) -> Any:
         cluster = RedisCluster(
             startup_nodes=nodes, require_full_coverage=False, **kwargs, **building
         )
+        SlotMap(cluster)  # redis-py's internals we use are there, or a clear error now
         no_retry = options.get("retry")
         if no_retry is not None:
-            cluster.set_retry(no_retry)
-            cluster.nodes_manager.connection_kwargs["retry"] = no_retry
-            for node in cluster.get_nodes():  # type: ignore[no-untyped-call]
-                if node.redis_connection is not None:
-                    node.redis_connection.set_retry(no_retry)
+            set_cluster_retry(cluster, no_retry)
         return cluster
     if topology.kind == "sentinel":
         return _sentinel_master(topology, options, asyncio=False)
     return redis.Redis.from_url(topology.url, **options)
-
-
-try:
-    from redis.driver_info import DriverInfo
-except ImportError:  # redis-py before 7.1
-    DriverInfo = None  # type: ignore[assignment,misc]
-
-_NO_DRIVER_INFO: dict[str, Any] = (
-    {"driver_info": DriverInfo(name=None, lib_version=None)}
-    if DriverInfo is not None
-    else {"lib_name": None, "lib_version": None}
-)
 
 
 def connection_options(timeout: float, *, blocking: bool) -> dict[str, Any]:
@@ -147,5 +112,5 @@ def connection_options(timeout: float, *, blocking: bool) -> dict[str, Any]:
         "retry": Retry(NoBackoff(), 0) if blocking else AsyncRetry(NoBackoff(), 0),
         "health_check_interval": 0,
         "protocol": 2,
-        **_NO_DRIVER_INFO,
+        **NO_DRIVER_INFO,
     }
