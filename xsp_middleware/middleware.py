@@ -63,8 +63,11 @@ class XSPMiddleware:
             return
         if not self._installed or self._routes_changed():
             self._install_route_guards()
-        admission = Admission()
         if self._route_lists is None:  # no router: decide now, by the core rule
+            if not _is_candidate(self.guard, None, scope):
+                await self.app(scope, receive, send)
+                return
+            admission = Admission()
             decided = await decide(self.guard, None, scope, send, admission)
             if decided is None:
                 return  # answered (a denial, bad input)
@@ -77,15 +80,14 @@ class XSPMiddleware:
             await self.app(scope, receive, send)
             return
         # The route guards decide, with this middleware's guard (so an app also reached another
-        # way acts accordingly); the response is observed here, outside every inner middleware.
+        # way acts accordingly), into its admission; the response is observed here, outside
+        # every inner middleware.
+        admission = Admission()
         scope[GUARD_KEY] = (self.guard, admission)
         try:
             await self._watched(scope, receive, send, admission)
         finally:
-            # The scope holds the admission's watch, which holds the server's send (and so,
-            # with most servers, the scope): a reference cycle per request, left to the garbage
-            # collector with everything the scope holds, unless it is broken here.
-            del scope[GUARD_KEY]
+            del scope[GUARD_KEY]  # the request is over: nothing may decide into it any more
 
     async def _watched(
         self, scope: Scope, receive: Receive, send: Send, admission: Admission
@@ -199,6 +201,7 @@ class _GuardedHandle:
             owner is None  # not reached through an XSPMiddleware
             or scope["type"] != "http"
             or (self.methods and scope["method"] not in self.methods)  # the route answers 405
+            or not _is_candidate(owner[0], self.rules, scope)
         ):
             await self.handle(scope, receive, send)
             return
@@ -211,15 +214,11 @@ class _GuardedHandle:
 async def decide(
     guard: Guard, route: RouteRules | None, scope: Scope, send: Send, admission: Admission
 ) -> Send | None:
-    """Decide for one HTTP request, into ``admission``: the ``send`` to run the app with (it
-    adds the decision's headers, if any), or None when the request was answered here (a denial,
-    bad input). A request that is not an ad request is left as it is, with ``send``."""
-    query: bytes = scope.get("query_string", b"")
-    if scope.get(DECIDED_KEY) or not guard.reader.is_candidate(  # decided once (nested apps)
-        scope["method"], scope["path"], query, route
-    ):
-        return send
+    """Decide for one HTTP request that :func:`_is_candidate` let through, into ``admission``:
+    the ``send`` to run the app with (it adds the decision's headers, if any), or None when the
+    request was answered here (a denial, bad input)."""
     scope[DECIDED_KEY] = True
+    query: bytes = scope.get("query_string", b"")
     step = await admit(
         guard, admission, query, scope.get("headers", ()), route, scope.get("path_params")
     )
@@ -231,6 +230,14 @@ async def decide(
     if step is not None:
         scope.setdefault("state", {})["xsp"] = step
     return send
+
+
+def _is_candidate(guard: Guard, route: RouteRules | None, scope: Scope) -> bool:
+    """Whether to decide for this request: not decided yet (nested guarded apps), and maybe an
+    ad request (:meth:`~xsp_middleware.core.request.RequestReader.is_candidate`)."""
+    return not scope.get(DECIDED_KEY) and guard.reader.is_candidate(
+        scope["method"], scope["path"], scope.get("query_string", b""), route
+    )
 
 
 class _Watch:
