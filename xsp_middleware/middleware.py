@@ -63,8 +63,11 @@ class XSPMiddleware:
             return
         if not self._installed or self._routes_changed():
             self._install_route_guards()
-        if self._route_lists is None:  # no router: decide now, by the core rule
-            if not _is_candidate(self.guard, None, scope):
+        routed = self._route_lists is not None
+        if not routed:  # no router: decide now, by the core rule
+            if scope.get(DECIDED_KEY) or not self.guard.reader.is_candidate(
+                scope["method"], scope["path"], scope.get("query_string", b""), None
+            ):
                 await self.app(scope, receive, send)
                 return
             admission = Admission()
@@ -74,26 +77,18 @@ class XSPMiddleware:
             if admission.reservation is None:
                 await self.app(scope, receive, decided)  # nothing to confirm or release
                 return
-            await self._watched(scope, receive, decided, admission)
-            return
-        if GUARD_KEY in scope:  # an outer XSPMiddleware decides for this request
+            send = decided
+        elif GUARD_KEY in scope:  # an outer XSPMiddleware decides for this request
             await self.app(scope, receive, send)
             return
-        # The route guards decide, with this middleware's guard (so an app also reached another
-        # way acts accordingly), into its admission; the response is observed here, outside
-        # every inner middleware.
-        admission = Admission()
-        scope[GUARD_KEY] = (self.guard, admission)
-        try:
-            await self._watched(scope, receive, send, admission)
-        finally:
-            del scope[GUARD_KEY]  # the request is over: nothing may decide into it any more
-
-    async def _watched(
-        self, scope: Scope, receive: Receive, send: Send, admission: Admission
-    ) -> None:
-        """Run the app, watching its response; then confirm or release the reservation the
-        admission holds by then. The one place this integration releases."""
+        else:
+            # The route guards decide, with this middleware's guard (so an app also reached
+            # another way acts accordingly), into its admission.
+            admission = Admission()
+            scope[GUARD_KEY] = (self.guard, admission)
+        # The response is observed here, outside every inner middleware; the reservation the
+        # admission holds by its end is confirmed or released here: the one place this
+        # integration releases.
         watch = _Watch(receive, send, admission)
         raised = False
         try:
@@ -102,7 +97,11 @@ class XSPMiddleware:
             raised = True
             raise
         finally:
-            await release(self.guard, admission.finished(raised))
+            if routed:
+                del scope[GUARD_KEY]  # the request is over: nothing may decide into it any more
+            unkept = admission.finished(raised)
+            if unkept is not None:
+                await release(self.guard, unkept)
 
     def _returning_leases(self, receive: Receive) -> Receive:
         """Lifespan: at shutdown, give the budget leases back before the app shuts down."""
@@ -201,7 +200,10 @@ class _GuardedHandle:
             owner is None  # not reached through an XSPMiddleware
             or scope["type"] != "http"
             or (self.methods and scope["method"] not in self.methods)  # the route answers 405
-            or not _is_candidate(owner[0], self.rules, scope)
+            or scope.get(DECIDED_KEY)  # decided once already (nested apps, each with a guard)
+            or not owner[0].reader.is_candidate(
+                scope["method"], scope["path"], scope.get("query_string", b""), self.rules
+            )
         ):
             await self.handle(scope, receive, send)
             return
@@ -214,7 +216,7 @@ class _GuardedHandle:
 async def decide(
     guard: Guard, route: RouteRules | None, scope: Scope, send: Send, admission: Admission
 ) -> Send | None:
-    """Decide for one HTTP request that :func:`_is_candidate` let through, into ``admission``:
+    """Decide for one HTTP request that may be an ad request, not decided yet, into ``admission``:
     the ``send`` to run the app with (it adds the decision's headers, if any), or None when the
     request was answered here (a denial, bad input)."""
     scope[DECIDED_KEY] = True
@@ -230,14 +232,6 @@ async def decide(
     if step is not None:
         scope.setdefault("state", {})["xsp"] = step
     return send
-
-
-def _is_candidate(guard: Guard, route: RouteRules | None, scope: Scope) -> bool:
-    """Whether to decide for this request: not decided yet (nested guarded apps), and maybe an
-    ad request (:meth:`~xsp_middleware.core.request.RequestReader.is_candidate`)."""
-    return not scope.get(DECIDED_KEY) and guard.reader.is_candidate(
-        scope["method"], scope["path"], scope.get("query_string", b""), route
-    )
 
 
 class _Watch:

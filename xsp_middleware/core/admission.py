@@ -64,31 +64,21 @@ class Release(NamedTuple):
 class Admission:
     """One request, from its decision to confirm-or-release; no I/O."""
 
-    __slots__ = (
-        "assigned",
-        "completed",
-        "details",
-        "disconnected",
-        "headers",
-        "raised",
-        "reservation",
-        "status",
-    )
-
-    def __init__(self) -> None:
-        self.reservation: Reservation | None = None
-        """The reservation still to confirm or release (None once :meth:`finished`)."""
-        self.headers: Sequence[tuple[bytes, bytes]] = ()
-        """Headers for whatever response the request gets: the assigned id's cookie, then the
-        debug headers."""
-        self.assigned: str | None = None
-        """A user id assigned to the browser (``anonymous="assign"``)."""
-        self.details: Sequence[tuple[bytes, bytes]] = ()
-        """The opt-in debug headers (``debug_headers``)."""
-        self.status = 0
-        self.completed = False
-        self.disconnected = False
-        self.raised = False
+    # Class-level defaults, no ``__init__``: one is made per guarded request, and only what
+    # changes is written to the instance.
+    reservation: Reservation | None = None
+    """The reservation still to confirm or release (None once :meth:`finished`)."""
+    headers: Sequence[tuple[bytes, bytes]] = ()
+    """Headers for whatever response the request gets: the assigned id's cookie, then the debug
+    headers."""
+    assigned: str | None = None
+    """A user id assigned to the browser (``anonymous="assign"``)."""
+    details: Sequence[tuple[bytes, bytes]] = ()
+    """The opt-in debug headers (``debug_headers``)."""
+    status = 0
+    completed = False
+    disconnected = False
+    raised = False
 
     # -- the decision -----------------------------------------------------------------------
 
@@ -106,8 +96,8 @@ class Admission:
         if guard.debug_headers:
             details = detail_headers(decision, time.perf_counter() - started)
             self.details = details[:1] + details[2:] if denied else details
-        self.assigned = facts.assigned
         if facts.assigned is not None:
+            self.assigned = facts.assigned
             self.headers = [guard.reader.set_cookie(facts.assigned), *self.details]
         elif self.details:
             self.headers = self.details
@@ -134,10 +124,7 @@ class Admission:
     @property
     def may_keep(self) -> bool:
         """A reservation is held, and the response so far would keep it if it completes."""
-        return self.reservation is not None and self._succeeding()
-
-    def _succeeding(self) -> bool:
-        return 200 <= self.status < 300 and not self.disconnected
+        return self.reservation is not None and 200 <= self.status < 300 and not self.disconnected
 
     def finished(self, raised: bool = False) -> Release | None:
         """The request is over (``raised``: the handler or its body raised). What to release;
@@ -146,8 +133,9 @@ class Admission:
         if reservation is None:
             return None
         self.reservation = None
-        self.raised = self.raised or raised
-        if self.completed and self._succeeding():
+        if raised:
+            self.raised = True
+        elif self.completed and 200 <= self.status < 300 and not self.disconnected:
             return None  # confirming costs nothing: the reservation already stands
         return Release(reservation, self.why)
 
@@ -177,10 +165,13 @@ async def admit(
     """Decide for a request :meth:`~.request.RequestReader.is_candidate` let through: an
     :class:`Answer` to send instead of the handler (bad input, a denial), the :class:`Decision`
     to run it with, or None (no campaign: not an ad request, run it untouched)."""
-    facts = _facts(guard, query, headers, route, path_params)
-    if not isinstance(facts, Facts):
-        return facts
-    started = time.perf_counter()
+    try:
+        facts = guard.reader.facts(query, headers, route, path_params)
+    except InvalidParameter as exc:
+        return problem_answer(exc)
+    if facts is None:
+        return None
+    started = time.perf_counter() if guard.debug_headers else 0.0
     decision, reservation = await guard.decide(facts)
     return admission.admitted(guard, facts, decision, reservation, started)
 
@@ -194,10 +185,13 @@ def admit_sync(
     path_params: Mapping[str, Any] | None,
 ) -> Answer | Decision | None:
     """:func:`admit`, on the blocking store."""
-    facts = _facts(guard, query, headers, route, path_params)
-    if not isinstance(facts, Facts):
-        return facts
-    started = time.perf_counter()
+    try:
+        facts = guard.reader.facts(query, headers, route, path_params)
+    except InvalidParameter as exc:
+        return problem_answer(exc)
+    if facts is None:
+        return None
+    started = time.perf_counter() if guard.debug_headers else 0.0
     decision, reservation = guard.decide_sync(facts)
     return admission.admitted(guard, facts, decision, reservation, started)
 
@@ -221,19 +215,6 @@ def release_sync(guard: Guard, what: Release | None) -> None:
         guard.release_sync(what.reservation, what.why)
     except Exception as exc:
         logs.internal_error("releasing a reservation", exc)
-
-
-def _facts(
-    guard: Guard,
-    query: bytes,
-    headers: Iterable[tuple[bytes, bytes]],
-    route: RouteRules | None,
-    path_params: Mapping[str, Any] | None,
-) -> Facts | Answer | None:
-    try:
-        return guard.reader.facts(query, headers, route, path_params)
-    except InvalidParameter as exc:
-        return problem_answer(exc)
 
 
 # -- answers instead of the handler -----------------------------------------------------------

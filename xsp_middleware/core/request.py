@@ -170,11 +170,6 @@ class RequestReader:
             attributes.append("; HttpOnly")
         self._cookie_attributes = "".join(attributes).encode()
 
-    @staticmethod
-    def guards_method(method: str) -> bool:
-        """HEAD and OPTIONS deliver no ad: they never reserve one."""
-        return method != "HEAD" and method != "OPTIONS"
-
     def guards_path(self, path: str) -> bool:
         if self.paths is None:
             return True
@@ -186,8 +181,9 @@ class RequestReader:
     def is_candidate(self, method: str, path: str, query: bytes, route: RouteRules | None) -> bool:
         """Whether a request may be an ad request, from what costs nothing to read: a decorated
         route always is (when its method delivers an ad); any other request by the core rule,
-        ``paths`` and the campaign parameter in the query."""
-        if not self.guards_method(method):
+        ``paths`` and the campaign parameter in the query. HEAD and OPTIONS deliver no ad: they
+        never reserve one."""
+        if method == "HEAD" or method == "OPTIONS":
             return False
         return route is not None or (
             self.guards_path(path) and (self.campaign_needle in query or b"%" in query)
