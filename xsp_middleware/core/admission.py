@@ -133,10 +133,10 @@ class Admission:
         if reservation is None:
             return None
         self.reservation = None
+        if self.completed and 200 <= self.status < 300 and not self.disconnected:
+            return None  # confirming costs nothing: the reservation already stands
         if raised:
             self.raised = True
-        elif self.completed and 200 <= self.status < 300 and not self.disconnected:
-            return None  # confirming costs nothing: the reservation already stands
         return Release(reservation, self.why)
 
     @property
@@ -165,12 +165,9 @@ async def admit(
     """Decide for a request :meth:`~.request.RequestReader.is_candidate` let through: an
     :class:`Answer` to send instead of the handler (bad input, a denial), the :class:`Decision`
     to run it with, or None (no campaign: not an ad request, run it untouched)."""
-    try:
-        facts = guard.reader.facts(query, headers, route, path_params)
-    except InvalidParameter as exc:
-        return problem_answer(exc)
-    if facts is None:
-        return None
+    facts = _facts(guard, query, headers, route, path_params)
+    if not isinstance(facts, Facts):
+        return facts  # not an ad request, or bad input
     started = time.perf_counter() if guard.debug_headers else 0.0
     decision, reservation = await guard.decide(facts)
     return admission.admitted(guard, facts, decision, reservation, started)
@@ -185,12 +182,9 @@ def admit_sync(
     path_params: Mapping[str, Any] | None,
 ) -> Answer | Decision | None:
     """:func:`admit`, on the blocking store."""
-    try:
-        facts = guard.reader.facts(query, headers, route, path_params)
-    except InvalidParameter as exc:
-        return problem_answer(exc)
-    if facts is None:
-        return None
+    facts = _facts(guard, query, headers, route, path_params)
+    if not isinstance(facts, Facts):
+        return facts  # not an ad request, or bad input
     started = time.perf_counter() if guard.debug_headers else 0.0
     decision, reservation = guard.decide_sync(facts)
     return admission.admitted(guard, facts, decision, reservation, started)
@@ -215,6 +209,19 @@ def release_sync(guard: Guard, what: Release | None) -> None:
         guard.release_sync(what.reservation, what.why)
     except Exception as exc:
         logs.internal_error("releasing a reservation", exc)
+
+
+def _facts(
+    guard: Guard,
+    query: bytes,
+    headers: Iterable[tuple[bytes, bytes]],
+    route: RouteRules | None,
+    path_params: Mapping[str, Any] | None,
+) -> Facts | Answer | None:
+    try:
+        return guard.reader.facts(query, headers, route, path_params)
+    except InvalidParameter as exc:
+        return problem_answer(exc)
 
 
 # -- answers instead of the handler -----------------------------------------------------------
