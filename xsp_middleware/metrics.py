@@ -78,11 +78,12 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Callable
 from typing import Any
 
 from . import observe
 from .errors import ConfigError
+from .types import Receive, Scope, Send
 
 
 class MetricsUnavailable(ConfigError, ImportError):
@@ -352,12 +353,6 @@ def enable_metrics(
 
 def _multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
-
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 
 class MetricsApp:

@@ -9,16 +9,16 @@ ASGI app it decides before calling the app.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Sequence
 from typing import Any
 
-from .errors import InvalidParameter
-from .guard import Guard, Reply, RouteRules, cookie_value, query_values, rules_of
+from .core.admission import Admission, Answer, admit, release
+from .core.guard import Guard
+from .core.request import cookie_value, query_values
+from .core.rules import RouteRules, rules_of
 from .settings import Settings
-from .store import Reservation
+from .types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = ["XSPMiddleware", "cookie_value", "query_values"]
 
@@ -28,12 +28,6 @@ DECIDED_KEY = "xsp.decided"
 """Set once a request has been decided, so nested guarded apps never decide it twice."""
 
 logger = logging.getLogger("xsp_middleware")
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 class XSPMiddleware:
@@ -69,28 +63,45 @@ class XSPMiddleware:
             return
         if not self._installed or self._routes_changed():
             self._install_route_guards()
-        if self._route_lists is None:
-            await guard_request(self.guard, None, self.app, scope, receive, send)
-            return
-        if GUARD_KEY in scope:  # an outer XSPMiddleware decides for this request
+        routed = self._route_lists is not None
+        if not routed:  # no router: decide now, by the core rule
+            if scope.get(DECIDED_KEY) or not self.guard.reader.is_candidate(
+                scope["method"], scope["path"], scope.get("query_string", b""), None
+            ):
+                await self.app(scope, receive, send)
+                return
+            admission = Admission()
+            decided = await decide(self.guard, None, scope, send, admission)
+            if decided is None:
+                return  # answered (a denial, bad input)
+            if admission.reservation is None:
+                await self.app(scope, receive, decided)  # nothing to confirm or release
+                return
+            send = decided
+        elif GUARD_KEY in scope:  # an outer XSPMiddleware decides for this request
             await self.app(scope, receive, send)
             return
-        # The route guards decide, with this middleware's guard (so an app also reached another
-        # way acts accordingly); the response is observed here, outside every inner middleware.
-        outcome = Outcome(receive, send)
-        scope[GUARD_KEY] = (self.guard, outcome)
+        else:
+            # The route guards decide, with this middleware's guard (so an app also reached
+            # another way acts accordingly), into its admission.
+            admission = Admission()
+            scope[GUARD_KEY] = (self.guard, admission)
+        # The response is observed here, outside every inner middleware; the reservation the
+        # admission holds by its end is confirmed or released here: the one place this
+        # integration releases.
+        watch = _Watch(receive, send, admission)
+        raised = False
         try:
-            await self.app(scope, outcome.receive, outcome.send)
+            await self.app(scope, watch.receive, watch.send)
         except BaseException:
-            outcome.raised = True
+            raised = True
             raise
         finally:
-            # The scope holds the outcome, which holds the server's send (and so, with most
-            # servers, the scope): a reference cycle per request, left to the garbage collector
-            # with everything the scope holds, unless it is broken here.
-            del scope[GUARD_KEY]
-            if outcome.reservation is not None and not outcome.kept:
-                await asyncio.shield(self.guard.release(outcome.reservation, outcome.why))
+            if routed:
+                del scope[GUARD_KEY]  # the request is over: nothing may decide into it any more
+            unkept = admission.finished(raised)
+            if unkept is not None:
+                await release(self.guard, unkept)
 
     def _returning_leases(self, receive: Receive) -> Receive:
         """Lifespan: at shutdown, give the budget leases back before the app shuts down."""
@@ -173,7 +184,8 @@ def _wrap_routes(routes: list[Any], seen: set[int], lists: list[list[Any]]) -> N
 
 
 class _GuardedHandle:
-    """A route's ``handle``, guarded: the decision is taken here, after routing."""
+    """A route's ``handle``, guarded: the decision is taken here, after routing; the
+    middleware that handed over its admission confirms or releases."""
 
     __slots__ = ("handle", "methods", "rules")
 
@@ -183,149 +195,79 @@ class _GuardedHandle:
         self.methods = methods
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        owner: tuple[Guard, Outcome] | None = scope.get(GUARD_KEY)
+        owner: tuple[Guard, Admission] | None = scope.get(GUARD_KEY)
         if (
             owner is None  # not reached through an XSPMiddleware
             or scope["type"] != "http"
             or (self.methods and scope["method"] not in self.methods)  # the route answers 405
+            or scope.get(DECIDED_KEY)  # decided once already (nested apps, each with a guard)
+            or not owner[0].reader.is_candidate(
+                scope["method"], scope["path"], scope.get("query_string", b""), self.rules
+            )
         ):
             await self.handle(scope, receive, send)
             return
-        guard, outcome = owner
-        await guard_request(guard, self.rules, self.handle, scope, receive, send, outcome)
+        guard, admission = owner
+        decided = await decide(guard, self.rules, scope, send, admission)
+        if decided is not None:
+            await self.handle(scope, receive, decided)
 
 
-async def guard_request(
-    guard: Guard,
-    route: RouteRules | None,
-    app: ASGIApp,
-    scope: Scope,
-    receive: Receive,
-    send: Send,
-    outcome: Outcome | None = None,
-) -> None:
-    """Decide for one HTTP request, then run ``app``. The reservation is confirmed or released
-    by whoever observes the response: ``outcome`` (the middleware, in route mode), or here."""
-    query: bytes = scope.get("query_string", b"")
-    if (
-        scope.get(DECIDED_KEY)  # decided once already (nested apps, each with a guard)
-        or not guard.guards_method(scope["method"])
-        or (
-            route is None
-            and (
-                not guard.guards_path(scope["path"])
-                or (guard.campaign_needle not in query and b"%" not in query)
-            )
-        )
-    ):
-        await app(scope, receive, send)
-        return
+async def decide(
+    guard: Guard, route: RouteRules | None, scope: Scope, send: Send, admission: Admission
+) -> Send | None:
+    """Decide for one HTTP request that may be an ad request, not decided yet, into ``admission``:
+    the ``send`` to run the app with (it adds the decision's headers, if any), or None when the
+    request was answered here (a denial, bad input)."""
     scope[DECIDED_KEY] = True
-    try:
-        facts = guard.facts(query, scope.get("headers", ()), route, scope.get("path_params"))
-        if facts is None and route is not None:  # a decorated ad route needs its campaign
-            raise InvalidParameter(route.campaign_param or guard.campaign_param, "is required")
-    except InvalidParameter as exc:
-        await _send_reply(send, guard.problem(exc))
-        return
-    if facts is None:
-        await app(scope, receive, send)
-        return
-    if facts.assigned is not None:  # anonymous="assign": the browser gets its id
-        send = _adding_headers(send, [guard.set_cookie(facts.assigned)])
-    debug = guard.debug_headers
-    started = time.perf_counter() if debug else 0.0
-    decision, reservation = await guard.decide(facts)
-    if debug:
-        details = guard.detail_headers(decision, time.perf_counter() - started)
-        if not decision.allowed and not guard.pass_denied:
-            details = details[:1] + details[2:]  # the denial carries its own X-XSP-Decision
-        send = _adding_headers(send, details)
-    if not decision.allowed and not guard.pass_denied:
-        await _send_reply(send, guard.denied(decision.reason))
-        return
-    scope.setdefault("state", {})["xsp"] = decision
-    if reservation is None:
-        await app(scope, receive, send)
-        return
-    if outcome is not None:
-        outcome.reservation = reservation
-        await app(scope, receive, send)
-        return
-    outcome = Outcome(receive, send)
-    try:
-        await app(scope, outcome.receive, outcome.send)
-    except BaseException:
-        outcome.raised = True
-        raise
-    finally:
-        if not outcome.kept:
-            await asyncio.shield(guard.release(reservation, outcome.why))
-
-
-class Outcome:
-    """Watches one response: its status, whether its last body message was sent, whether the
-    client went away first. Confirming costs nothing (the reservation already stands); anything
-    but a completed 2xx is released, shielded, so a cancelled request still releases."""
-
-    __slots__ = (
-        "_receive",
-        "_send",
-        "completed",
-        "disconnected",
-        "raised",
-        "reservation",
-        "status",
-        "trailers",
+    query: bytes = scope.get("query_string", b"")
+    step = await admit(
+        guard, admission, query, scope.get("headers", ()), route, scope.get("path_params")
     )
+    if admission.headers:
+        send = _adding_headers(send, admission.headers)
+    if isinstance(step, Answer):
+        await _send_answer(send, step)
+        return None
+    if step is not None:
+        scope.setdefault("state", {})["xsp"] = step
+    return send
 
-    def __init__(self, receive: Receive, send: Send) -> None:
+
+class _Watch:
+    """Reports one response to its admission: its status, whether its last body message was
+    sent, whether the client went away first."""
+
+    __slots__ = ("_admission", "_receive", "_send", "_trailers")
+
+    def __init__(self, receive: Receive, send: Send, admission: Admission) -> None:
         self._receive = receive
         self._send = send
-        self.status = 0
-        self.completed = False
-        self.disconnected = False
-        self.trailers = False
-        self.raised = False
-        self.reservation: Reservation | None = None
-
-    @property
-    def kept(self) -> bool:
-        return self.completed and 200 <= self.status < 300 and not self.disconnected
-
-    @property
-    def why(self) -> str:
-        """Why a reservation that is not kept is released (a metrics label)."""
-        if self.raised:
-            return "exception"
-        if self.disconnected:
-            return "disconnect"
-        if self.status and not 200 <= self.status < 300:
-            return "status"
-        return "incomplete"
+        self._admission = admission
+        self._trailers = False
 
     async def receive(self) -> Message:
         message = await self._receive()
-        if message["type"] == "http.disconnect" and not self.completed:
-            self.disconnected = True
+        if message["type"] == "http.disconnect":
+            self._admission.client_gone()
         return message
 
     async def send(self, message: Message) -> None:
         kind = message["type"]
         if kind == "http.response.start":
-            self.status = message["status"]
-            self.trailers = message.get("trailers", False)
+            self._admission.response_started(message["status"])
+            self._trailers = message.get("trailers", False)
         await self._send(message)  # raises (OSError) when the client has gone away
         if kind == "http.response.body" or kind == "http.response.zerocopysend":
-            if not message.get("more_body", False) and not self.trailers:
-                self.completed = True
+            if not message.get("more_body", False) and not self._trailers:
+                self._admission.response_completed()
         elif kind == "http.response.pathsend" or (
             kind == "http.response.trailers" and not message.get("more_trailers", False)
         ):
-            self.completed = True
+            self._admission.response_completed()
 
 
-def _adding_headers(send: Send, headers: list[tuple[bytes, bytes]]) -> Send:
+def _adding_headers(send: Send, headers: Sequence[tuple[bytes, bytes]]) -> Send:
     """``send``, with ``headers`` added to the response start (the app's own headers, its
     Set-Cookie ones included, stay as they are)."""
 
@@ -337,6 +279,6 @@ def _adding_headers(send: Send, headers: list[tuple[bytes, bytes]]) -> Send:
     return send_with_headers
 
 
-async def _send_reply(send: Send, reply: Reply) -> None:
-    await send({"type": "http.response.start", "status": reply.status, "headers": reply.headers})
-    await send({"type": "http.response.body", "body": reply.body})
+async def _send_answer(send: Send, answer: Answer) -> None:
+    await send({"type": "http.response.start", "status": answer.status, "headers": answer.headers})
+    await send({"type": "http.response.body", "body": answer.body})

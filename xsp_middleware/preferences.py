@@ -22,19 +22,22 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import NoScriptError
 
 from . import logs
+from .core.admission import PROBLEM_TYPE
+from .core.guard import warn_once
+from .core.request import MAX_USER_ID_BYTES, cookie_value
 from .errors import StoreUnavailable, XSPError
-from .guard import MAX_USER_ID_BYTES, PROBLEM_TYPE, cookie_value, warn_once
 from .settings import Rules, Settings, campaign_id_problem, validate_campaign_id
 from .store import Store
 from .store.protocol import prefs_reply
 from .store.scripts import PREFS
+from .types import Headers, Receive, Scope, Send
 
 __all__ = [
     "BLOCKED_FIELD",
@@ -144,12 +147,6 @@ async def forget_user(store: Store, user_id: str | bytes) -> bool:
 
 # -- the ASGI app -----------------------------------------------------------------------------
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
-
 MAX_BODY_BYTES = 4096
 _ROOT = "/preferences"
 _BLOCKED = "/preferences/blocked-campaigns/"
@@ -158,8 +155,6 @@ _BLOCKED_METHODS: tuple[str, ...] = ("POST", "DELETE", "OPTIONS")
 _UNSAFE = frozenset({"PUT", "POST", "DELETE"})
 _PROBLEM = "urn:xsp-middleware:problem:"
 _DEFAULT_PORTS = {"http": ":80", "https": ":443"}
-
-Headers = list[tuple[bytes, bytes]]
 
 
 class _Problem(Exception):

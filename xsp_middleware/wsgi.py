@@ -25,21 +25,20 @@ platform file transmission (correct, if not zero-copy).
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Iterable, Iterator, Mapping
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
-from . import logs
+from .core.admission import Admission, Answer, admit_sync, release_sync
+from .core.guard import Guard
+from .core.rules import RouteRules, rules_of
 from .decision import Decision
-from .errors import InvalidParameter
-from .guard import Guard, Reply, RouteRules
 from .settings import Settings
-from .store import Reservation
 
 if TYPE_CHECKING:
-    from _typeshed import OptExcInfo
-    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+    from flask import Flask, Response
+
+    from .types import OptExcInfo, StartResponse, WSGIApplication, WSGIEnvironment
 
 __all__ = ["DECISION_KEY", "XSPWSGIMiddleware"]
 
@@ -49,19 +48,18 @@ DECISION_KEY = "xsp.decision"
 EXTRA_HEADERS_KEY = "xsp.headers"
 """Headers the decision adds to the response: an assigned id's Set-Cookie, debug details."""
 STATE_KEY = "xsp.wsgi"
-"""Internal: the per-request state the middleware hands to the Flask hook, which decides and
-leaves the reservation there for the middleware to keep or release."""
+"""Internal: the per-request state the middleware hands to the Flask hook, which decides into
+its admission; the middleware confirms or releases."""
 
 
 class RequestState:
-    """One request's reservation, from the decision to keep-or-release."""
+    """One request's admission, and whether it was decided (the Flask hook decides once)."""
 
-    __slots__ = ("decided", "guard", "reservation", "status")
+    __slots__ = ("admission", "decided", "guard")
 
-    def __init__(self, guard: Guard, reservation: Reservation | None = None) -> None:
+    def __init__(self, guard: Guard) -> None:
         self.guard = guard
-        self.reservation = reservation
-        self.status = 0
+        self.admission = Admission()
         self.decided = False
 
     def decide(
@@ -70,27 +68,29 @@ class RequestState:
         route: RouteRules | None,
         path: str,
         path_params: Mapping[str, Any] | None,
-    ) -> Reply | None:
-        """Decide once (a second call is a no-op); a :class:`Reply` to send instead of the
-        handler, or None to run it."""
+    ) -> Answer | None:
+        """Decide once (a second call is a no-op); an :class:`Answer` to send instead of the
+        handler, or None to run it. A ``route`` (decorated view) is always guarded; otherwise
+        the core rule applies: ``paths`` and the campaign parameter in the query. Sets
+        ``environ["xsp.decision"]`` when the app is to run with a decision."""
         if self.decided:
             return None
         self.decided = True
-        reply, self.reservation = decide(self.guard, environ, route, path, path_params)
-        return reply
-
-    def finish(self, completed: bool) -> None:
-        """Keep the reservation (a completed 2xx) or release it; only the first call acts."""
-        reservation = self.reservation
-        if reservation is None:
-            return
-        self.reservation = None
-        if completed and 200 <= self.status < 300:
-            return  # confirming costs nothing: the reservation already stands
-        try:
-            self.guard.release_sync(reservation)
-        except Exception as exc:  # our bug must not become the app's error: log it
-            logs.internal_error("releasing a reservation", exc)
+        guard = self.guard
+        query = _wire_bytes(environ.get("QUERY_STRING", ""))
+        if not guard.reader.is_candidate(environ.get("REQUEST_METHOD", "GET"), path, query, route):
+            return None
+        headers = (
+            (b"cookie", _wire_bytes(environ.get("HTTP_COOKIE", ""))),
+            (b"sec-gpc", _wire_bytes(environ.get("HTTP_SEC_GPC", ""))),
+        )
+        step = admit_sync(guard, self.admission, query, headers, route, path_params)
+        if self.admission.headers:
+            environ[EXTRA_HEADERS_KEY] = wsgi_headers(self.admission.headers)
+        if isinstance(step, Decision):
+            environ[DECISION_KEY] = step
+            return None
+        return step
 
 
 class XSPWSGIMiddleware:
@@ -118,75 +118,22 @@ class XSPWSGIMiddleware:
         self.sync_store = self.guard.sync_store  # connect lazily, but build the pool now
         self.flask_app = _flask_app_of(app)
         if self.flask_app is not None:
-            from .flask import install_guard
-
-            install_guard(self.flask_app, self.guard)
+            _install_flask_hook(self.flask_app, self.guard)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if STATE_KEY in environ:  # an outer XSPWSGIMiddleware decides for this request
             return self.app(environ, start_response)
-        if self.guard.anonymous == "assign" or self.guard.debug_headers:
+        if self.guard.settings.anonymous == "assign" or self.guard.debug_headers:
             start_response = _with_extra_headers(environ, start_response)
-        if self.flask_app is not None:
-            # The Flask hook decides after routing and leaves the reservation in ``state``.
-            state = RequestState(self.guard)
-            environ[STATE_KEY] = state
-            return _run(self.app, environ, start_response, state)
         state = RequestState(self.guard)
         environ[STATE_KEY] = state  # inner XSP layers leave this request to this one
-        reply, state.reservation = decide(self.guard, environ, None, _path(environ), None)
-        if reply is not None:
-            return send_reply(start_response, reply)
-        if state.reservation is None:
-            return self.app(environ, start_response)
+        if self.flask_app is None:  # decide now; with Flask, its hook decides after routing
+            answer = state.decide(environ, None, _path(environ), None)
+            if answer is not None:
+                return send_answer(start_response, answer)
+            if state.admission.reservation is None:
+                return self.app(environ, start_response)
         return _run(self.app, environ, start_response, state)
-
-
-def decide(
-    guard: Guard,
-    environ: WSGIEnvironment,
-    route: RouteRules | None,
-    path: str,
-    path_params: Mapping[str, Any] | None,
-) -> tuple[Reply | None, Reservation | None]:
-    """Decide for one WSGI request: (a reply to send instead of the app, or None; the
-    reservation to keep or release, or None). Sets ``environ["xsp.decision"]`` when the app
-    is to run with a decision. A ``route`` (decorated view) is always guarded; otherwise the
-    core rule applies: ``paths`` and the campaign parameter in the query."""
-    if not guard.guards_method(environ.get("REQUEST_METHOD", "GET")):
-        return None, None
-    query = _wire_bytes(environ.get("QUERY_STRING", ""))
-    if route is None and (
-        not guard.guards_path(path) or (guard.campaign_needle not in query and b"%" not in query)
-    ):
-        return None, None
-    headers = (
-        (b"cookie", _wire_bytes(environ.get("HTTP_COOKIE", ""))),
-        (b"sec-gpc", _wire_bytes(environ.get("HTTP_SEC_GPC", ""))),
-    )
-    try:
-        facts = guard.facts(query, headers, route, path_params)
-        if facts is None and route is not None:  # a decorated ad route needs its campaign
-            raise InvalidParameter(route.campaign_param or guard.campaign_param, "is required")
-    except InvalidParameter as exc:
-        return guard.problem(exc), None
-    if facts is None:
-        return None, None
-    extra: list[tuple[bytes, bytes]] = []
-    if facts.assigned is not None:  # anonymous="assign": the browser gets its id
-        extra.append(guard.set_cookie(facts.assigned))
-    started = time.perf_counter()
-    decision, reservation = guard.decide_sync(facts)
-    denied = not decision.allowed and not guard.pass_denied
-    if guard.debug_headers:
-        details = guard.detail_headers(decision, time.perf_counter() - started)
-        extra.extend(details[:1] + details[2:] if denied else details)
-    if extra:
-        environ[EXTRA_HEADERS_KEY] = wsgi_headers(extra)
-    if denied:
-        return guard.denied(decision.reason), None
-    environ[DECISION_KEY] = decision
-    return None, reservation
 
 
 def decision_of(environ: Mapping[str, Any]) -> Decision | None:
@@ -218,12 +165,14 @@ def _run(
     start_response: StartResponse,
     state: RequestState,
 ) -> Iterable[bytes]:
-    """Run the app, observing its status; keep or release the reservation it ends up with."""
+    """Run the app, observing its status; keep or release the reservation it ends up with.
+    With :class:`_Observed`, the one place this integration releases."""
+    admission = state.admission
 
     def observe(
         status: str, headers: list[tuple[str, str]], exc_info: OptExcInfo | None = None
     ) -> Any:
-        state.status = _status_code(status)
+        admission.response_started(_status_code(status))
         if exc_info is None:
             return start_response(status, headers)
         return start_response(status, headers, exc_info)
@@ -231,9 +180,9 @@ def _run(
     try:
         result = app(environ, observe)
     except BaseException:
-        state.finish(False)
+        release_sync(state.guard, admission.finished(raised=True))
         raise
-    if state.reservation is None:
+    if admission.reservation is None:
         return result  # nothing reserved (not an ad request, a denial, a bad request)
     return _Observed(result, state)
 
@@ -258,10 +207,11 @@ class _Observed:
                 self._iterator = iter(self._result)
             return next(self._iterator)
         except StopIteration:
-            self._state.finish(True)
+            self._state.admission.response_completed()
+            release_sync(self._state.guard, self._state.admission.finished())
             raise
         except BaseException:
-            self._state.finish(False)
+            release_sync(self._state.guard, self._state.admission.finished(raised=True))
             raise
 
     def close(self) -> None:
@@ -269,14 +219,14 @@ class _Observed:
             close = getattr(self._result, "close", None)
             if close is not None:
                 close()
-        finally:
-            self._state.finish(False)  # a no-op once the body was exhausted
+        finally:  # a no-op once the body was exhausted
+            release_sync(self._state.guard, self._state.admission.finished())
 
 
-def send_reply(start_response: StartResponse, reply: Reply) -> list[bytes]:
-    """Answer with ``reply`` instead of the app."""
-    start_response(status_line(reply.status), wsgi_headers(reply.headers))
-    return [reply.body] if reply.body else []
+def send_answer(start_response: StartResponse, answer: Answer) -> list[bytes]:
+    """Answer with ``answer`` instead of the app."""
+    start_response(status_line(answer.status), wsgi_headers(answer.headers))
+    return [answer.body] if answer.body else []
 
 
 def status_line(code: int) -> str:
@@ -340,3 +290,38 @@ def _flask_app_of(app: object) -> Any:
         if app is None:
             return None
     return None
+
+
+def _install_flask_hook(app: Flask, guard: Guard) -> None:
+    """Register the decision hook on a Flask ``app`` (once per middleware, at its construction).
+
+    It decides after Flask has routed the request, so the view's rules and URL variables apply,
+    and a request no view handles (404, 405, automatic OPTIONS) makes no store call. It answers
+    denials (204) and bad input (400) itself; Flask then skips the view. Keeping or releasing
+    the reservation is the middleware's job, once the response has been sent.
+    """
+    from flask import request  # a Flask app is running: Flask is imported already
+
+    def xsp_before_request() -> Response | None:
+        state = request.environ.get(STATE_KEY)
+        if not isinstance(state, RequestState) or state.guard is not guard:
+            return None  # not behind this middleware: it could not keep or release
+        rule = request.url_rule
+        if request.routing_exception is not None or rule is None:
+            return None  # 404, 405, a redirect: no view runs, no store call
+        if request.method == "OPTIONS" and getattr(rule, "provide_automatic_options", False):
+            return None  # Flask answers it without the view
+        view = app.view_functions.get(rule.endpoint)
+        answer = state.decide(request.environ, rules_of(view), request.path, request.view_args)
+        return None if answer is None else _flask_response(app, answer)
+
+    app.before_request(xsp_before_request)
+
+
+def _flask_response(app: Flask, answer: Answer) -> Response:
+    response = app.response_class(answer.body, status=answer.status)
+    if not any(name == b"content-type" for name, _ in answer.headers):
+        del response.headers["Content-Type"]  # a 204 no-fill carries no type, as over ASGI
+    for name, value in wsgi_headers(answer.headers):
+        response.headers[name] = value
+    return response

@@ -1,0 +1,270 @@
+"""The one admission sequence every integration drives: facts -> decision -> the handler ->
+confirm or release.
+
+:class:`Admission` is one request's state, with no I/O. An integration (ASGI, WSGI, Django)
+translates its request into the raw parts :func:`admit` takes, sends the :class:`Answer` it may
+return instead of running the handler, reports what it sees of the response
+(:meth:`Admission.response_started`, :meth:`Admission.response_completed`,
+:meth:`Admission.client_gone`), and finally asks :meth:`Admission.finished` what to release.
+What counts as success (a completed 2xx the client did not walk away from) and why a
+reservation is released are decided here only.
+
+:func:`admit` and :func:`admit_sync`, :func:`release` and :func:`release_sync` differ only in
+I/O: the asyncio store is awaited, the blocking one called.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from .. import logs, observe
+from ..decision import Decision
+from ..errors import InvalidParameter
+from ..store import Reservation
+from ..types import Headers
+from .guard import Guard
+from .request import Facts
+from .rules import RouteRules
+
+__all__ = [
+    "PROBLEM_TYPE",
+    "Admission",
+    "Answer",
+    "Release",
+    "admit",
+    "admit_sync",
+    "release",
+    "release_sync",
+]
+
+PROBLEM_TYPE = "urn:xsp-middleware:problem:invalid-parameter"
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """An HTTP response the integration sends instead of running the handler."""
+
+    status: int
+    headers: Headers
+    body: bytes
+
+
+class Release(NamedTuple):
+    """A reservation to release, and why (the ``xsp_reservations_released_total`` label)."""
+
+    reservation: Reservation
+    why: str
+
+
+class Admission:
+    """One request, from its decision to confirm-or-release; no I/O."""
+
+    # Class-level defaults, no ``__init__``: one is made per guarded request, and only what
+    # changes is written to the instance.
+    reservation: Reservation | None = None
+    """The reservation still to confirm or release (None once :meth:`finished`)."""
+    headers: Sequence[tuple[bytes, bytes]] = ()
+    """Headers for whatever response the request gets: the assigned id's cookie, then the debug
+    headers."""
+    assigned: str | None = None
+    """A user id assigned to the browser (``anonymous="assign"``)."""
+    details: Sequence[tuple[bytes, bytes]] = ()
+    """The opt-in debug headers (``debug_headers``)."""
+    status = 0
+    completed = False
+    disconnected = False
+    raised = False
+
+    # -- the decision -----------------------------------------------------------------------
+
+    def admitted(
+        self,
+        guard: Guard,
+        facts: Facts,
+        decision: Decision,
+        reservation: Reservation | None,
+        started: float,
+    ) -> Answer | Decision:
+        """The store (or the policy) decided: the denial to answer, or the decision to run the
+        handler with. ``started``: when deciding began (``time.perf_counter()``)."""
+        denied = not decision.allowed and not guard.pass_denied
+        if guard.debug_headers:
+            details = detail_headers(decision, time.perf_counter() - started)
+            self.details = details[:1] + details[2:] if denied else details
+        if facts.assigned is not None:
+            self.assigned = facts.assigned
+            self.headers = [guard.reader.set_cookie(facts.assigned), *self.details]
+        elif self.details:
+            self.headers = self.details
+        if denied:
+            return denied_answer(decision.reason)
+        self.reservation = reservation
+        return decision
+
+    # -- the response -----------------------------------------------------------------------
+
+    def response_started(self, status: int) -> None:
+        self.status = status
+
+    def response_completed(self) -> None:
+        """The response's last byte went to the server (for WSGI and Django: the body was
+        produced to its end)."""
+        self.completed = True
+
+    def client_gone(self) -> None:
+        """The client disconnected; after a completed response it no longer matters."""
+        if not self.completed:
+            self.disconnected = True
+
+    @property
+    def may_keep(self) -> bool:
+        """A reservation is held, and the response so far would keep it if it completes."""
+        return self.reservation is not None and 200 <= self.status < 300 and not self.disconnected
+
+    def finished(self, raised: bool = False) -> Release | None:
+        """The request is over (``raised``: the handler or its body raised). What to release;
+        None when the reservation is kept, or there is none. Only the first call answers."""
+        reservation = self.reservation
+        if reservation is None:
+            return None
+        self.reservation = None
+        if self.completed and 200 <= self.status < 300 and not self.disconnected:
+            return None  # confirming costs nothing: the reservation already stands
+        if raised:
+            self.raised = True
+        return Release(reservation, self.why)
+
+    @property
+    def why(self) -> str:
+        """Why a reservation that is not kept is released."""
+        if self.raised:
+            return "exception"
+        if self.disconnected:
+            return "disconnect"
+        if self.status and not 200 <= self.status < 300:
+            return "status"
+        return "incomplete"
+
+
+# -- the drivers: the same steps, asyncio or blocking store -----------------------------------
+
+
+async def admit(
+    guard: Guard,
+    admission: Admission,
+    query: bytes,
+    headers: Iterable[tuple[bytes, bytes]],
+    route: RouteRules | None,
+    path_params: Mapping[str, Any] | None,
+) -> Answer | Decision | None:
+    """Decide for a request :meth:`~.request.RequestReader.is_candidate` let through: an
+    :class:`Answer` to send instead of the handler (bad input, a denial), the :class:`Decision`
+    to run it with, or None (no campaign: not an ad request, run it untouched)."""
+    facts = _facts(guard, query, headers, route, path_params)
+    if not isinstance(facts, Facts):
+        return facts  # not an ad request, or bad input
+    started = time.perf_counter() if guard.debug_headers else 0.0
+    decision, reservation = await guard.decide(facts)
+    return admission.admitted(guard, facts, decision, reservation, started)
+
+
+def admit_sync(
+    guard: Guard,
+    admission: Admission,
+    query: bytes,
+    headers: Iterable[tuple[bytes, bytes]],
+    route: RouteRules | None,
+    path_params: Mapping[str, Any] | None,
+) -> Answer | Decision | None:
+    """:func:`admit`, on the blocking store."""
+    facts = _facts(guard, query, headers, route, path_params)
+    if not isinstance(facts, Facts):
+        return facts  # not an ad request, or bad input
+    started = time.perf_counter() if guard.debug_headers else 0.0
+    decision, reservation = guard.decide_sync(facts)
+    return admission.admitted(guard, facts, decision, reservation, started)
+
+
+async def release(guard: Guard, what: Release | None) -> None:
+    """Release what :meth:`Admission.finished` said, shielded (a cancelled request still
+    releases); a bug of ours is logged, never raised into the response."""
+    if what is None:
+        return
+    try:
+        await asyncio.shield(guard.release(what.reservation, what.why))
+    except Exception as exc:
+        logs.internal_error("releasing a reservation", exc)
+
+
+def release_sync(guard: Guard, what: Release | None) -> None:
+    """:func:`release`, on the blocking store."""
+    if what is None:
+        return
+    try:
+        guard.release_sync(what.reservation, what.why)
+    except Exception as exc:
+        logs.internal_error("releasing a reservation", exc)
+
+
+def _facts(
+    guard: Guard,
+    query: bytes,
+    headers: Iterable[tuple[bytes, bytes]],
+    route: RouteRules | None,
+    path_params: Mapping[str, Any] | None,
+) -> Facts | Answer | None:
+    try:
+        return guard.reader.facts(query, headers, route, path_params)
+    except InvalidParameter as exc:
+        return problem_answer(exc)
+
+
+# -- answers instead of the handler -----------------------------------------------------------
+
+
+def denied_answer(reason: str) -> Answer:
+    """A denial: 204, no fill, and why in ``X-XSP-Decision``."""
+    return Answer(204, [(b"x-xsp-decision", reason.encode())], b"")
+
+
+def problem_answer(exc: InvalidParameter) -> Answer:
+    """Bad input: 400 ``application/problem+json``."""
+    if observe.current is not None:
+        observe.current.decision("invalid", exc.field, "")
+    body = json.dumps(
+        {
+            "type": PROBLEM_TYPE,
+            "title": "Invalid ad request parameter",
+            "detail": exc.detail,
+            "field": exc.field,
+        }
+    ).encode()
+    return Answer(
+        400,
+        [
+            (b"content-type", b"application/problem+json"),
+            (b"content-length", str(len(body)).encode()),
+        ],
+        body,
+    )
+
+
+def detail_headers(decision: Decision, seconds: float) -> Headers:
+    """The opt-in debugging headers (``debug_headers``) of a guarded response."""
+    headers = [
+        (b"server-timing", b"xsp;dur=%.3f" % (seconds * 1000)),
+        (b"x-xsp-decision", decision.reason.encode()),
+    ]
+    if decision.remaining_impressions is not None:
+        headers.append((b"x-xsp-remaining-impressions", b"%d" % decision.remaining_impressions))
+    if decision.remaining_budget is not None:
+        headers.append((b"x-xsp-remaining-budget", str(decision.remaining_budget).encode()))
+    if decision.degraded:
+        why = (decision.degraded_reason or "yes")[:200]
+        headers.append((b"x-xsp-degraded", why.encode("ascii", "replace")))
+    return headers
