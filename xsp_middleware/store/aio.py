@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -27,8 +26,8 @@ from ..settings import CampaignConfig, Rules
 from ..store_url import parse_store_url
 from . import memory
 from .admin import Admin
-from .leases import Lease
 from .leasing import Leasing
+from .loops import LoopState
 from .pipeline import AutoPipeline, Redirected
 from .plans import Answer, Batch, Call, Late, Planner
 from .protocol import Context, Reservation, config_reply, peek_reply, reservation_from, text
@@ -48,34 +47,6 @@ from .topology import async_client, connection_options
 
 _PIPELINE_SLOTS = 8
 """Connections per event loop. Batching makes a few enough; more only add server contention."""
-
-
-class LoopState:
-    """One event loop's connections and budget leases."""
-
-    __slots__ = (
-        "client",
-        "lease_client",
-        "lease_seq",
-        "lease_tasks",
-        "leases",
-        "pipeline",
-        "shards",
-    )
-
-    def __init__(self, client: Any, pipeline: AutoPipeline | None, shards: Shards | None) -> None:
-        self.client = client
-        self.pipeline = pipeline
-        self.shards = shards
-        self.leases: dict[str, Lease] = {}
-        """Budget leases of this event loop, per campaign (see leases.py)."""
-        self.lease_tasks: set[asyncio.Task[None]] = set()
-        self.lease_client = secrets.token_hex(8)
-        """Names this loop's lease calls."""
-        self.lease_seq = 0
-        """The last sequence number of this loop's lease calls. One counter for all of them:
-        a campaign's lease dropped from ``leases`` and made again never reuses a number that
-        its key in the store has already recorded (the script would take it for a resend)."""
 
 
 class Store(Admin):

@@ -18,7 +18,7 @@ from .scripts import LEASE, pack_args
 from .shards import slot_of
 
 if TYPE_CHECKING:
-    from .aio import LoopState, Store
+    from .loops import Host, LoopState
 
 _STOP_LEASE = (Reason.CAMPAIGN_PAUSED, Reason.CAMPAIGN_INACTIVE, Reason.LEASING_OFF)
 """A refused grant that means: stop spending what the lease holds now."""
@@ -28,7 +28,7 @@ class Grants:
     """The lease calls of one store, for every event loop (each loop's leases and their
     in-flight calls live in its :class:`~xsp_middleware.store.aio.LoopState`)."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Host) -> None:
         self.store = store
         self.planner = store.planner
         self.ms = float(store.rules.settings.lease_seconds) * 1000.0

@@ -8,14 +8,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .. import logs, observe
+from ..breaker import CircuitBreaker
+from ..clock import Clock
 from ..errors import StoreUnavailable
-from ..settings import CampaignConfig
+from ..settings import CampaignConfig, Rules
 from .protocol import (
     CampaignReply,
     Context,
+    Packed,
     Reservation,
     UserReply,
     campaign_reply,
@@ -25,18 +28,33 @@ from .protocol import (
 from .scripts import RELEASE, RELEASE_USER, Script, pack_args
 from .shards import Split, combine, slot_of
 
-if TYPE_CHECKING:
-    from .plans import Planner
-
 Undo = tuple[int, Script, int, bytes]
 """A release to send: slot, script, argument count, arguments."""
+
+
+class Host(Protocol):
+    """What the halves need of their planner (:class:`~xsp_middleware.store.plans.Planner`)."""
+
+    rules: Rules
+    clock: Clock
+    caps: dict[str, str]
+    zones: dict[str, str]
+    stored_leasing: dict[str, bool]
+    optout_policy: bytes
+
+    def static_part(self, campaign_id: str, rule: CampaignConfig, tz: str) -> Packed: ...
+    def campaign_keys(self, campaign_id: str) -> tuple[str, str]: ...
+    def breaker_for(self, node: str) -> CircuitBreaker: ...
+    def learn_leasing(self, campaign_id: str, raw: Any) -> None: ...
+    def learn_config(self, campaign_id: str, retry: tuple[int, str, bool]) -> None: ...
+    def exhausted(self, campaign_id: str, kind: str) -> None: ...
 
 
 class Halves:
     """The I/O-free side of a store's cluster reservations (and of a leased decision's
     releases): built once, driven by both the async and the blocking store."""
 
-    def __init__(self, planner: Planner) -> None:
+    def __init__(self, planner: Host) -> None:
         self.planner = planner
 
     def calls(

@@ -20,7 +20,7 @@ from .scripts import RESERVE_USER, pack_args
 from .shards import Sent, settle, slot_of
 
 if TYPE_CHECKING:
-    from .aio import LoopState, Store
+    from .loops import Host, LoopState
 
 _STOP_LEASE = (Reason.CAMPAIGN_PAUSED, Reason.CAMPAIGN_INACTIVE, Reason.LEASING_OFF)
 """A refused grant that means: stop spending what the lease holds now."""
@@ -30,7 +30,7 @@ class Leasing:
     """The leases of one :class:`~xsp_middleware.store.Store`, per event loop (kept in the
     store's loop state), and every store call they make."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Host) -> None:
         self.store = store
         self.planner = store.planner
         self._orphan_user = store.orphan(store.planner.halves.late_user_undo)

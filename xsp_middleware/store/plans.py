@@ -17,7 +17,6 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable, Generator
-from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
 
 from .. import logs, observe
@@ -26,7 +25,16 @@ from ..clock import Calendars, Clock
 from ..errors import StoreUnavailable
 from ..settings import CampaignConfig, Rules
 from .halves import Halves, Undo, compensation_failed
-from .protocol import CampaignReply, Context, Reason, Reservation, campaign_reply, reservation, text
+from .protocol import (
+    CampaignReply,
+    Context,
+    Packed,
+    Reason,
+    Reservation,
+    campaign_reply,
+    reservation,
+    text,
+)
 from .scripts import RESERVE_CAMPAIGN, RESERVE_USER, Script, pack_args
 from .shards import slot_of
 
@@ -58,20 +66,6 @@ class Batch(NamedTuple):
 
 
 Answer = tuple[str, int, Any]
-
-
-@dataclass(frozen=True, slots=True)
-class _Static:
-    tz: str
-    since: int
-    until: int
-    """The packed calendar holds from ``since`` until ``until`` (the next local midnight)."""
-    rule: CampaignConfig
-    keys: bytes
-    argv: bytes
-    user_tail: bytes
-    """A cluster's user half: the calendar arguments after the campaign's caps."""
-    slot: int
 
 
 class UserMac:
@@ -119,7 +113,7 @@ class Planner:
         self.breaker = CircuitBreaker(rules.breaker)
         self._breakers: dict[str, CircuitBreaker] = {}
         """A cluster's breakers, one per master: one dead shard opens only its own."""
-        self._statics: dict[str, _Static] = {}
+        self._statics: dict[str, Packed] = {}
         self.zones: dict[str, str] = {}
         """Campaigns whose stored time zone differs from the rules'."""
         self.caps: dict[str, str] = {}
@@ -160,7 +154,7 @@ class Planner:
     def zone_of(self, campaign_id: str, rule: CampaignConfig) -> str:
         return self.zones.get(campaign_id, rule.timezone)
 
-    def static_part(self, campaign_id: str, rule: CampaignConfig, tz: str) -> _Static:
+    def static_part(self, campaign_id: str, rule: CampaignConfig, tz: str) -> Packed:
         """The packed keys and per-campaign arguments of a reserve call. They change only with
         the local day (the calendar) or the campaign's zone, so they are packed once."""
         now = self.clock.now_ms()
@@ -180,7 +174,7 @@ class Planner:
         if len(self._statics) > 10_000:
             self._statics.clear()
         cfg_key, state_key = self.campaign_keys(campaign_id)
-        static = self._statics[campaign_id] = _Static(
+        static = self._statics[campaign_id] = Packed(
             tz=tz,
             since=since,
             until=until,

@@ -18,6 +18,7 @@ from enum import IntEnum
 from typing import Any, NamedTuple
 
 from ..errors import StoreUnavailable
+from ..settings import CampaignConfig
 
 Context = tuple[str, "str | None", bool]
 """A reservation's (campaign id, user key or None when anonymous, counts an impression)."""
@@ -267,3 +268,19 @@ def reservation_from(context: Context, raw: Any) -> Reservation:
         )
     except (TypeError, ValueError, IndexError):
         raise StoreUnavailable(f"unexpected reply from the reserve script: {raw!r}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Packed:
+    """A campaign's packed reserve arguments, valid for one local day and zone."""
+
+    tz: str
+    since: int
+    until: int
+    """The packed calendar holds from ``since`` until ``until`` (the next local midnight)."""
+    rule: CampaignConfig
+    keys: bytes
+    argv: bytes
+    user_tail: bytes
+    """A cluster's user half: the calendar arguments after the campaign's caps."""
+    slot: int
