@@ -4,8 +4,8 @@
 It holds the keys, the packed arguments of every reserve and release, what the store has
 taught this process (campaigns' stored zones, caps and leasing flags), the circuit breakers'
 verdicts, and the reserve *plans*: generators that yield the calls to send and take back their
-replies. A driver only sends and reads (``drive`` and ``adrive`` below), so a decision's logic
-cannot drift between the two."""
+replies. A driver only sends and reads (``drive`` below for the blocking one; the asyncio one
+adds what only it has, cancellation), so a decision's logic cannot drift between the two."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import inspect
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Callable, Generator
 from typing import Any, NamedTuple, TypeVar
 
 from .. import logs, observe
@@ -32,7 +32,7 @@ from .protocol import (
     Reason,
     Reservation,
     campaign_reply,
-    reservation,
+    reserved_by,
     text,
 )
 from .scripts import RESERVE_CAMPAIGN, RESERVE_USER, Script, pack_args
@@ -292,18 +292,7 @@ class Planner:
         self.breaker.record(ticket, False)
         if observe.current is not None:
             observe.current.store_call(time.monotonic() - started)
-        made = reservation(
-            context,
-            reply.passed == 1,
-            reply.reason,
-            cost=reply.cost,
-            remaining=reply.remaining,
-            left=reply.left,
-            at=reply.at_ms,
-            day=reply.day_start_ms,
-            logs=reply.logs,
-            personal=reply.personal,
-        )
+        made = reserved_by(context, reply)
         if reply.leasing or context[0] in self.stored_leasing:
             self.learn_leasing(context[0], reply.leasing)
         if reply.fired:
@@ -424,21 +413,6 @@ def drive(plan: Generator[Any, Any, T], send: Callable[[Any], Any]) -> T:
     while True:
         try:
             answer = send(request)
-        except StoreUnavailable as exc:
-            request = plan.throw(exc)
-            continue
-        try:
-            request = plan.send(answer)
-        except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]
-
-
-async def adrive(plan: Generator[Any, Any, T], send: Callable[[Any], Awaitable[Any]]) -> T:
-    """``drive`` on asyncio: the same plan, the answers awaited."""
-    request = next(plan)
-    while True:
-        try:
-            answer = await send(request)
         except StoreUnavailable as exc:
             request = plan.throw(exc)
             continue

@@ -251,21 +251,9 @@ def reservation(
 
 
 def reservation_from(context: Context, raw: Any) -> Reservation:
-    """A standalone reserve script's reply (see reserve.lua) as a Reservation."""
-    reply = campaign_reply(raw)
+    """A standalone reserve script's raw reply (see reserve.lua) as a Reservation."""
     try:
-        return reservation(
-            context,
-            reply.passed == 1,
-            reply.reason,
-            cost=reply.cost,
-            remaining=reply.remaining,
-            left=reply.left,
-            at=reply.at_ms,
-            day=reply.day_start_ms,
-            logs=reply.logs,
-            personal=reply.personal,
-        )
+        return reserved_by(context, campaign_reply(raw))
     except (TypeError, ValueError, IndexError):
         raise StoreUnavailable(f"unexpected reply from the reserve script: {raw!r}") from None
 
@@ -284,3 +272,19 @@ class Packed:
     user_tail: bytes
     """A cluster's user half: the calendar arguments after the campaign's caps."""
     slot: int
+
+
+def reserved_by(context: Context, reply: CampaignReply) -> Reservation:
+    """What a decoded reserve reply means: the one place a reply becomes a Reservation."""
+    return reservation(
+        context,
+        reply.passed == 1,
+        reply.reason,
+        cost=reply.cost,
+        remaining=reply.remaining,
+        left=reply.left,
+        at=reply.at_ms,
+        day=reply.day_start_ms,
+        logs=reply.logs,
+        personal=reply.personal,
+    )
