@@ -42,7 +42,7 @@ from .scripts import (
     Script,
     pack_args,
 )
-from .shards import Sent, Shards, settle, slot_of
+from .shards import Sent, Shards, reply_of, slot_of
 from .topology import async_client, connection_options
 
 _PIPELINE_SLOTS = 8
@@ -213,12 +213,12 @@ class Store(Admin):
                 return done.value  # type: ignore[no-any-return]
 
     async def _run_batch(self, shards: Shards, batch: Batch, context: Context) -> list[Answer]:
-        """Send a plan's calls to their slots' masters, then settle them all; a redirected call
+        """Send a plan's calls to their slots' masters, then await every reply; a redirected call
         (it did not run) is sent again once the slot map is re-learnt. A decision cancelled
         mid-way releases whatever half passed."""
         sent = [self._send(shards, call, context, batch.decision) for call in batch.calls]
         try:
-            results = [await settle(s.future) for s in sent]
+            results = [await reply_of(s.future) for s in sent]
             moved = [i for i, r in enumerate(results) if isinstance(r, Redirected)]
             if moved:  # slots moved (a failover, a reshard)
                 for i in moved:
@@ -227,7 +227,7 @@ class Store(Admin):
                 for i in moved:
                     sent[i] = self._send(shards, batch.calls[i], context, batch.decision)
                 for i in moved:
-                    results[i] = await settle(sent[i].future)
+                    results[i] = await reply_of(sent[i].future)
         except asyncio.CancelledError:
             if batch.decision:
                 self._abandon(context, batch.calls, sent)
@@ -322,10 +322,10 @@ class Store(Admin):
         shards = self.state().shards
         assert shards is not None
         await shards.ready()
-        result = await settle(shards.send(slot, script, nargs, body)[1])
+        result = await reply_of(shards.send(slot, script, nargs, body)[1])
         if isinstance(result, Redirected):
             await shards.refresh()
-            result = await settle(shards.send(slot, script, nargs, body)[1])
+            result = await reply_of(shards.send(slot, script, nargs, body)[1])
         if isinstance(result, StoreUnavailable):
             raise result
         return result

@@ -17,7 +17,7 @@ from .leases import Lease
 from .pipeline import Redirected
 from .protocol import Context, Reason, Reservation, reservation, user_reply
 from .scripts import RESERVE_USER, pack_args
-from .shards import Sent, settle, slot_of
+from .shards import Sent, reply_of, slot_of
 
 if TYPE_CHECKING:
     from .loops import Host, LoopState
@@ -212,7 +212,7 @@ class Leasing:
                     slot, RESERVE_USER, 9, body, self._orphan_user, context, decision=True
                 )
                 future = sent.future
-                reply = await settle(future)
+                reply = await reply_of(future)
                 if isinstance(reply, Redirected):  # the script did not run: no verdict
                     self.store.breaker_for(sent.node).no_verdict(sent.ticket)
                     await self.store.relearn(shards)
@@ -220,11 +220,11 @@ class Leasing:
                         slot, RESERVE_USER, 9, body, self._orphan_user, context, decision=True
                     )
                     future = sent.future
-                    reply = await settle(future)
+                    reply = await reply_of(future)
             else:
                 assert state.pipeline is not None
                 future = state.pipeline.call(RESERVE_USER, 9, body, self._orphan_user, context)
-                reply = await settle(future)
+                reply = await reply_of(future)
         except asyncio.CancelledError:
             self.grants.undo_take(*undo, "n:released")
             if sent is not None:

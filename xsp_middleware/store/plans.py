@@ -98,7 +98,9 @@ _LEARNED_MAX = 100_000
 
 class Planner:
     """Everything a reservation needs but I/O. One per store; the blocking driver of a store
-    shares its planner, so both see what either has learned."""
+    shares its planner, so both see what either has learned. WSGI threads and the event loop
+    share it without a lock: each cache update is one dict operation (atomic in CPython), and
+    a lost race only packs an entry twice or forgets one that the next reply teaches again."""
 
     def __init__(self, rules: Rules, *, cluster: bool, clock: Clock) -> None:
         self.rules = rules

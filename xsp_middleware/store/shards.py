@@ -341,7 +341,7 @@ def _failed(exc: BaseException) -> asyncio.Future[Any]:
     return future
 
 
-async def settle(future: asyncio.Future[Any] | None) -> Any:
+async def reply_of(future: asyncio.Future[Any] | None) -> Any:
     """A future's reply, or its StoreUnavailable as a value (None stays None)."""
     if future is None:
         return None
