@@ -151,7 +151,7 @@ class ManualClock:
 
     @property
     def wire(self) -> bytes:
-        text = b"%d" % self.now
+        text = str(self.now).encode()  # as ``arg``: every script gets the same now
         return b"$%d\r\n%b\r\n" % (len(text), text)
 
     def now_ms(self) -> int:

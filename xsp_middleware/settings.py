@@ -245,7 +245,7 @@ class Settings:
     """``redis://``/``rediss://`` (one server), ``redis+cluster://host:port[,host:port...]``
     (Redis Cluster), ``redis+sentinel://host:port[,host:port...]/service_name`` (Sentinel), or
     ``memory://`` (also the meaning of None): the embedded in-process store. See
-    :mod:`xsp_middleware.store.topology`."""
+    :mod:`xsp_middleware.store_url`."""
     user_cookie: str = "user_id"
     campaign_param: str = "campaign_id"
     price_param: str = "cpm"

@@ -9,22 +9,20 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from _typeshed import OptExcInfo
-    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
-
 __all__ = [
     "ASGIApp",
     "Headers",
     "Message",
-    "OptExcInfo",
     "Receive",
     "Scope",
     "Send",
-    "StartResponse",
-    "WSGIApplication",
-    "WSGIEnvironment",
 ]
+
+if TYPE_CHECKING:  # typeshed's WSGI types exist only for the type checker
+    from _typeshed import OptExcInfo
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+    __all__ += ["OptExcInfo", "StartResponse", "WSGIApplication", "WSGIEnvironment"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -87,8 +87,8 @@ class Store(Admin):
         return self.planner.clock
 
     @clock.setter
-    def clock(self, clock: Clock) -> None:
-        self.planner.clock = clock
+    def clock(self, clock: Clock | None) -> None:
+        self.planner.clock = StoreClock() if clock is None else clock
 
     @property
     def shared_key(self) -> str:

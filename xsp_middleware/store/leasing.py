@@ -22,9 +22,6 @@ from .shards import Sent, reply_of, slot_of
 if TYPE_CHECKING:
     from .loops import Host, LoopState
 
-_STOP_LEASE = (Reason.CAMPAIGN_PAUSED, Reason.CAMPAIGN_INACTIVE, Reason.LEASING_OFF)
-"""A refused grant that means: stop spending what the lease holds now."""
-
 
 class Leasing:
     """The leases of one :class:`~xsp_middleware.store.Store`, per event loop (kept in the
@@ -289,7 +286,3 @@ class Leasing:
     async def return_all(self) -> None:
         """Give back every lease of this loop (see Grants.return_all)."""
         await self.grants.return_all()
-
-
-def _ignore(reply: Any) -> None:
-    """A lease call whose answer changes nothing here (a report, a return)."""

@@ -160,7 +160,7 @@ class SyncStore:
                 # On this connection, with the same patience: the store is slow right now.
                 nargs, body = self.planner.release_call(reservation)
                 _send(conn, RELEASE, nargs, body)
-                _read(conn, RELEASE, nargs, body, LATE_REPLY_SECONDS)
+                _read(conn, RELEASE, nargs, body, time.monotonic() + LATE_REPLY_SECONDS)
         except (RedisError, OSError, StoreUnavailable) as exc:
             # No reply, or no release: the spend stays counted (under-delivery, not overspend).
             logs.event(
@@ -234,7 +234,7 @@ class SyncStore:
         handed_off = False
         try:
             try:
-                return _read(conn, call.script, call.nargs, call.body, _left(deadline))
+                return _read(conn, call.script, call.nargs, call.body, deadline)
             except TimeoutError:
                 if call.late is not None:
                     handed_off = True
@@ -318,20 +318,20 @@ def _send(conn: Any, script: Script, nargs: int, body: bytes) -> None:
     conn.send_packed_command([b"*%d\r\n" % (nargs + 2) + script.evalsha + body])
 
 
-def _read(conn: Any, script: Script, nargs: int, body: bytes, timeout: float | None) -> Any:
+def _read(conn: Any, script: Script, nargs: int, body: bytes, deadline: float | None) -> Any:
     """The reply of the call sent on ``conn``; on NOSCRIPT (a restarted or flushed script
     cache: the script did not run) the script is sent whole and that reply read."""
     try:
-        return _reply(conn, timeout)
+        return _reply(conn, deadline)
     except NoScriptError:
         conn.send_packed_command([b"*%d\r\n" % (nargs + 2) + script.eval + body])
-        return _reply(conn, timeout)
+        return _reply(conn, deadline)
 
 
-def _reply(conn: Any, timeout: float | None) -> Any:
-    if timeout is None:  # the connection's socket_timeout: store_timeout
+def _reply(conn: Any, deadline: float | None) -> Any:
+    if deadline is None:  # the connection's socket_timeout: store_timeout
         return conn.read_response(disconnect_on_error=False)
-    return read_reply_within(conn, timeout, disconnect_on_error=False)
+    return read_reply_within(conn, _left(deadline), disconnect_on_error=False)
 
 
 def _unavailable(exc: BaseException) -> StoreUnavailable:

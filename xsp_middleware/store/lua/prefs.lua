@@ -6,7 +6,8 @@
 -- ARGV[3] how long (ms) a preference keeps the hash alive. ARGV[4] the most ids '!b' may hold.
 -- Returns {'1' or '', '!b' or '', status}: the preferences after the write, and status 1, or 0
 -- when a block was refused because '!b' is full (nothing changed then).
--- Self-contained (no lib.lua): it runs through plain EVALSHA/EVAL, also on fakeredis.
+-- Loaded after lib.lua like every script (scripts.py); it runs through EVALSHA/EVAL, also on
+-- fakeredis.
 local key, op, id = KEYS[1], ARGV[1], ARGV[2]
 local keep_ms, most = tonumber(ARGV[3]), tonumber(ARGV[4])
 local status = 1
