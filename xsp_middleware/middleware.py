@@ -13,9 +13,9 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from .core.admission import Admission, Answer, admit, release
+from .core.admission import Admission, Answer, prepare, release
 from .core.guard import Guard
-from .core.request import cookie_value, query_values
+from .core.request import Facts, cookie_value, query_values
 from .core.rules import RouteRules, rules_of
 from .settings import Settings
 from .types import ASGIApp, Message, Receive, Scope, Send
@@ -221,8 +221,13 @@ async def decide(
     request was answered here (a denial, bad input)."""
     scope[DECIDED_KEY] = True
     query: bytes = scope.get("query_string", b"")
-    step = await admit(
+    facts = prepare(
         guard, admission, query, scope.get("headers", ()), route, scope.get("path_params")
+    )
+    step = (
+        admission.admitted(guard, facts, *await guard.decide(facts))
+        if isinstance(facts, Facts)
+        else facts
     )
     if admission.headers:
         send = _adding_headers(send, admission.headers)
@@ -255,12 +260,13 @@ class _Watch:
     async def send(self, message: Message) -> None:
         kind = message["type"]
         if kind == "http.response.start":
-            self._admission.response_started(message["status"])
+            # Admission.response_started, inlined: this runs for every guarded response.
+            self._admission.status = message["status"]
             self._trailers = message.get("trailers", False)
         await self._send(message)  # raises (OSError) when the client has gone away
         if kind == "http.response.body" or kind == "http.response.zerocopysend":
             if not message.get("more_body", False) and not self._trailers:
-                self._admission.response_completed()
+                self._admission.completed = True  # Admission.response_completed, inlined
         elif kind == "http.response.pathsend" or (
             kind == "http.response.trailers" and not message.get("more_trailers", False)
         ):

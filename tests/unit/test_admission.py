@@ -98,9 +98,7 @@ def _facts(guard: Guard, assigned: str | None = None) -> Facts:
 def test_a_denial_is_answered_and_holds_nothing() -> None:
     guard = _guard()
     admission = Admission()
-    answer = admission.admitted(
-        guard, _facts(guard), _decision(False, "frequency_capped"), None, 0.0
-    )
+    answer = admission.admitted(guard, _facts(guard), _decision(False, "frequency_capped"), None)
     assert answer == Answer(204, [(b"x-xsp-decision", b"frequency_capped")], b"")
     assert admission.reservation is None
     assert admission.headers == ()
@@ -109,14 +107,14 @@ def test_a_denial_is_answered_and_holds_nothing() -> None:
 def test_with_on_denied_pass_the_handler_runs_with_the_denial() -> None:
     guard = _guard(on_denied="pass")
     decision = _decision(False, "budget_exhausted")
-    assert Admission().admitted(guard, _facts(guard), decision, None, 0.0) is decision
+    assert Admission().admitted(guard, _facts(guard), decision, None) is decision
 
 
 def test_a_served_decision_holds_its_reservation_and_the_assigned_cookie() -> None:
     guard = _guard(anonymous="assign")
     admission = Admission()
     decision = _decision(True, "served")
-    assert admission.admitted(guard, _facts(guard, "abc"), decision, HELD, 0.0) is decision
+    assert admission.admitted(guard, _facts(guard, "abc"), decision, HELD) is decision
     assert admission.reservation is HELD
     assert admission.assigned == "abc"
     [(name, value)] = admission.headers
@@ -126,10 +124,10 @@ def test_a_served_decision_holds_its_reservation_and_the_assigned_cookie() -> No
 def test_debug_headers_leave_the_decision_header_to_the_denial() -> None:
     guard = _guard(debug_headers=True)
     admission = Admission()
-    admission.admitted(guard, _facts(guard), _decision(False, "frequency_capped"), None, 0.0)
+    admission.admitted(guard, _facts(guard), _decision(False, "frequency_capped"), None)
     names = [name for name, _ in admission.headers]
     assert names[0] == b"server-timing" and b"x-xsp-decision" not in names
     served = Admission()
-    served.admitted(guard, _facts(guard), _decision(True, "served"), HELD, 0.0)
+    served.admitted(guard, _facts(guard), _decision(True, "served"), HELD)
     assert (b"x-xsp-decision", b"served") in served.headers
     assert served.details == served.headers

@@ -15,8 +15,9 @@ from typing import Any
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import HttpResponse  # type: ignore[import-untyped,unused-ignore]
 
-from ..core.admission import Admission, Answer, admit, admit_sync, release, release_sync
+from ..core.admission import Admission, Answer, admit_sync, prepare, release, release_sync
 from ..core.guard import Guard
+from ..core.request import Facts
 from ..core.rules import RouteRules, rules_of
 from ..core.rules import ad_route as ad_view
 from ..decision import Decision
@@ -89,8 +90,11 @@ class XSPMiddleware:
         if read is None:
             return None
         admission, query, rules = read
-        step = await admit(self.guard, admission, query, _headers(request), rules, view_kwargs)
-        return _taken(request, step)
+        guard = self.guard
+        facts = prepare(guard, admission, query, _headers(request), rules, view_kwargs)
+        if isinstance(facts, Facts):
+            return _taken(request, admission.admitted(guard, facts, *await guard.decide(facts)))
+        return _taken(request, facts)
 
     def _read(
         self, request: Any, view_func: Callable[..., Any]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from time import monotonic as _monotonic
 from typing import Any
 
 from .. import logs, observe
@@ -168,27 +169,34 @@ class Store(Admin):
             return await self._reserve_split(state.shards, context, cost_units, rule, ticket)
         pipeline = state.pipeline
         assert pipeline is not None
-        plan = planner.standalone(context, cost_units, rule, ticket)
-        call = next(plan)
-        while True:
-            future = pipeline.call(RESERVE, *call, self._release_orphan, context)
+        started = _monotonic()
+        step = planner.reserve_call(
+            campaign_id,
+            user_key,
+            cost_units,
+            rule,
+            counts_impression,
+            planner.zones.get(campaign_id, rule.timezone),
+        )
+        for last in (False, True):
+            future = pipeline.call(RESERVE, *step, self._release_orphan, context)
             try:
                 raw = await future
             except StoreUnavailable as exc:
-                plan.throw(exc)  # accounted for, and raised again
+                planner.call_failed(exc, ticket)
                 raise
             except asyncio.CancelledError:
                 planner.breaker.no_verdict(ticket)
-                plan.close()
                 # Cancelled after the reply arrived but before this task resumed: the
                 # reservation exists and nobody will release it but us.
                 if future.done() and not future.cancelled() and future.exception() is None:
                     self._release_orphan(context, future.result())
                 raise
-            try:
-                call = plan.send(raw)
-            except StopIteration as done:
-                return done.value  # type: ignore[no-any-return]
+            answer = planner.answered(context, raw, cost_units, rule, started, ticket, last)
+            if isinstance(answer, Reservation):
+                return answer
+            step = answer
+        raise AssertionError("the last try answers a Reservation or raises")
 
     async def _reserve_split(
         self,

@@ -4,8 +4,10 @@
 It holds the keys, the packed arguments of every reserve and release, what the store has
 taught this process (campaigns' stored zones, caps and leasing flags), the circuit breakers'
 verdicts, and the reserve *plans*: generators that yield the calls to send and take back their
-replies. A driver only sends and reads (``drive`` below for the blocking one; the asyncio one
-adds what only it has, cancellation), so a decision's logic cannot drift between the two."""
+replies (on one server, where each decision is one call, a cheaper step function,
+:meth:`Planner.answered`). A driver only sends and reads (``drive`` below for the blocking
+one; the asyncio one adds what only it has, cancellation), so a decision's logic cannot drift
+between the two."""
 
 from __future__ import annotations
 
@@ -91,6 +93,7 @@ class UserMac:
 
 
 _COUNTS = (b"$1\r\n0\r\n", b"$1\r\n1\r\n")
+_TZ_RETRY = int(Reason.TZ_RETRY)
 
 _LEARNED_MAX = 100_000
 """Entries a learned cache holds before it starts over (a bound, not an expected size)."""
@@ -303,29 +306,33 @@ class Planner:
 
     # -- the plans --------------------------------------------------------------------------
 
-    def standalone(
+    def answered(
         self,
         context: Context,
+        raw: Any,
         cost_units: int | None,
         rule: CampaignConfig,
+        started: float,
         ticket: int,
-    ) -> Generator[tuple[int, bytes], Any, Reservation]:
-        """One reserve call on one server (or the embedded store): yields its (count, packed
-        arguments), takes its raw reply. Again once if the campaign's zone changed."""
+        last: bool,
+    ) -> Reservation | tuple[int, bytes]:
+        """One server's reserve call answered (``raw``, its reply): the Reservation, or, when
+        the campaign's zone changed in the store, the call to send again (``last``: no more
+        tries). A step function, not a generator, on this hot path: about 2 µs less a
+        decision. The driver sends ``reserve_call(..., zone_of(...))`` first, and gives a
+        failure to :meth:`call_failed`."""
+        try:
+            reply = campaign_reply(raw)
+        except StoreUnavailable as exc:
+            self.call_failed(exc, ticket)
+            raise
+        if reply.reason != _TZ_RETRY:
+            return self.reserved(context, reply, started, ticket)
         campaign_id, user_key, counts = context
-        tz = self.zone_of(campaign_id, rule)
-        started = time.monotonic()
-        for _ in range(2):
-            call = self.reserve_call(campaign_id, user_key, cost_units, rule, counts, tz)
-            try:
-                reply = campaign_reply((yield call))
-            except StoreUnavailable as exc:
-                self.call_failed(exc, ticket)
-                raise
-            if reply.reason != Reason.TZ_RETRY:
-                return self.reserved(context, reply, started, ticket)
-            tz = self.learn_zone(campaign_id, reply)
-        raise StoreUnavailable(f"campaign {campaign_id}: its time zone keeps changing")
+        if last:
+            raise StoreUnavailable(f"campaign {campaign_id}: its time zone keeps changing")
+        tz = self.learn_zone(campaign_id, reply)
+        return self.reserve_call(campaign_id, user_key, cost_units, rule, counts, tz)
 
     def split(
         self,

@@ -57,6 +57,9 @@ def text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+_tuple_new = tuple.__new__
+
+
 def _shape(raw: Any, size: int, script: str) -> None:
     if not isinstance(raw, list) or len(raw) != size:
         raise StoreUnavailable(f"unexpected reply from the {script} script: {raw!r}")
@@ -90,8 +93,10 @@ class CampaignReply(NamedTuple):
 
 
 def campaign_reply(raw: Any) -> CampaignReply:
-    _shape(raw, 12, "reserve")
-    return CampaignReply._make(raw)
+    # Inlined checks and tuple.__new__ (not _make): this runs once per decision.
+    if not isinstance(raw, list) or len(raw) != 12:
+        raise StoreUnavailable(f"unexpected reply from the reserve script: {raw!r}")
+    return _tuple_new(CampaignReply, raw)
 
 
 class UserReply(NamedTuple):
@@ -111,8 +116,9 @@ class UserReply(NamedTuple):
 
 
 def user_reply(raw: Any) -> UserReply:
-    _shape(raw, 8, "user's")
-    return UserReply._make(raw)
+    if not isinstance(raw, list) or len(raw) != 8:
+        raise StoreUnavailable(f"unexpected reply from the user's script: {raw!r}")
+    return _tuple_new(UserReply, raw)
 
 
 class LeaseReply(NamedTuple):
@@ -275,16 +281,21 @@ class Packed:
 
 
 def reserved_by(context: Context, reply: CampaignReply) -> Reservation:
-    """What a decoded reserve reply means: the one place a reply becomes a Reservation."""
-    return reservation(
-        context,
+    """What a decoded reserve reply means: ``reservation`` for the commonest answer, with its
+    arguments in place (this runs once per decision; keyword calls cost)."""
+    campaign_id, user_key, counts = context
+    remaining, left = reply.remaining, reply.left
+    return Reservation(
         reply.passed == 1,
-        reply.reason,
-        cost=reply.cost,
-        remaining=reply.remaining,
-        left=reply.left,
-        at=reply.at_ms,
-        day=reply.day_start_ms,
-        logs=reply.logs,
-        personal=reply.personal,
+        REASONS[reply.reason],
+        reply.cost,
+        max(0, remaining),
+        None if left < 0 else left,
+        reply.at_ms,
+        campaign_id,
+        user_key,
+        counts,
+        reply.day_start_ms,
+        reply.logs,
+        reply.personal == 1,
     )

@@ -92,8 +92,22 @@ class SyncStore:
         ticket = planner.admit()
         context = (campaign_id, user_key, counts_impression)
         if not self.store.is_cluster:
-            one = planner.standalone(context, cost_units, rule, ticket)
-            return drive(one, lambda call: self._call(RESERVE, call[0], call[1], context))
+            started = time.monotonic()
+            tz = planner.zones.get(campaign_id, rule.timezone)
+            step = planner.reserve_call(
+                campaign_id, user_key, cost_units, rule, counts_impression, tz
+            )
+            for last in (False, True):
+                try:
+                    raw = self._call(RESERVE, *step, context)
+                except StoreUnavailable as exc:
+                    planner.call_failed(exc, ticket)
+                    raise
+                answer = planner.answered(context, raw, cost_units, rule, started, ticket, last)
+                if isinstance(answer, Reservation):
+                    return answer
+                step = answer
+            raise AssertionError("the last try answers a Reservation or raises")
         try:
             self.cluster_client()
         except StoreUnavailable as exc:
