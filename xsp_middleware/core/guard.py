@@ -96,20 +96,19 @@ class Guard:
 
     def concluded(self, facts: Facts, r: Reservation) -> tuple[Decision, Reservation | None]:
         """The store answered: its decision, and the reservation to confirm or release."""
-        decision = _observed(
-            decision_of(
-                facts,
-                allowed=r.reserved,
-                reason=r.reason,
-                cost_units=r.cost_units,
-                remaining_impressions=r.remaining_impressions,
-                remaining_budget_units=r.remaining_budget_units,
-                personalized=facts.personalized and r.personalized,
-                # One shard of a cluster failed and its check's failure policy served anyway.
-                degraded_reason=r.degraded,
-            ),
-            r.degraded_check,
+        decision = decision_of(
+            facts,
+            r.reserved,
+            r.reason,
+            facts.personalized and r.personalized,
+            r.cost_units,
+            r.remaining_impressions,
+            r.remaining_budget_units,
+            # One shard of a cluster failed and its check's failure policy served anyway.
+            r.degraded,
         )
+        if observe.current is not None:
+            _observed(decision, r.degraded_check)
         return decision, (r if r.reserved else None)
 
     def refused(self, facts: Facts) -> Decision:
@@ -159,7 +158,6 @@ class Guard:
 
 def decision_of(
     facts: Facts,
-    *,
     allowed: bool,
     reason: str,
     personalized: bool,
@@ -169,18 +167,19 @@ def decision_of(
     degraded_reason: str | None = None,
 ) -> Decision:
     """The one Decision builder. Without the store's word, the price is the request's own (or
-    the campaign's) and nothing is known of what remains."""
+    the campaign's) and nothing is known of what remains. (Positional where it is built:
+    keyword calls into a slotted dataclass cost a guarded request about 2 µs.)"""
     return Decision(
-        allowed=allowed,
-        reason=reason,
-        campaign_id=facts.campaign_id,
-        cost_units=facts.price_units if cost_units is None else cost_units,
-        remaining_impressions=remaining_impressions,
-        remaining_budget_units=remaining_budget_units,
-        anonymous=facts.anonymous,
-        personalized=personalized,
-        degraded=degraded_reason is not None,
-        degraded_reason=degraded_reason,
+        allowed,
+        reason,
+        facts.campaign_id,
+        facts.price_units if cost_units is None else cost_units,
+        remaining_impressions,
+        remaining_budget_units,
+        facts.anonymous,
+        personalized,
+        degraded_reason is not None,
+        degraded_reason,
     )
 
 
