@@ -442,7 +442,6 @@ async def test_a_failing_metric_never_breaks_a_request(
         "reservations_released",
     ):
         setattr(observer, name, Broken())
-    observer._decision_children.clear()
     observer.store_error("timeout")
     observer.degraded("budget")
     observer.circuit(True)
