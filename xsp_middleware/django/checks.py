@@ -19,7 +19,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisClusterException, RedisError
 from redis.retry import Retry
 
-from ..doctor import _safe_url
+from ..cli.doctor import safe_url
 from ..errors import ConfigError
 from ..settings import DEVELOPMENT_SECRET_KEY, Settings
 from ..store.topology import sync_client
@@ -88,7 +88,7 @@ def check_store(app_configs: Any = None, **kwargs: Any) -> list[Any]:
         return []
     return [
         checks.Error(
-            f"the xsp-middleware store {_safe_url(s.redis_url or '')} does not answer: {problem}",
+            f"the xsp-middleware store {safe_url(s.redis_url or '')} does not answer: {problem}",
             hint=f"Start Redis, or fix {SETTING}['REDIS_URL'] (or XSP_REDIS_URL). "
             "`xsp-middleware doctor` checks the store in depth.",
             id="xsp.E002",

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import XSPError
-from .store import Store
-from .store.scripts import CLUSTER_SCRIPTS, STANDALONE_SCRIPTS
-from .store_url import redacted
+from ..errors import XSPError
+from ..store import Store
+from ..store.scripts import CLUSTER_SCRIPTS, STANDALONE_SCRIPTS
+from ..store_url import redacted
 
 Check = tuple[str, str, str]  # (ok | warn | fail, name, detail)
 
@@ -33,7 +33,7 @@ async def run_checks(store: Store) -> list[Check]:
         except XSPError as exc:
             checks.append(("fail", "store", f"unreachable: {exc}"))
             return checks
-        checks.append(("ok", "store", f"reachable at {_safe_url(store.url)}"))
+        checks.append(("ok", "store", f"reachable at {safe_url(store.url)}"))
         checks.append(await _scripts_check(store))
         return checks
     try:
@@ -59,7 +59,7 @@ async def run_checks(store: Store) -> list[Check]:
             )
         )
     else:
-        checks.append(("ok", "store", f"reachable at {_safe_url(store.url)}"))
+        checks.append(("ok", "store", f"reachable at {safe_url(store.url)}"))
     checks.append(await _scripts_check(store))
     # Eviction and persistence on every master: one that may evict is one that may lose a
     # spend counter, whichever shard it is.
@@ -144,6 +144,6 @@ def _server_checks(info: dict[str, Any], config: dict[str, str]) -> list[Check]:
     return checks
 
 
-def _safe_url(url: str) -> str:
+def safe_url(url: str) -> str:
     """The URL without its password."""
     return redacted(url)

@@ -14,18 +14,18 @@ from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from .clock import format_instant
-from .errors import ConfigError, XSPError
-from .money import format_units
-from .preferences import (
+from ..clock import format_instant
+from ..errors import ConfigError, XSPError
+from ..money import format_units
+from ..preferences import (
     block_campaign,
     forget_user,
     get_preferences,
     set_opted_out,
     unblock_campaign,
 )
-from .settings import PACINGS, Rules, Settings, validate_campaign_id
-from .store import CampaignView, Store
+from ..settings import PACINGS, Rules, Settings, validate_campaign_id
+from ..store import CampaignView, Store
 
 Command = Callable[[argparse.Namespace, Store], Coroutine[Any, Any, int]]
 
