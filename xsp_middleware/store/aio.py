@@ -20,7 +20,6 @@ from time import monotonic as _monotonic
 from typing import Any
 
 from .. import logs, observe
-from ..breaker import CircuitBreaker
 from ..clock import Clock, StoreClock
 from ..errors import StoreUnavailable
 from ..settings import CampaignConfig, Rules
@@ -421,10 +420,6 @@ class Store(Admin):
         return reply.ok == 1, None if reply.left < 0 else reply.left
 
     # -- lifecycle --------------------------------------------------------------------------
-
-    def breaker_for(self, node: str) -> CircuitBreaker:
-        """The circuit breaker of one cluster master."""
-        return self.planner.breaker_for(node)
 
     async def return_leases(self) -> None:
         """Give back this loop's budget leases: their unspent units return to the store."""

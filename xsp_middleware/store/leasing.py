@@ -33,19 +33,16 @@ class Leasing:
         self._orphan_user = store.orphan(store.planner.halves.late_user_undo)
         self.grants = Grants(store)
         """The lease calls: grants, renewals, reports and returns."""
-        settings = store.rules.settings
-        self.ms = float(settings.lease_seconds) * 1000.0
-        """How long a grant may be used, at most (``lease_seconds``)."""
-        self.auto = settings.lease_above_rps
+        self.ms = self.grants.ms
+        """How long a grant may be used, at most (``lease_seconds``, in ms)."""
+        self.now = self.grants.now
+        """The clock leases expire on (ms): monotonic, or the test clock."""
+        self.auto = store.rules.settings.lease_above_rps
         """Lease any campaign above this many decisions per second (None: only when on)."""
 
     def lease(self, campaign_id: str) -> Lease | None:
         """This event loop's lease of the campaign, if it holds one."""
         return self.store.state().leases.get(campaign_id)
-
-    def now(self) -> float:
-        """The clock leases expire on (ms): monotonic, or the test clock."""
-        return self.planner.clock.lease_ms()
 
     def _lease_of(
         self, state: LoopState, campaign_id: str, rule: CampaignConfig
@@ -211,7 +208,7 @@ class Leasing:
                 future = sent.future
                 reply = await reply_of(future)
                 if isinstance(reply, Redirected):  # the script did not run: no verdict
-                    self.store.breaker_for(sent.node).no_verdict(sent.ticket)
+                    self.planner.breaker_for(sent.node).no_verdict(sent.ticket)
                     await self.store.relearn(shards)
                     sent = shards.send(
                         slot, RESERVE_USER, 9, body, self._orphan_user, context, decision=True
@@ -225,7 +222,7 @@ class Leasing:
         except asyncio.CancelledError:
             self.grants.undo_take(*undo, "n:released")
             if sent is not None:
-                self.store.breaker_for(sent.node).no_verdict(sent.ticket)
+                self.planner.breaker_for(sent.node).no_verdict(sent.ticket)
             else:
                 self.store.breaker.no_verdict(ticket)
             if future is not None:
