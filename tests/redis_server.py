@@ -12,6 +12,12 @@ import time
 from pathlib import Path
 
 
+def tmpfs() -> str | None:
+    """A memory-backed directory (Linux's /dev/shm), or None: an AOF there costs no disk I/O."""
+    shm = "/dev/shm"
+    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -23,12 +29,12 @@ class RedisServer:
 
     name = "redis-server"
 
-    def __init__(self, *extra: str, port: int | None = None) -> None:
+    def __init__(self, *extra: str, port: int | None = None, under: str | None = None) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not on PATH")
         self.port = port or free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="xsp-redis-"))
+        self.dir = Path(tempfile.mkdtemp(prefix="xsp-redis-", dir=under))
         self.extra = extra
         self.binary = binary
         self.proc: subprocess.Popen[bytes] | None = None
