@@ -20,7 +20,7 @@ from ..errors import ConfigError, StoreUnavailable
 from ..money import amount_to_units, cpm_to_cost_units, units_to_decimal
 from ..settings import CampaignConfig, CapLike, Money, Rules, instant_ms, validate_campaign_id
 from ..store_url import StoreURL, redacted
-from .protocol import REASONS, text
+from .protocol import REASONS, text, user_log
 from .redis_compat import server_address
 from .scripts import CLUSTER_SCRIPTS, STANDALONE_SCRIPTS
 
@@ -409,11 +409,7 @@ def cap_windows(
     caps: Sequence[FrequencyCap], raw: str | None, now_ms: int, tz: str
 ) -> list[tuple[FrequencyCap, int, int | None]]:
     """For each cap: impressions in its current window, and when it frees up next if reached."""
-    lifetime, times = 0, []
-    if raw and "|" in raw:
-        head, _, tail = raw.partition("|")
-        lifetime = int(head or "0")
-        times = [int(t) for t in tail.split(",") if t]
+    lifetime, times = user_log(raw)
     result: list[tuple[FrequencyCap, int, int | None]] = []
     for cap in caps:
         if cap.calendar is not None:

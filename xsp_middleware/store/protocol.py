@@ -65,6 +65,19 @@ def _shape(raw: Any, size: int, script: str) -> None:
         raise StoreUnavailable(f"unexpected reply from the {script} script: {raw!r}")
 
 
+def user_log(raw: str | None) -> tuple[int, list[int]]:
+    """A user's impression log for one campaign (a field of the user's hash), as the scripts
+    keep it (lib.lua's xsp_read_log): ``"<lifetime count>|<t1>,<t2>,..."`` (ms, oldest first),
+    or the compact form of a first impression, ``"<t1>"``. (lifetime count, times)."""
+    if not raw:
+        return 0, []
+    head, bar, tail = raw.partition("|")
+    if not bar:
+        return (1, [int(head)]) if head.isdigit() else (0, [])
+    times = [int(t) for t in tail.split(",") if t.isdigit()]
+    return (int(head) if head.isdigit() else 0), times
+
+
 class CampaignReply(NamedTuple):
     """``reserve.lua`` (user and campaign on one server) and ``reserve_campaign.lua`` (the
     campaign's half on a cluster)."""

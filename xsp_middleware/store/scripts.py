@@ -4,6 +4,7 @@ the standalone script and the cluster's per-slot halves have one source of truth
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Sequence
 from importlib import resources
 
@@ -33,9 +34,46 @@ def pack_args(args: Sequence[str | int]) -> bytes:
     return b"".join(out)
 
 
+_NAME = re.compile(r"\b(?:xsp|XSP)_\w+")
+_DEFINES = re.compile(r"^local (?:function )?((?:xsp|XSP)_\w+)", re.MULTILINE)
+
+
+def _pieces(lib: str) -> tuple[str, list[tuple[frozenset[str], str]]]:
+    """``lib.lua`` cut into its header and its top-level pieces: (the names each defines, its
+    text with the comment above it). The header is the comment before the first blank
+    line; each piece is its comment and definitions up to the next blank line."""
+    blocks: list[list[str]] = [[]]
+    for line in lib.splitlines(keepends=True):
+        # A top-level piece starts at column 0 after a blank line (function bodies are indented).
+        if line.startswith(("local ", "--")) and blocks[-1][-1:] == ["\n"]:
+            blocks.append([])
+        blocks[-1].append(line)
+    header, *rest = ("".join(b) for b in blocks)
+    return header, [(frozenset(_DEFINES.findall(text)), text) for text in rest]
+
+
+def _assemble(lib: str, body: str) -> str:
+    """The script: the lib's definitions that ``body`` uses, directly or through each other,
+    in their order in the lib, then the body. Building closures the call never runs costs
+    server CPU on every call (about 2 us for the whole lib)."""
+    header, pieces = _pieces(lib)
+    defined = {name: text for names, text in pieces for name in names}
+    needed: set[str] = set()
+    todo = [n for n in _NAME.findall(body) if n in defined]
+    while todo:
+        name = todo.pop()
+        if name in needed:
+            continue
+        needed.add(name)
+        own = defined[name]
+        todo.extend(n for n in _NAME.findall(own) if n in defined and n not in needed)
+    kept = [text for names, text in pieces if not names or names & needed]
+    return header + "".join(kept) + "\n" + body
+
+
 def _load_script(name: str, *, retry_safe: bool) -> Script:
     lua = resources.files("xsp_middleware.store") / "lua"
-    text = (lua / "lib.lua").read_text() + "\n" + (lua / f"{name}.lua").read_text()
+    text = _assemble((lua / "lib.lua").read_text(), (lua / f"{name}.lua").read_text())
     return Script(name, text, retry_safe=retry_safe)
 
 

@@ -27,7 +27,7 @@
 local c = xsp_config(KEYS[1], 2)
 local tz = c.tz or 'UTC'
 local now = xsp_now_ms(ARGV[14])
-local leasing = redis.call('HGET', KEYS[1], 'leasing') or ''
+local leasing = c.leasing
 local seq = tonumber(ARGV[22])
 
 local function reply(granted, reason, units, left, day_start, valid_ms)
@@ -86,7 +86,7 @@ local room = k.remaining
 local daily = tonumber(c.daily_budget)
 local day_start, day_end, day_spent = 0, 0, 0
 if daily then
-  day_start, day_end = xsp_period(xsp_bounds(ARGV[12]).day, now)
+  day_start, day_end = xsp_span(ARGV[12], 1, now)
   day_spent = tonumber(redis.call('HGET', KEYS[2], 'day:' .. xsp_int(day_start)) or '0')
   room = math.min(room, daily - day_spent)
   valid_until = math.min(valid_until, day_end)

@@ -1,9 +1,13 @@
--- Shared pieces of every xsp script; the store prepends this file to each script body.
+-- Shared pieces of every xsp script; each script is the pieces its body uses, then the body.
 -- Rules that keep the scripts exact on Redis and on the embedded store (fakeredis + lupa):
 --   * money enters as decimal integer strings (ARGV or HGET) and goes to HINCRBY as such;
 --     comparisons use tonumber(), exact because amounts stay below 2^53;
 --   * money leaves as integer array elements, never through cjson or tostring();
 --   * no struct/bit/cmsgpack, no shebang flags: fakeredis runs plain Lua 5.1.
+-- Each script gets only the pieces its body uses (scripts.py follows the names), so a call
+-- does not pay for building closures it never runs.
+-- The cost per call is mostly redis.call()s (each about a microsecond of server CPU): the serve
+-- path reads each hash once (HMGET) and writes each once (HSET).
 
 -- Times are milliseconds on the Redis server's clock, so skewed app servers agree.
 local function xsp_now_ms(override)
@@ -32,37 +36,35 @@ end
 
 -- A campaign's config: each field from its stored hash, else from the settings' fallback,
 -- nine ARGV from `at` in the order of XSP_FIELDS; '' means unset.
-local XSP_FIELDS = {'budget', 'daily_budget', 'cost', 'caps', 'status', 'tz', 'start', 'end',
-  'pacing'}
+-- The same read brings the stored leasing flag (c.leasing: '1', '0' or '' when unset).
+-- HGETALL: its cost grows with the fields stored (often none: the settings' config applies),
+-- where HMGET's grows with the fields asked for (ten of them cost four times as much).
 -- Stored amounts and times must be plain integers: anything else (a hand-edited hash) falls
 -- back to the settings' value rather than failing, or worse, parsing as inf.
-local XSP_INTEGER = {budget = true, daily_budget = true, cost = true, start = true}
-XSP_INTEGER['end'] = true
 local function xsp_config(key, at)
-  local stored = redis.call('HMGET', key, unpack(XSP_FIELDS))
-  local c = {}
-  for i = 1, #XSP_FIELDS do
-    local name, v = XSP_FIELDS[i], stored[i]
-    if v and v ~= '' and XSP_INTEGER[name] and not string.match(v, '^%d+$') then v = false end
-    if not v then v = ARGV[at + i - 1] end
-    if v == '' then v = nil end
-    c[name] = v
+  local c = {budget = ARGV[at], daily_budget = ARGV[at + 1], cost = ARGV[at + 2],
+    caps = ARGV[at + 3], status = ARGV[at + 4], tz = ARGV[at + 5], start = ARGV[at + 6],
+    ['end'] = ARGV[at + 7], pacing = ARGV[at + 8], leasing = ''}
+  local stored = redis.call('HGETALL', key)
+  for i = 1, #stored, 2 do
+    local name, v = stored[i], stored[i + 1]
+    if c[name] == nil then  -- not a config field
+    elseif v == '' or not (name == 'budget' or name == 'daily_budget' or name == 'cost'
+        or name == 'start' or name == 'end') or string.find(v, '^%d+$') then
+      c[name] = v
+    end
   end
+  -- '' means unset.
+  if c.budget == '' then c.budget = nil end
+  if c.daily_budget == '' then c.daily_budget = nil end
+  if c.cost == '' then c.cost = nil end
+  if c.caps == '' then c.caps = nil end
+  if c.status == '' then c.status = nil end
+  if c.tz == '' then c.tz = nil end
+  if c.start == '' then c.start = nil end
+  if c['end'] == '' then c['end'] = nil end
+  if c.pacing == '' then c.pacing = nil end
   return c
-end
-
--- Calendar boundaries (ms), computed by the app in the campaign's time zone, so DST is right:
--- "d0,d1,d2,d3|w0,..|m0,.." are consecutive starts of local days, weeks and months around now.
-local function xsp_bounds(text)
-  local parts = xsp_split(text, '|')
-  local b = {}
-  local names = {'day', 'week', 'month'}
-  for i = 1, 3 do
-    local list = {}
-    for n in string.gmatch(parts[i] or '', '%d+') do list[#list + 1] = tonumber(n) end
-    b[names[i]] = list
-  end
-  return b
 end
 
 -- The [start, end) of the period that holds `now`.
@@ -73,134 +75,177 @@ local function xsp_period(list, now)
   return list[#list - 1], list[#list]
 end
 
+-- Calendar boundaries (ms), computed by the app in the campaign's time zone, so DST is right:
+-- "d0,d1,d2,d3|w0,..|m0,.." are consecutive starts of local days, weeks and months around now.
+-- The [start, end) of the local day (kind 1), week (2) or month (3) that holds `now`; only
+-- that part of the text is read, and a call that asks twice (a daily budget and a 'day' cap)
+-- reads it once. nil when the text has no such part.
+local xsp_span_text, xsp_span_kind, xsp_span_now, xsp_span_first, xsp_span_last
+local function xsp_span(text, kind, now)
+  if text == xsp_span_text and kind == xsp_span_kind and now == xsp_span_now then
+    return xsp_span_first, xsp_span_last
+  end
+  local from = 1
+  for _ = 2, kind do
+    local bar = string.find(text, '|', from, true)
+    if not bar then return nil end
+    from = bar + 1
+  end
+  local bar = string.find(text, '|', from, true) or (#text + 1)
+  local list = {}
+  while from < bar do
+    local comma = string.find(text, ',', from, true)
+    if not comma or comma > bar then comma = bar end
+    list[#list + 1] = tonumber(string.sub(text, from, comma - 1))
+    from = comma + 1
+  end
+  xsp_span_text, xsp_span_kind, xsp_span_now = text, kind, now
+  xsp_span_first, xsp_span_last = xsp_period(list, now)
+  return xsp_span_first, xsp_span_last
+end
+
 local XSP_LIFETIME_TTL_MS = 400 * 86400 * 1000
 
--- "N:window_ms" (rolling), "N:0" (lifetime), "N:day|week|month" (calendar) -> caps with the
--- time after which an impression counts (`since`, nil for lifetime) and how long the log must
--- keep it (`keep_ms`).
+-- "N:window_ms" (rolling), "N:0" (lifetime), "N:day|week|month" (calendar) -> caps as one flat
+-- list, three values per cap: N, the time after which an impression counts (`since`; false for
+-- a lifetime cap, which counts every impression) and how long the log must keep it.
 local function xsp_parse_caps(spec, now, bounds_text)
-  local caps, bounds = {}, nil
-  for n, w in string.gmatch(spec, '(%d+):(%w+)') do
-    local cap = {n = tonumber(n)}
-    local window = tonumber(w)
+  local caps, at = {}, 1
+  while true do
+    local _, stop, n, w = string.find(spec, '(%d+):(%w+)', at)
+    if not stop then return caps end
+    at = stop + 1
+    local window, since, keep = tonumber(w), false, 1
     if window == 0 then
-      cap.keep_ms = XSP_LIFETIME_TTL_MS
+      keep = XSP_LIFETIME_TTL_MS
     elseif window then
-      cap.since = now - window
-      cap.keep_ms = window
+      since, keep = now - window, window
     else
-      bounds = bounds or xsp_bounds(bounds_text)
-      local first, last = xsp_period(bounds[w] or {}, now)
+      local first, last
+      local kind = (w == 'day' and 1) or (w == 'week' and 2) or (w == 'month' and 3)
+      if kind then first, last = xsp_span(bounds_text or '', kind, now) end
       if first then
-        cap.since = first - 1
-        cap.keep_ms = last - now
+        since, keep = first - 1, last - now
       else  -- no boundaries given: count nothing rather than fail the request
-        cap.since = now
-        cap.keep_ms = 1
+        since = now
       end
     end
-    caps[#caps + 1] = cap
+    local i = #caps
+    caps[i + 1], caps[i + 2], caps[i + 3] = tonumber(n), since, keep
   end
-  return caps
 end
 
 -- One field of the user's hash per campaign ('*' for caps across campaigns):
--- "<lifetime count>|<t1>,<t2>,..." with impression times oldest first.
+-- "<lifetime count>|<t1>,<t2>,..." with impression times oldest first, or, for the most common
+-- log (one impression ever), just "<t1>": Redis keeps a field that is a plain integer in 9
+-- bytes instead of 15 (and older logs, always in the first form, read the same).
 local function xsp_read_log(raw)
-  local times = {}
-  if not raw then return 0, times end
+  if not raw then return 0, {} end
   local sep = string.find(raw, '|', 1, true)
-  if not sep then return 0, times end
-  for t in string.gmatch(string.sub(raw, sep + 1), '%d+') do
-    times[#times + 1] = tonumber(t)
+  if not sep then
+    local t = tonumber(raw)
+    if t then return 1, {t} end
+    return 0, {}
+  end
+  local times, from = {}, sep + 1
+  while from <= #raw do
+    local comma = string.find(raw, ',', from, true) or (#raw + 1)
+    times[#times + 1] = tonumber(string.sub(raw, from, comma - 1))
+    from = comma + 1
   end
   return tonumber(string.sub(raw, 1, sep - 1)) or 0, times
 end
 
 local function xsp_write_log(lifetime, times)
+  if lifetime == 1 and #times == 1 then return xsp_int(times[1]) end
   local parts = {}
   for i = 1, #times do parts[i] = xsp_int(times[i]) end
   return xsp_int(lifetime) .. '|' .. table.concat(parts, ',')
 end
 
--- How many more impressions every cap allows after one more now: -1 if a cap is reached,
--- false if there are no caps.
-local function xsp_check_caps(caps, lifetime, times)
-  local remaining = false
-  for i = 1, #caps do
-    local cap = caps[i]
-    local count = 0
-    if cap.since == nil then
-      count = lifetime
-    else
-      for j = 1, #times do
-        if times[j] > cap.since then count = count + 1 end
-      end
-    end
-    if count >= cap.n then return -1 end
-    local left = cap.n - count - 1
-    if remaining == false or left < remaining then remaining = left end
-  end
-  return remaining
-end
-
 -- Append `now` and keep only what the caps can still need: the newest max(N) times that are
 -- young enough for the longest window. Every window's times are among those, because the caps
--- allow no more than N in it. Returns the kept times, how long (ms) the log must live, and the
--- times dropped (a cluster's user half hands them back for its undo: it trims with the caps
--- this process last saw, which may be stale).
-local function xsp_record(caps, times, now)
+-- allow no more than N in it. Returns the kept times, how long (ms) the log must live, and,
+-- when `report` is set, the times dropped (a cluster's user half hands them back for its undo:
+-- it trims with the caps this process last saw, which may be stale).
+local function xsp_record(caps, times, now, report)
   local keep, horizon, ttl = 0, 0, 0
-  for i = 1, #caps do
-    local cap = caps[i]
-    if cap.since ~= nil then
-      if cap.n > keep then keep = cap.n end
-      if now - cap.since > horizon then horizon = now - cap.since end
+  for i = 1, #caps, 3 do
+    local since = caps[i + 1]
+    if since then
+      if caps[i] > keep then keep = caps[i] end
+      if now - since > horizon then horizon = now - since end
     end
-    if cap.keep_ms > ttl then ttl = cap.keep_ms end
+    if caps[i + 2] > ttl then ttl = caps[i + 2] end
   end
-  local kept, dropped = {}, {}
+  local count = #times
+  if keep > 0 and count == 0 then return {now}, ttl, '' end  -- a first impression
+  local kept, dropped = {}, report and {}
   if keep > 0 then
-    times[#times + 1] = now
-    local first = #times - keep + 1
-    if first < 1 then first = 1 end
-    for j = 1, #times do
+    times[count + 1] = now
+    count = count + 1
+    local first = count - keep + 1
+    for j = 1, count do
       if j >= first and times[j] > now - horizon then
         kept[#kept + 1] = times[j]
-      else
+      elseif dropped then
         dropped[#dropped + 1] = xsp_int(times[j])
       end
     end
-  else
-    for j = 1, #times do dropped[j] = xsp_int(times[j]) end
+  elseif dropped then
+    for j = 1, count do dropped[j] = xsp_int(times[j]) end
   end
-  return kept, ttl, table.concat(dropped, ',')
+  return kept, ttl, dropped and table.concat(dropped, ',') or ''
 end
 
+-- Redis 7's PEXPIRE takes NX/GT: one call keeps a TTL alive; older servers (and the embedded
+-- store, which reports no version) read it with PTTL first.
+local XSP_PEXPIRE_GT = (tonumber(redis.REDIS_VERSION_NUM) or 0) >= 0x070000
+
 -- Extend a key's TTL to at least ttl_ms; never shorten it (campaigns with longer windows
--- share the user's hash).
-local function xsp_keep_alive(key, ttl_ms)
+-- share the user's hash). `fresh`: the key held none of the fields just read (likely new, so
+-- without a TTL: NX sets one where GT never would).
+local function xsp_keep_alive(key, ttl_ms, fresh)
   if ttl_ms <= 0 then return end
+  if XSP_PEXPIRE_GT then
+    if fresh and redis.call('PEXPIRE', key, ttl_ms, 'NX') == 1 then return end
+    if redis.call('PEXPIRE', key, ttl_ms, 'GT') == 1 or fresh then return end
+    -- GT did nothing: the TTL is longer already, or there is none (GT treats it as infinite).
+    if redis.call('PTTL', key) == -1 then redis.call('PEXPIRE', key, ttl_ms) end
+    return
+  end
   local current = redis.call('PTTL', key)
   if current < 0 or current < ttl_ms then
     redis.call('PEXPIRE', key, ttl_ms)
   end
 end
 
--- Check one user log field against its caps; returns (remaining or -1 or false, lifetime,
--- times, caps).
-local function xsp_user_check(key, field, spec, now, bounds_text)
-  if spec == nil or spec == '' then return false, 0, {}, {} end
+-- Check one user log (its stored value `raw`) against its caps; returns (how many more
+-- impressions every cap allows after one more now, or -1 if a cap is reached, or false if
+-- there are no caps; lifetime, times, caps); times and caps are nil when there are no caps.
+local function xsp_log_check(raw, spec, now, bounds_text)
+  if spec == nil or spec == '' then return false, 0, nil, nil end
   local caps = xsp_parse_caps(spec, now, bounds_text)
-  local lifetime, times = xsp_read_log(redis.call('HGET', key, field))
-  return xsp_check_caps(caps, lifetime, times), lifetime, times, caps
+  local lifetime, times = xsp_read_log(raw)
+  local remaining = false
+  for i = 1, #caps, 3 do
+    local since, count = caps[i + 1], lifetime
+    if since then
+      count = 0
+      for j = 1, #times do
+        if times[j] > since then count = count + 1 end
+      end
+    end
+    if count >= caps[i] then return -1, lifetime, times, caps end
+    local left = caps[i] - count - 1
+    if remaining == false or left < remaining then remaining = left end
+  end
+  return remaining, lifetime, times, caps
 end
 
-local function xsp_user_record(key, field, caps, lifetime, times, now)
-  if #caps == 0 then return 0, '' end
-  local kept, ttl, dropped = xsp_record(caps, times, now)
-  redis.call('HSET', key, field, xsp_write_log(lifetime + 1, kept))
-  return ttl, dropped
+local function xsp_user_check(key, field, spec, now, bounds_text)
+  if spec == nil or spec == '' then return false, 0, nil, nil end
+  return xsp_log_check(redis.call('HGET', key, field), spec, now, bounds_text)
 end
 
 -- Remove one impression at `at` from a user log field (a release), and put back the times its
@@ -241,12 +286,23 @@ end
 -- pieces on their own shards, concurrently.
 
 -- The campaign's budget state for one reservation: `k` carries the price, spend and clock
--- between the pieces. cost_s '' means the campaign's own price.
-local function xsp_campaign_start(st_key, c, cost_s, now_override)
+-- between the pieces. cost_s '' means the campaign's own price. With the calendar bounds
+-- (`bounds_text`) and a daily budget, the same read brings the local day's spend.
+local function xsp_campaign_start(st_key, c, cost_s, now_override, bounds_text)
   if cost_s == '' then cost_s = c.cost or '0' end
+  -- Every field in the constructor: a table that grows later is reallocated on the way.
   local k = {cost_s = cost_s, cost = tonumber(cost_s), budget = tonumber(c.budget) or 0,
-    now = xsp_now_ms(now_override), fired = 0, day_start = 0, deny_day = 0}
-  k.spent = tonumber(redis.call('HGET', st_key, 'spent') or '0')
+    now = xsp_now_ms(now_override), fired = 0, day_start = 0, deny_day = 0,
+    daily = bounds_text and tonumber(c.daily_budget) or false, day_field = false, spent = 0,
+    remaining = 0}
+  if k.daily then
+    k.day_start, k.day_end = xsp_span(bounds_text, 1, k.now)
+    k.day_field = 'day:' .. xsp_int(k.day_start)
+    local st = redis.call('HMGET', st_key, 'spent', k.day_field)
+    k.spent, k.day_new, k.day_spent = tonumber(st[1] or '0'), not st[2], tonumber(st[2] or '0')
+  else
+    k.spent = tonumber(redis.call('HGET', st_key, 'spent') or '0')
+  end
   k.remaining = k.budget - k.spent
   return k
 end
@@ -262,60 +318,77 @@ end
 
 -- The user's side: stored preferences (blocked campaigns, opt-out), then the campaign's caps
 -- (field = campaign id) and the caps across campaigns (field '*'). Returns a reason (nil: pass)
--- and `u`, what xsp_user_commit writes: u.key is nil when the user's state is not used.
+-- and `u`, what xsp_user_commit writes: u.key is false when the user's state is not used.
 local function xsp_user_gate(key, cid, camp_spec, camp_bounds, user_spec, user_bounds, now,
                              policy)
-  local u = {key = key, personal = 1, left = -1}
+  local u = {key = key or false, personal = 1, left = -1, fresh = false, camp_life = 0,
+    camp_times = false, camp_caps = false, user_life = 0, user_times = false, user_caps = false}
   if not key then return nil, u end
-  local prefs = redis.call('HMGET', key, '!o', '!b')
-  if prefs[2] and string.find(',' .. prefs[2] .. ',', ',' .. cid .. ',', 1, true) then
+  -- One read: the preferences and both logs.
+  local got
+  if user_spec ~= nil and user_spec ~= '' then
+    got = redis.call('HMGET', key, '!o', '!b', cid, '*')
+  else
+    got = redis.call('HMGET', key, '!o', '!b', cid)
+  end
+  if got[2] and string.find(',' .. got[2] .. ',', ',' .. cid .. ',', 1, true) then
     return 7, u  -- "stop seeing this ad" holds whatever else the user chose
   end
-  if prefs[1] == '1' and policy ~= 'ignore' then
+  if got[1] == '1' and policy ~= 'ignore' then
     u.personal = 0
     if policy == 'deny' then return 6, u end
-    u.key = nil  -- no_tracking: serve without reading or writing the user's state
+    u.key = false  -- no_tracking: serve without reading or writing the user's state
     return nil, u
   end
+  u.fresh = not (got[1] or got[2] or got[3] or got[4])
   local camp_left, user_left
   camp_left, u.camp_life, u.camp_times, u.camp_caps =
-    xsp_user_check(key, cid, camp_spec, now, camp_bounds)
+    xsp_log_check(got[3], camp_spec, now, camp_bounds)
   if camp_left == -1 then u.left = 0 return 1, u end
   user_left, u.user_life, u.user_times, u.user_caps =
-    xsp_user_check(key, '*', user_spec, now, user_bounds)
+    xsp_log_check(got[4], user_spec, now, user_bounds)
   if user_left == -1 then u.left = 0 return 1, u end
-  for _, l in ipairs({camp_left, user_left}) do
-    if l ~= false and (u.left == -1 or l < u.left) then u.left = l end
-  end
+  if camp_left ~= false then u.left = camp_left end
+  if user_left ~= false and (u.left == -1 or user_left < u.left) then u.left = user_left end
   return nil, u
 end
 
--- Write the user's side of a reservation; returns the logs written (1: the campaign's, 2: the
--- user's across campaigns; a sum).
-local function xsp_user_commit(u, cid, now)
+-- Write the user's side of a reservation in one HSET; returns the logs written (1: the
+-- campaign's, 2: the user's across campaigns; a sum). `report`: keep the times the writes
+-- dropped (u.camp_dropped, u.user_dropped) for a cluster's undo.
+local function xsp_user_commit(u, cid, now, report)
   if not u.key then return 0 end
-  local ttl, user_ttl
-  ttl, u.camp_dropped = xsp_user_record(u.key, cid, u.camp_caps, u.camp_life, u.camp_times, now)
-  user_ttl, u.user_dropped =
-    xsp_user_record(u.key, '*', u.user_caps, u.user_life, u.user_times, now)
-  local logs = 0
-  if #u.camp_caps > 0 then logs = logs + 1 end
-  if #u.user_caps > 0 then logs = logs + 2 end
-  if user_ttl > ttl then ttl = user_ttl end
-  xsp_keep_alive(u.key, ttl)
+  local ttl, logs, camp_log, user_log = 0, 0, false, false
+  if u.camp_caps and #u.camp_caps > 0 then
+    local kept, dropped
+    kept, ttl, dropped = xsp_record(u.camp_caps, u.camp_times, now, report)
+    if report then u.camp_dropped = dropped end
+    camp_log, logs = xsp_write_log(u.camp_life + 1, kept), 1
+  end
+  if u.user_caps and #u.user_caps > 0 then
+    local kept, user_ttl, dropped
+    kept, user_ttl, dropped = xsp_record(u.user_caps, u.user_times, now, report)
+    if report then u.user_dropped = dropped end
+    user_log, logs = xsp_write_log(u.user_life + 1, kept), logs + 2
+    if user_ttl > ttl then ttl = user_ttl end
+  end
+  if logs == 1 then
+    redis.call('HSET', u.key, cid, camp_log)
+  elseif logs == 2 then
+    redis.call('HSET', u.key, '*', user_log)
+  elseif logs == 3 then
+    redis.call('HSET', u.key, cid, camp_log, '*', user_log)
+  end
+  xsp_keep_alive(u.key, ttl, u.fresh)
   return logs
 end
 
 -- Budgets (lifetime, then the local day's) and pacing. A reason, or nil; sets k.fired (the
--- exhaustion this call detected) and k.day_start.
-local function xsp_campaign_budget(cfg_key, st_key, c, k, bounds_text, allowance_bp)
+-- exhaustion this call detected). `k` comes from xsp_campaign_start given the bounds.
+local function xsp_campaign_budget(cfg_key, st_key, c, k, allowance_bp)
   local cost, budget, spent = k.cost, k.budget, k.spent
-  local daily = tonumber(c.daily_budget)
-  local day_end, day_spent = 0, 0
+  local daily, day_end, day_spent = k.daily, k.day_end or 0, k.day_spent or 0
   if daily then
-    k.day_start, day_end = xsp_period(xsp_bounds(bounds_text).day, k.now)
-    k.day_field = 'day:' .. xsp_int(k.day_start)
-    day_spent = tonumber(redis.call('HGET', st_key, k.day_field) or '0')
     if daily - day_spent < k.remaining then k.remaining = daily - day_spent end
   end
   if c.status == 'exhausted' then return 2 end
@@ -358,13 +431,23 @@ local function xsp_campaign_budget(cfg_key, st_key, c, k, bounds_text, allowance
   return nil
 end
 
--- Write the campaign's side: the spend, the impression, the day's spend.
+-- A denial: counted on the campaign, and the reply (see reserve.lua).
+local function xsp_deny(st_key, reason, k, left, personal, leasing)
+  redis.call('HINCRBY', st_key, 'n:' .. reason, 1)
+  return {0, reason, k.cost, k.remaining, left, k.now, k.fired, k.deny_day, 0, '', personal,
+    leasing}
+end
+
+-- Write the campaign's side: the spend, the impression, the day's spend. HINCRBY takes the
+-- price as the decimal string it came in (formatting a number in Lua costs more than a call).
 local function xsp_campaign_commit(st_key, k, counts)
-  if k.cost > 0 then redis.call('HINCRBY', st_key, 'spent', k.cost_s) end
-  if counts == '1' then redis.call('HINCRBY', st_key, 'impressions', 1) end
-  if k.day_field then
-    if k.cost > 0 then redis.call('HINCRBY', st_key, k.day_field, k.cost_s) end
-    -- Keep only today's and yesterday's day fields.
+  if k.cost > 0 then
+    redis.call('HINCRBY', st_key, 'spent', k.cost_s)
+    if k.day_field then redis.call('HINCRBY', st_key, k.day_field, k.cost_s) end
+  end
+  if counts == '1' then redis.call('HINCRBY', st_key, 'impressions', '1') end
+  if k.day_field and (k.day_new or k.cost <= 0) then
+    -- The day's first write: keep only today's and yesterday's day fields.
     redis.call('HDEL', st_key, 'day:' .. xsp_int(k.day_start - 2 * 86400000))
   end
 end

@@ -21,23 +21,17 @@
 local cid = ARGV[1]
 local c = xsp_config(KEYS[1], 2)
 local tz = c.tz or 'UTC'
-local leasing = redis.call('HGET', KEYS[1], 'leasing') or ''
+local leasing = c.leasing
 if tz ~= ARGV[11] then return {0, 9, 0, 0, -1, 0, 0, 0, 0, tz, 1, leasing} end
 
-local k = xsp_campaign_start(KEYS[2], c, ARGV[16], ARGV[17])
-local u = {personal = 1, left = -1}
-local function deny(reason)
-  redis.call('HINCRBY', KEYS[2], 'n:' .. reason, 1)
-  return {0, reason, k.cost, k.remaining, u.left, k.now, k.fired, k.deny_day, 0, '', u.personal,
-    leasing}
-end
-
+local k = xsp_campaign_start(KEYS[2], c, ARGV[16], ARGV[17], ARGV[12])
 local reason = xsp_campaign_open(c, k)
-if reason then return deny(reason) end
+if reason then return xsp_deny(KEYS[2], reason, k, -1, 1, leasing) end
+local u
 reason, u = xsp_user_gate(KEYS[3], cid, c.caps, ARGV[12], ARGV[13], ARGV[14], k.now, ARGV[19])
-if reason then return deny(reason) end
-reason = xsp_campaign_budget(KEYS[1], KEYS[2], c, k, ARGV[12], ARGV[15])
-if reason then return deny(reason) end
+if reason then return xsp_deny(KEYS[2], reason, k, u.left, u.personal, leasing) end
+reason = xsp_campaign_budget(KEYS[1], KEYS[2], c, k, ARGV[15])
+if reason then return xsp_deny(KEYS[2], reason, k, u.left, u.personal, leasing) end
 
 xsp_campaign_commit(KEYS[2], k, ARGV[18])
 local logs = xsp_user_commit(u, cid, k.now)

@@ -10,21 +10,14 @@
 -- leasing flag.
 local c = xsp_config(KEYS[1], 2)
 local tz = c.tz or 'UTC'
-local leasing = redis.call('HGET', KEYS[1], 'leasing') or ''
+local leasing = c.leasing
 if tz ~= ARGV[11] then return {0, 9, 0, 0, -1, 0, 0, 0, 0, tz, 1, leasing} end
 if ARGV[20] and (c.caps or '') ~= ARGV[20] then
   return {0, 10, 0, 0, -1, 0, 0, 0, 0, c.caps or '', 1, leasing}
 end
 
-local k = xsp_campaign_start(KEYS[2], c, ARGV[16], ARGV[17])
-local function deny(reason)
-  redis.call('HINCRBY', KEYS[2], 'n:' .. reason, 1)
-  return {0, reason, k.cost, k.remaining, -1, k.now, k.fired, k.deny_day, 0, '', 1, leasing}
-end
-
-local reason = xsp_campaign_open(c, k)
-if reason then return deny(reason) end
-reason = xsp_campaign_budget(KEYS[1], KEYS[2], c, k, ARGV[12], ARGV[15])
-if reason then return deny(reason) end
+local k = xsp_campaign_start(KEYS[2], c, ARGV[16], ARGV[17], ARGV[12])
+local reason = xsp_campaign_open(c, k) or xsp_campaign_budget(KEYS[1], KEYS[2], c, k, ARGV[15])
+if reason then return xsp_deny(KEYS[2], reason, k, -1, 1, leasing) end
 xsp_campaign_commit(KEYS[2], k, ARGV[18])
 return {1, 0, k.cost, k.remaining - k.cost, -1, k.now, 0, k.day_start, 0, '', 1, leasing}

@@ -11,5 +11,5 @@ local now = xsp_now_ms(ARGV[6])
 local reason, u = xsp_user_gate(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], now,
   ARGV[7])
 if reason then return {0, reason, u.left, now, 0, u.personal, '', ''} end
-local logs = xsp_user_commit(u, ARGV[1], now)
+local logs = xsp_user_commit(u, ARGV[1], now, true)
 return {1, 0, u.left, now, logs, u.personal, u.camp_dropped or '', u.user_dropped or ''}
