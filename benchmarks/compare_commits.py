@@ -13,12 +13,19 @@ large to run out), called directly as ASGI by 64 concurrent workers for ``--seco
 request with a new ``user_id`` cookie. Only 200s count; any other status fails the run. The
 same workers also run the bare app (no middleware) in the same process, for the CPU above it.
 Redis CPU per decision is ``INFO commandstats`` (``evalsha`` + ``eval`` usec, reset before the
-measured phase) divided by the decisions made.
+measured phase) divided by the decisions made. Each run also times a 3-command script (TIME,
+HINCRBY, HGET) on the same server, the comparator whose ratio holds on a noisy machine.
+
+``--config`` picks the campaigns: ``one-cap`` (the default settings: one rolling ``3/1h``
+cap and a budget) or ``rich`` (caps ``3/1h``, ``10/day`` and ``50/lifetime``, a daily budget
+and even pacing, with a 100% allowance so the pacing curve is computed on every call without
+turning requests away).
 
 Run from the repository root::
 
     python benchmarks/compare_commits.py ce5ba2d HEAD
     python benchmarks/compare_commits.py ce5ba2d HEAD --seconds 3 --rounds 5 --json
+    python benchmarks/compare_commits.py 47ceac5 HEAD --config rich
 """
 
 from __future__ import annotations
@@ -111,14 +118,52 @@ def _commandstats(url: str) -> tuple[int, float]:
     return int(calls), usec
 
 
-def worker(url: str, seconds: float) -> dict[str, Any]:
+THREE_COMMANDS = (
+    "redis.call('TIME') redis.call('HINCRBY', KEYS[1], 'n', 1) "
+    "return redis.call('HGET', KEYS[1], 'n')"
+)
+
+
+def _three_commands_us(url: str, calls: int = 20_000) -> float:
+    """Server us per call of a 3-command script, pipelined 64 at a time."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    sha = client.script_load(THREE_COMMANDS)
+    client.config_resetstat()
+    for start in range(0, calls, CONCURRENCY):
+        pipe = client.pipeline(transaction=False)
+        for i in range(start, start + CONCURRENCY):
+            pipe.evalsha(sha, 1, f"three:{i % 1000}")
+        pipe.execute()
+    n, usec = _commandstats(url)
+    client.close()
+    return usec / n
+
+
+def worker(url: str, seconds: float, config: str) -> dict[str, Any]:
     import redis
 
     from xsp_middleware import Campaign, Settings, XSPMiddleware
 
-    campaigns = [Campaign(id=f"c{i}", budget="900000000.00") for i in range(CAMPAIGNS)]
+    budget = "900000000.00"
+    if config == "rich":
+        campaigns = [
+            Campaign(
+                id=f"c{i}",
+                caps=["3/1h", "10/day", "50/lifetime"],
+                budget=budget,
+                daily_budget=budget,
+                pacing="even",
+            )
+            for i in range(CAMPAIGNS)
+        ]
+        extra: dict[str, Any] = {"pacing_allowance": "1.00"}
+    else:
+        campaigns = [Campaign(id=f"c{i}", budget=budget) for i in range(CAMPAIGNS)]
+        extra = {}
     secret = "bench-secret-key-0123456789"
-    settings = Settings(redis_url=url, secret_key=secret, campaigns=campaigns)
+    settings = Settings(redis_url=url, secret_key=secret, campaigns=campaigns, **extra)
     app = XSPMiddleware(_bare, settings=settings)
 
     redis.Redis.from_url(url).flushall()  # every run starts from an empty store
@@ -133,6 +178,7 @@ def worker(url: str, seconds: float) -> dict[str, Any]:
         calls, usec = _commandstats(url)
         if set(statuses) != {200} or set(bare_statuses) != {200}:
             raise SystemExit(f"statuses other than 200: xsp {statuses}, bare {bare_statuses}")
+        three = _three_commands_us(url)
         return {
             "xsp_rps": n / seconds,
             "bare_rps": bare_n / seconds,
@@ -141,6 +187,8 @@ def worker(url: str, seconds: float) -> dict[str, Any]:
             "above_bare_us": cpu / n * 1e6 - bare_cpu / bare_n * 1e6,
             "server_us_per_decision": (usec - usec_before) / n,
             "script_calls_per_decision": (calls - calls_before) / n,
+            "three_command_us": three,
+            "server_x_three_commands": (usec - usec_before) / n / three,
         }
 
     return asyncio.run(main())
@@ -157,10 +205,10 @@ def _worktree(rev: str, where: Path) -> Path:
     return path
 
 
-def _run(tree: Path, url: str, seconds: float) -> dict[str, Any]:
+def _run(tree: Path, url: str, seconds: float, config: str) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": str(tree)}
     out = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--worker", url, str(seconds)],
+        [sys.executable, str(Path(__file__).resolve()), "--worker", url, str(seconds), config],
         env=env,
         cwd=tree,
         capture_output=True,
@@ -181,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--config", choices=("one-cap", "rich"), default="one-cap")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT / "tests"))
     from redis_server import RedisServer
@@ -192,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for i in range(args.rounds):
             for side in ("old", "new") if i % 2 == 0 else ("new", "old"):
-                result = _run(trees[side], server.url, args.seconds)
+                result = _run(trees[side], server.url, args.seconds, args.config)
                 runs[side].append(result)
                 print(f"round {i + 1} {side}: {json.dumps(result)}", file=sys.stderr)
     finally:
@@ -211,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         "new": args.new,
         "rounds": args.rounds,
         "seconds": args.seconds,
+        "config": args.config,
         "median": medians,
         "new/old": {k: medians["new"][k] / medians["old"][k] for k in keys if medians["old"][k]},
     }
@@ -226,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
-        print(json.dumps(worker(sys.argv[2], float(sys.argv[3]))))
+    if len(sys.argv) == 5 and sys.argv[1] == "--worker":
+        print(json.dumps(worker(sys.argv[2], float(sys.argv[3]), sys.argv[4])))
         raise SystemExit(0)
     raise SystemExit(main())

@@ -2,13 +2,13 @@
 
 Every user gets one impression of each of ``--campaigns`` campaigns capped ``3/1h`` (so each
 pair holds one logged impression time), through the real reserve script, on a throwaway
-``redis-server``. Each impression's time is random within the last hour (the scripts' clock is
-set per call), as for users active over the window, so stored times have realistic lengths.
-The figure is (used_memory after - used_memory before) / pairs; the campaigns' own keys are a
-handful and included. Run from the repository root::
+``redis-server`` (a fresh one per size). Each impression's time is random within the last
+hour (the scripts' clock is set per call), as for users active over the window, so stored
+times have realistic lengths. The figure is (used_memory after - used_memory before) / pairs;
+the campaigns' own keys are a handful and included. Run from the repository root::
 
-    python benchmarks/memory.py                       # 200,000 users x 5 campaigns
-    python benchmarks/memory.py --users 20000 --json  # a quicker, noisier estimate
+    python benchmarks/memory.py                       # 20,000 then 200,000 users x 5
+    python benchmarks/memory.py --users 20000 --json  # one size only
 """
 
 from __future__ import annotations
@@ -88,13 +88,8 @@ async def fill(store: Store, users: int, campaigns: list[str]) -> int:
     return served
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--users", type=int, default=200_000)
-    parser.add_argument("--campaigns", type=int, default=5)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args(argv)
-    campaigns = [f"c{i}" for i in range(args.campaigns)]
+def measure(users: int, campaigns: list[str]) -> dict[str, Any]:
+    """Fill a fresh server with ``users`` x ``campaigns`` pairs; the memory it took."""
     server = RedisServer()
     try:
         store = Store(
@@ -104,23 +99,23 @@ def main(argv: list[str] | None = None) -> int:
                     secret_key=SECRET_KEY,
                     default_caps=("3/1h",),
                     default_budget="900000000.00",
-                    store_timeout=30,
+                    store_timeout=30,  # a bulk fill, not serving: no request waits on it
                 )
             )
         )
         server.command("FLUSHALL")
         before = used_memory(server)
         started = time.monotonic()
-        served = asyncio.run(fill(store, args.users, campaigns))
+        served = asyncio.run(fill(store, users, campaigns))
         seconds = time.monotonic() - started
         after = used_memory(server)
         keys = int(server.command("DBSIZE").decode().strip().lstrip(":"))
     finally:
         server.stop()
-    pairs = args.users * args.campaigns
-    report: dict[str, Any] = {
-        "users": args.users,
-        "campaigns_per_user": args.campaigns,
+    pairs = users * len(campaigns)
+    return {
+        "users": users,
+        "campaigns_per_user": len(campaigns),
         "pairs": pairs,
         "impressions_served": served,
         "keys": keys,
@@ -128,13 +123,26 @@ def main(argv: list[str] | None = None) -> int:
         "bytes_per_pair": (after - before) / pairs,
         "fill_seconds": seconds,
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--users", type=int, nargs="+", default=[20_000, 200_000])
+    parser.add_argument("--campaigns", type=int, default=5)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    campaigns = [f"c{i}" for i in range(args.campaigns)]
+    reports = [measure(users, campaigns) for users in args.users]
     if args.json:
-        print(json.dumps(report, indent=2))
-    else:
+        print(json.dumps(reports if len(reports) > 1 else reports[0], indent=2))
+        return 0
+    for report in reports:
         print(
-            f"{pairs:,} pairs ({args.users:,} users x {args.campaigns} campaigns, cap 3/1h, "
-            f"{served:,} impressions, {keys:,} keys): used_memory +{after - before:,} bytes, "
-            f"{report['bytes_per_pair']:.1f} bytes per pair (filled in {seconds:.0f} s)"
+            f"{report['pairs']:,} pairs ({report['users']:,} users x {args.campaigns} campaigns, "
+            f"cap 3/1h, {report['impressions_served']:,} impressions, {report['keys']:,} keys): "
+            f"used_memory +{report['used_memory_delta']:,} bytes, "
+            f"{report['bytes_per_pair']:.1f} bytes per pair "
+            f"(filled in {report['fill_seconds']:.0f} s)"
         )
     return 0
 

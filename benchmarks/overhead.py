@@ -42,6 +42,15 @@ process), so the table shows where the time goes: with the bare app's CPU ``B`` 
 alone's ``S``, ``B / (B + S)`` is the most that any middleware making one pipelined script call
 per request could reach while doing nothing else in Python (the ``ceiling`` ratio).
 
+Each round then measures the **server** CPU per decision: Redis's own time running the scripts
+(``INFO commandstats``, ``evalsha`` + ``eval`` usec, reset before each run, divided by the
+decisions), for two campaign configurations through the real middleware (in-process, distinct
+users, 64 in flight): ``one cap`` (one rolling ``3/1h`` cap and a budget) and ``rich`` (caps
+``3/1h``, ``10/day`` and ``50/lifetime``, a daily budget and even pacing; the pacing allowance
+is 100% so the curve is computed on every call without turning requests away). Next to them,
+in the same round, a 3-command script (TIME, HINCRBY, HGET) sent the same way: the machines
+are noisy, so judge the ratio. "Decisions per second per Redis core" is 1e6 / server us.
+
 Then, at low load (one request in flight), the decision latency of ``xsp`` and
 ``xsp-cluster``, and of ``xsp-unpipelined``: the same middleware with auto-pipelining off (each
 script call written at once, alone, on its connection, instead of on the next loop iteration
@@ -77,11 +86,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from xsp_middleware import XSPMiddleware
+from xsp_middleware import Campaign, XSPMiddleware
 from xsp_middleware.demo import vast_xml
 from xsp_middleware.errors import StoreUnavailable
 from xsp_middleware.store.pipeline import AutoPipeline
-from xsp_middleware.store.scripts import RESERVE, STANDALONE_SCRIPTS
+from xsp_middleware.store.scripts import RESERVE, STANDALONE_SCRIPTS, Script, pack_args
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -279,7 +288,12 @@ def script_calls(xsp: XSPMiddleware, count: int) -> list[tuple[int, bytes]]:
     ]
 
 
-async def drive_script(xsp: XSPMiddleware, seconds: float, calls: list[tuple[int, bytes]]) -> Phase:
+async def drive_script(
+    xsp: XSPMiddleware,
+    seconds: float,
+    calls: list[tuple[int, bytes]],
+    script: Script = RESERVE,
+) -> Phase:
     """The reserve script alone: ``CONCURRENCY`` workers send ``xsp``'s packed calls through
     its own auto-pipeline back to back, with no ASGI, no parsing, no HMAC and no decision.
     Its CPU per call is what one pipelined script call costs this process."""
@@ -294,13 +308,94 @@ async def drive_script(xsp: XSPMiddleware, seconds: float, calls: list[tuple[int
         while clock() < deadline:
             nargs, body = next_call()
             try:
-                await pipeline.call(RESERVE, nargs, body)
+                await pipeline.call(script, nargs, body)
             except StoreUnavailable:
                 phase.statuses["store_unavailable"] = phase.statuses.get("store_unavailable", 0) + 1
                 continue
             phase.ok += 1
 
     return await timed(phase, worker, seconds, CONCURRENCY)
+
+
+THREE_COMMANDS = Script(
+    "three_commands",
+    "redis.call('TIME') redis.call('HINCRBY', KEYS[1], 'n', 1) "
+    "return redis.call('HGET', KEYS[1], 'n')",
+    retry_safe=True,
+)
+"""The comparator for server time: a script of three cheap commands."""
+
+
+def server_cost_apps(base: Starlette, redis_url: str) -> dict[str, XSPMiddleware]:
+    """The two configurations whose server CPU per decision is measured, on every campaign
+    the driver asks for."""
+    ids = [f"c{i}" for i in range(CAMPAIGNS)]
+    one_cap = [Campaign(id=cid, caps=["3/1h"], budget=BUDGET) for cid in ids]
+    rich = [
+        Campaign(
+            id=cid,
+            caps=["3/1h", "10/day", "50/lifetime"],
+            budget=BUDGET,
+            daily_budget=BUDGET,
+            pacing="even",
+        )
+        for cid in ids
+    ]
+    common = {"redis_url": redis_url, "secret_key": SECRET_KEY}
+    return {
+        "one cap": XSPMiddleware(base, campaigns=one_cap, **common),
+        # Allowance 100%: the pacing curve is computed on every call, and never turns one away.
+        "rich": XSPMiddleware(base, campaigns=rich, pacing_allowance="1.00", **common),
+    }
+
+
+async def script_usec(admin: aredis.Redis) -> tuple[int, float]:
+    """(calls, usec) of every script call since the last CONFIG RESETSTAT."""
+    stats = await admin.info("commandstats")
+    calls, usec = 0, 0.0
+    for name in ("cmdstat_evalsha", "cmdstat_eval"):
+        if name in stats:
+            calls += int(stats[name]["calls"])
+            usec += float(stats[name]["usec"])
+    return calls, usec
+
+
+async def server_cost_round(
+    apps: dict[str, XSPMiddleware],
+    xsp: XSPMiddleware,
+    admin: aredis.Redis,
+    seconds: float,
+    users: Any,
+) -> dict[str, dict[str, float]]:
+    """One round: server us per decision of each configuration, and per call of the
+    3-command script, run back to back."""
+    out: dict[str, dict[str, float]] = {}
+    for name, app in apps.items():
+        await admin.flushdb()
+        await drive(app, WARMUP_SECONDS, users)
+        await admin.config_resetstat()
+        phase = await drive(app, seconds, users)
+        calls, usec = await script_usec(admin)
+        decisions = phase.handled
+        out[name] = {
+            "server_us": usec / max(1, decisions),
+            "calls_per_decision": calls / max(1, decisions),
+            "decisions": decisions,
+            "not_served": sum(phase.statuses.values()),
+        }
+    await admin.flushdb()
+    calls_three = [(2, b"$1\r\n1\r\n" + pack_args((f"k{i}",))) for i in range(1000)]
+    await drive_script(xsp, WARMUP_SECONDS, calls_three, THREE_COMMANDS)
+    await admin.config_resetstat()
+    phase = await drive_script(xsp, seconds, calls_three, THREE_COMMANDS)
+    calls, usec = await script_usec(admin)
+    out["3-command script"] = {
+        "server_us": usec / max(1, calls),
+        "calls_per_decision": 1.0,
+        "decisions": phase.ok,
+        "not_served": sum(phase.statuses.values()),
+    }
+    return out
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -350,6 +445,8 @@ async def run(
         "xsp-cluster": [],
     }
     script_rounds: list[dict[str, float]] = []
+    server_rounds: list[dict[str, dict[str, float]]] = []
+    cost_apps = server_cost_apps(base, redis_url)
     calls = script_calls(xsp, 200_000)
     apps["xsp-unpipelined"] = await unpipelined(
         XSPMiddleware(base, redis_url=redis_url, secret_key=SECRET_KEY, default_budget=BUDGET)
@@ -397,6 +494,16 @@ async def run(
                 f"{last['calls_per_s']:>9.0f} calls/s  CPU {last['cpu_us']:.1f} us/call  "
                 f"process busy {last['busy']:.0%}  errors {last['errors']}"
             )
+            server_rounds.append(
+                await server_cost_round(cost_apps, xsp, admin, args.seconds, users)
+            )
+            for name, cost in server_rounds[-1].items():
+                progress(
+                    f"round {round_no}/{args.rounds} server {name:<16} "
+                    f"{cost['server_us']:6.2f} us per decision  "
+                    f"{cost['calls_per_decision']:.2f} script calls per decision  "
+                    f"not served {cost['not_served']:.0f}"
+                )
         # Low load: one request in flight, so the latency is one decision's round trip (two
         # concurrent halves on the cluster) with no queueing behind other requests. The
         # variants alternate in slices of a tenth of a run, so drift on this noisy machine hits
@@ -433,6 +540,8 @@ async def run(
         await xsp.store.aclose()
         await apps["xsp-unpipelined"].store.aclose()
         await apps["xsp-leasing"].store.aclose()
+        for app in cost_apps.values():
+            await app.store.aclose()
         if "xsp-cluster" in apps:
             await apps["xsp-cluster"].store.aclose()
         await tutorial.aclose()
@@ -503,6 +612,19 @@ async def run(
             x["p99_ms"] / u["p99_ms"]
             for x, u in zip(low_load["xsp"], low_load["xsp-unpipelined"], strict=True)
         )
+    server: dict[str, dict[str, float]] = {}
+    for name in server_rounds[0]:
+        runs = [r[name] for r in server_rounds]
+        server[name] = {
+            "server_us": statistics.median(r["server_us"] for r in runs),
+            # Within each round (run back to back), then the median: the steadier figure.
+            "x_three_commands": statistics.median(
+                r[name]["server_us"] / r["3-command script"]["server_us"] for r in server_rounds
+            ),
+            "calls_per_decision": statistics.median(r["calls_per_decision"] for r in runs),
+            "not_served": sum(r["not_served"] for r in runs),
+        }
+        server[name]["decisions_per_s_per_core"] = 1e6 / server[name]["server_us"]
     return {
         "config": {
             "concurrency": CONCURRENCY,
@@ -526,6 +648,7 @@ async def run(
             for name, runs in low_load.items()
             if runs
         },
+        "server_per_decision": server,
         "ratios": ratios,
     }
 
@@ -555,6 +678,16 @@ def print_table(report: dict[str, Any]) -> None:
     for name, v in report["variants"].items():
         if v["non_200"]:
             print(f"  {name} non-200 responses: {v['non_200']}")
+    print()
+    print("Redis server CPU per decision (INFO commandstats, script usec / decisions):")
+    print(f"  {'configuration':<18}{'server us':>10}{'x 3-command':>13}{'decisions/s/core':>18}")
+    for name, v in report["server_per_decision"].items():
+        print(
+            f"  {name:<18}{v['server_us']:>10.2f}{v['x_three_commands']:>12.2f}x"
+            f"{v['decisions_per_s_per_core']:>18,.0f}"
+        )
+        if v["not_served"] and name != "3-command script":
+            print(f"    ({v['not_served']:.0f} decisions were not served)")
     print()
     print("one request in flight (decision latency):")
     for name, v in report["low_load"].items():
