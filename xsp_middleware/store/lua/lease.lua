@@ -75,9 +75,8 @@ if wanted <= 0 then return reply(1, 0, 0, 0, 0, 0) end
 if leasing == '0' then return reply(0, 11, 0, 0, 0, 0) end  -- turned off in the store
 
 -- 2. The grant: the gates of a reservation, then as much as the budgets and pacing allow now.
-local k = xsp_campaign_start(KEYS[2], c, '0', ARGV[14])
+local k, reason = xsp_campaign_start(KEYS[2], c, '0', ARGV[14])
 k.now = now
-local reason = xsp_campaign_open(c, k)
 if reason then return reply(0, reason, 0, k.remaining, 0, 0) end
 if c.status == 'exhausted' then return reply(0, 2, 0, k.remaining, 0, 0) end
 local valid_until = now + 86400000

@@ -67,14 +67,6 @@ local function xsp_config(key, at)
   return c
 end
 
--- The [start, end) of the period that holds `now`.
-local function xsp_period(list, now)
-  for i = 1, #list - 1 do
-    if list[i] <= now and now < list[i + 1] then return list[i], list[i + 1] end
-  end
-  return list[#list - 1], list[#list]
-end
-
 -- Calendar boundaries (ms), computed by the app in the campaign's time zone, so DST is right:
 -- "d0,d1,d2,d3|w0,..|m0,.." are consecutive starts of local days, weeks and months around now.
 -- The [start, end) of the local day (kind 1), week (2) or month (3) that holds `now`; only
@@ -100,7 +92,13 @@ local function xsp_span(text, kind, now)
     from = comma + 1
   end
   xsp_span_text, xsp_span_kind, xsp_span_now = text, kind, now
-  xsp_span_first, xsp_span_last = xsp_period(list, now)
+  xsp_span_first, xsp_span_last = list[#list - 1], list[#list]
+  for i = 1, #list - 1 do
+    if list[i] <= now and now < list[i + 1] then
+      xsp_span_first, xsp_span_last = list[i], list[i + 1]
+      break
+    end
+  end
   return xsp_span_first, xsp_span_last
 end
 
@@ -202,24 +200,6 @@ end
 -- store, which reports no version) read it with PTTL first.
 local XSP_PEXPIRE_GT = (tonumber(redis.REDIS_VERSION_NUM) or 0) >= 0x070000
 
--- Extend a key's TTL to at least ttl_ms; never shorten it (campaigns with longer windows
--- share the user's hash). `fresh`: the key held none of the fields just read (likely new, so
--- without a TTL: NX sets one where GT never would).
-local function xsp_keep_alive(key, ttl_ms, fresh)
-  if ttl_ms <= 0 then return end
-  if XSP_PEXPIRE_GT then
-    if fresh and redis.call('PEXPIRE', key, ttl_ms, 'NX') == 1 then return end
-    if redis.call('PEXPIRE', key, ttl_ms, 'GT') == 1 or fresh then return end
-    -- GT did nothing: the TTL is longer already, or there is none (GT treats it as infinite).
-    if redis.call('PTTL', key) == -1 then redis.call('PEXPIRE', key, ttl_ms) end
-    return
-  end
-  local current = redis.call('PTTL', key)
-  if current < 0 or current < ttl_ms then
-    redis.call('PEXPIRE', key, ttl_ms)
-  end
-end
-
 -- Check one user log (its stored value `raw`) against its caps; returns (how many more
 -- impressions every cap allows after one more now, or -1 if a cap is reached, or false if
 -- there are no caps; lifetime, times, caps); times and caps are nil when there are no caps.
@@ -287,7 +267,8 @@ end
 
 -- The campaign's budget state for one reservation: `k` carries the price, spend and clock
 -- between the pieces. cost_s '' means the campaign's own price. With the calendar bounds
--- (`bounds_text`) and a daily budget, the same read brings the local day's spend.
+-- (`bounds_text`) and a daily budget, the same read brings the local day's spend. Also the
+-- gates before any user state, the campaign's status and flight: a reason, or nil.
 local function xsp_campaign_start(st_key, c, cost_s, now_override, bounds_text)
   if cost_s == '' then cost_s = c.cost or '0' end
   -- Every field in the constructor: a table that grows later is reallocated on the way.
@@ -304,16 +285,11 @@ local function xsp_campaign_start(st_key, c, cost_s, now_override, bounds_text)
     k.spent = tonumber(redis.call('HGET', st_key, 'spent') or '0')
   end
   k.remaining = k.budget - k.spent
-  return k
-end
-
--- Gates before any user state: the campaign's status and flight. A reason, or nil.
-local function xsp_campaign_open(c, k)
-  if c.status == 'paused' then return 3 end
+  if c.status == 'paused' then return k, 3 end
   if (c.start and k.now < tonumber(c.start)) or (c['end'] and k.now >= tonumber(c['end'])) then
-    return 5
+    return k, 5
   end
-  return nil
+  return k, nil
 end
 
 -- The user's side: stored preferences (blocked campaigns, opt-out), then the campaign's caps
@@ -379,7 +355,19 @@ local function xsp_user_commit(u, cid, now, report)
   elseif logs == 3 then
     redis.call('HSET', u.key, cid, camp_log, '*', user_log)
   end
-  xsp_keep_alive(u.key, ttl, u.fresh)
+  -- Extend the key's TTL to at least ttl; never shorten it (campaigns with longer windows
+  -- share the user's hash). A key that held none of the fields just read is likely new, so
+  -- without a TTL: NX sets one where GT never would.
+  if ttl <= 0 then return logs end
+  if XSP_PEXPIRE_GT then
+    if u.fresh and redis.call('PEXPIRE', u.key, ttl, 'NX') == 1 then return logs end
+    if redis.call('PEXPIRE', u.key, ttl, 'GT') == 1 or u.fresh then return logs end
+    -- GT did nothing: the TTL is longer already, or there is none (GT treats it as infinite).
+    if redis.call('PTTL', u.key) == -1 then redis.call('PEXPIRE', u.key, ttl) end
+    return logs
+  end
+  local current = redis.call('PTTL', u.key)
+  if current < 0 or current < ttl then redis.call('PEXPIRE', u.key, ttl) end
   return logs
 end
 

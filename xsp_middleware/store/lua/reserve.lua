@@ -24,8 +24,7 @@ local tz = c.tz or 'UTC'
 local leasing = c.leasing
 if tz ~= ARGV[11] then return {0, 9, 0, 0, -1, 0, 0, 0, 0, tz, 1, leasing} end
 
-local k = xsp_campaign_start(KEYS[2], c, ARGV[16], ARGV[17], ARGV[12])
-local reason = xsp_campaign_open(c, k)
+local k, reason = xsp_campaign_start(KEYS[2], c, ARGV[16], ARGV[17], ARGV[12])
 if reason then return xsp_deny(KEYS[2], reason, k, -1, 1, leasing) end
 local u
 reason, u = xsp_user_gate(KEYS[3], cid, c.caps, ARGV[12], ARGV[13], ARGV[14], k.now, ARGV[19])

@@ -16,8 +16,8 @@ if ARGV[20] and (c.caps or '') ~= ARGV[20] then
   return {0, 10, 0, 0, -1, 0, 0, 0, 0, c.caps or '', 1, leasing}
 end
 
-local k = xsp_campaign_start(KEYS[2], c, ARGV[16], ARGV[17], ARGV[12])
-local reason = xsp_campaign_open(c, k) or xsp_campaign_budget(KEYS[1], KEYS[2], c, k, ARGV[15])
+local k, reason = xsp_campaign_start(KEYS[2], c, ARGV[16], ARGV[17], ARGV[12])
+reason = reason or xsp_campaign_budget(KEYS[1], KEYS[2], c, k, ARGV[15])
 if reason then return xsp_deny(KEYS[2], reason, k, -1, 1, leasing) end
 xsp_campaign_commit(KEYS[2], k, ARGV[18])
 return {1, 0, k.cost, k.remaining - k.cost, -1, k.now, 0, k.day_start, 0, '', 1, leasing}
