@@ -136,7 +136,7 @@ class CampaignConfig:
     """A campaign's effective rules in store units: what the scripts enforce.
 
     ``wire`` is the fallback the scripts use for fields the store does not hold: one argument
-    per field, in the order of ``lua/lib.lua``'s ``XSP_FIELDS``.
+    per field, in the order ``lua/lib.lua``'s ``xsp_config`` reads them.
     """
 
     budget_units: int

@@ -6,8 +6,9 @@
 --   * no struct/bit/cmsgpack, no shebang flags: fakeredis runs plain Lua 5.1.
 -- Each script gets only the pieces its body uses (scripts.py follows the names), so a call
 -- does not pay for building closures it never runs.
--- The cost per call is mostly redis.call()s (each about a microsecond of server CPU): the serve
--- path reads each hash once (HMGET) and writes each once (HSET).
+-- The cost per call is mostly the arguments, the reply and the redis.call()s (3-7k server
+-- instructions each; a tonumber() or string.format() about 2k): the serve path reads each
+-- hash once, and writes numbers with HINCRBY from the strings they came in as.
 
 -- Times are milliseconds on the Redis server's clock, so skewed app servers agree.
 local function xsp_now_ms(override)
@@ -35,7 +36,8 @@ local function xsp_split(text, sep)
 end
 
 -- A campaign's config: each field from its stored hash, else from the settings' fallback,
--- nine ARGV from `at` in the order of XSP_FIELDS; '' means unset.
+-- nine ARGV from `at`: budget, daily_budget, cost, caps, status, tz, start, end, pacing;
+-- '' means unset.
 -- The same read brings the stored leasing flag (c.leasing: '1', '0' or '' when unset).
 -- HGETALL: its cost grows with the fields stored (often none: the settings' config applies),
 -- where HMGET's grows with the fields asked for (ten of them cost four times as much).
