@@ -53,6 +53,7 @@ def test_a_script_leaves_out_the_pieces_it_does_not_use() -> None:
         ("3|10,20,30", (3, [10, 20, 30])),
         ("4|", (4, [])),  # lifetime caps only: no times kept
         ("junk", (0, [])),
+        ("\u00b2", (0, [])),  # a digit int() refuses: a hand-edited hash never raises
     ],
 )
 def test_python_reads_both_log_forms_as_the_scripts_do(

@@ -73,9 +73,9 @@ def user_log(raw: str | None) -> tuple[int, list[int]]:
         return 0, []
     head, bar, tail = raw.partition("|")
     if not bar:
-        return (1, [int(head)]) if head.isdigit() else (0, [])
-    times = [int(t) for t in tail.split(",") if t.isdigit()]
-    return (int(head) if head.isdigit() else 0), times
+        return (1, [int(head)]) if head.isdecimal() else (0, [])
+    times = [int(t) for t in tail.split(",") if t.isdecimal()]
+    return (int(head) if head.isdecimal() else 0), times
 
 
 class CampaignReply(NamedTuple):
