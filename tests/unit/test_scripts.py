@@ -1,11 +1,10 @@
 """The Lua scripts as the store sends them: each holds the lib pieces its body uses, and only
-those, and compiles. (Their behaviour is tested through HTTP in tests/integration.)"""
+those. (Each runs, on Redis and on the embedded store, through HTTP in tests/integration.)"""
 
 from __future__ import annotations
 
 import re
 
-import lupa  # type: ignore[import-untyped]
 import pytest
 
 from xsp_middleware.store import scripts
@@ -25,15 +24,6 @@ def test_every_lib_name_a_script_uses_is_defined_in_it(script: scripts.Script) -
     code = "\n".join(line.split("--")[0] for line in script.text.splitlines())
     defined = {n.strip() for names in DEFINED.findall(script.text) for n in names.split(",")}
     assert set(USED.findall(code)) <= defined
-
-
-@pytest.mark.parametrize("script", ALL, ids=lambda s: s.name)
-def test_every_script_compiles(script: scripts.Script) -> None:
-    lua = lupa.LuaRuntime()
-    compile_only = lua.eval(
-        "function(text) local f, err = (loadstring or load)(text) return err end"
-    )
-    assert compile_only(script.text) is None
 
 
 def test_a_script_leaves_out_the_pieces_it_does_not_use() -> None:
