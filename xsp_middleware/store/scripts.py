@@ -35,7 +35,9 @@ def pack_args(args: Sequence[str | int]) -> bytes:
 
 
 _NAME = re.compile(r"\b(?:xsp|XSP)_\w+")
-_DEFINES = re.compile(r"^local (?:function )?((?:xsp|XSP)_\w+)", re.MULTILINE)
+_DEFINES = re.compile(
+    r"^local (?:function )?((?:xsp|XSP)_\w+(?:, *(?:xsp|XSP)_\w+)*)", re.MULTILINE
+)
 
 
 def _pieces(lib: str) -> tuple[str, list[tuple[frozenset[str], str]]]:
@@ -49,7 +51,9 @@ def _pieces(lib: str) -> tuple[str, list[tuple[frozenset[str], str]]]:
             blocks.append([])
         blocks[-1].append(line)
     header, *rest = ("".join(b) for b in blocks)
-    return header, [(frozenset(_DEFINES.findall(text)), text) for text in rest]
+    return header, [
+        (frozenset(_NAME.findall(" ".join(_DEFINES.findall(text)))), text) for text in rest
+    ]
 
 
 def _assemble(lib: str, body: str) -> str:
