@@ -22,6 +22,11 @@ from .caps import FrequencyCap, caps_from_spec, caps_spec, parse_caps
 from .clock import parse_instant, zone
 from .errors import ConfigError
 from .money import amount_to_units, cpm_to_cost_units
+from .setting_checks import (
+    check_identity,
+    check_trust,
+    consent_policies,
+)
 from .store_url import parse_store_url
 
 Money = str | Decimal | int
@@ -71,6 +76,9 @@ class Campaign:
     end: str | datetime | None = None
     pacing: Literal["asap", "even", "frontloaded"] | None = None
     leasing: bool | None = None
+    max_cpm: Money | None = None
+    """The highest price a request may name for this campaign (``request`` and ``signed``
+    prices): above it, ``400`` with ``field`` ``cpm``. None: only the settings' ``max_cpm``."""
 
     def __post_init__(self) -> None:
         validate_campaign_id(self.id)
@@ -100,6 +108,9 @@ class Campaign:
             pacing=base.pacing if self.pacing is None else self.pacing,
             status=self.status,
             leasing=base.leasing if self.leasing is None else self.leasing,
+            max_cost_units=None
+            if self.max_cpm is None
+            else cpm_to_cost_units(self.max_cpm, f"{what} max_cpm"),
         )
 
 
@@ -128,6 +139,7 @@ _CONFIG_FIELDS = (
     "start",
     "end",
     "pacing",
+    "max_cost",
 )
 
 
@@ -150,6 +162,8 @@ class CampaignConfig:
     status: str = "active"
     leasing: bool = False
     """Spend from budget leases (not part of ``wire``: the scripts never need it)."""
+    max_cost_units: int | None = None
+    """The campaign's bid ceiling (``max_cpm``) as a cost per impression; None: none."""
     caps_spec: str = field(init=False, default="")
     wire: tuple[str, ...] = field(init=False, default=())
 
@@ -169,7 +183,9 @@ class CampaignConfig:
         if self.start_ms is not None and self.end_ms is not None and self.end_ms <= self.start_ms:
             raise ConfigError("end: must be after start")
         object.__setattr__(self, "caps_spec", caps_spec(self.caps))
-        object.__setattr__(self, "wire", tuple(self.fields().values()))
+        wire = self.fields()
+        del wire["max_cost"]  # only where set: the reserve call's extras
+        object.__setattr__(self, "wire", tuple(wire.values()))
 
     def fields(self) -> dict[str, str]:
         """The store's hash fields ('' for unset)."""
@@ -187,6 +203,7 @@ class CampaignConfig:
             "start": text(self.start_ms),
             "end": text(self.end_ms),
             "pacing": self.pacing,
+            "max_cost": text(self.max_cost_units),
         }
 
     def over(self, stored: Mapping[str, str]) -> CampaignConfig:
@@ -210,6 +227,7 @@ class CampaignConfig:
             pacing=stored.get("pacing") or self.pacing,
             status=stored.get("status") or self.status,
             leasing=stored["leasing"] == "1" if stored.get("leasing") else self.leasing,
+            max_cost_units=units("max_cost", self.max_cost_units),
         )
 
 
@@ -259,8 +277,31 @@ class Settings:
     campaigns: Sequence[Campaign] = ()
     secret_key: str | None = None
     """HMAC key for user ids. Unset means the fixed development key, with a warning."""
-    on_denied: Literal["nofill", "pass"] = "nofill"
-    """``nofill``: answer 204. ``pass``: run the handler, which sees the denial."""
+    on_denied: Literal["nofill", "pass", "vast"] = "nofill"
+    """``nofill``: answer 204. ``pass``: run the handler, which sees the denial. ``vast``:
+    answer ``200 application/xml`` with an empty VAST document (``<VAST version="4.2"/>``),
+    which players take as "no ad" without an error."""
+    vast_version: str = "4.2"
+    """The VAST version of ``on_denied="vast"``'s empty document."""
+    price_source: Literal["request", "campaign", "signed"] = "request"
+    """Where a request's price comes from: ``request`` (the ``price_param`` value, trusted up
+    to ``max_cpm``: right behind a trusted caller), ``campaign`` (the campaign's ``cpm``; a
+    request's own price is ignored) or ``signed`` (the ``price_param`` value, only with a
+    valid one-time signature from :func:`xsp_middleware.sign_price`)."""
+    price_key: str | None = None
+    """HMAC key of signed prices (``price_source="signed"``) and impression beacons; separate
+    from ``secret_key``. Required by ``signed``; beacons fall back to ``secret_key``."""
+    record_on: Literal["response", "beacon"] = "response"
+    """When an impression counts: ``response`` (a 2xx response completed) or ``beacon`` (its
+    ``Decision.impression_url`` was fetched; until then it is pending, for ``beacon_ttl``)."""
+    beacon_ttl: float = 900.0
+    """Seconds a pending (``record_on="beacon"``) reservation waits for its beacon before its
+    spend and cap slot go back."""
+    beacon_path: str = "/xsp/impression"
+    """The path where the middleware answers impression beacons itself."""
+    beacon_base_url: str | None = None
+    """``https://ads.example.com``: the origin of impression URLs; None: the request's own
+    scheme and host."""
     store_timeout: float = 0.05
     """Seconds a decision may wait on the store before the failure policy applies."""
     frequency_fail_open: bool = True
@@ -362,7 +403,7 @@ _BOOL_SETTINGS = {
     "debug_headers",
 }
 _INT_SETTINGS = {"cookie_max_age", "lease_above_rps"}
-_FLOAT_SETTINGS = {"store_timeout", "lease_seconds"}
+_FLOAT_SETTINGS = {"store_timeout", "lease_seconds", "beacon_ttl"}
 
 
 def _from_env_text(name: str, raw: str) -> Any:
@@ -404,69 +445,6 @@ def _from_env_text(name: str, raw: str) -> Any:
         except TypeError as exc:
             raise ConfigError(f"{var}: {exc}") from None
     return raw
-
-
-CONSENT_SIGNALS = ("gpc", "optout_cookie", "stored_optout", "tcf")
-CONSENT_POLICIES = ("no_tracking", "deny", "ignore")
-ANONYMOUS_POLICIES = ("allow", "deny", "assign", "shared")
-
-
-def _consent_policies(policy: str | Mapping[str, str]) -> dict[str, str]:
-    """``consent_policy`` as one policy per signal (unnamed signals: ``no_tracking``)."""
-    if isinstance(policy, str):
-        chosen = {signal: policy for signal in CONSENT_SIGNALS}
-    elif isinstance(policy, Mapping):
-        unknown = set(policy) - set(CONSENT_SIGNALS)
-        if unknown:
-            raise ConfigError(
-                f"consent_policy: unknown signal(s) {', '.join(sorted(map(str, unknown)))}; "
-                f"the signals are {', '.join(CONSENT_SIGNALS)}"
-            )
-        chosen = {signal: str(policy.get(signal, "no_tracking")) for signal in CONSENT_SIGNALS}
-    else:
-        raise ConfigError("consent_policy: a policy name, or a mapping of signal to policy")
-    for signal, value in chosen.items():
-        if value not in CONSENT_POLICIES:
-            raise ConfigError(
-                f"consent_policy: {signal}: {value!r} is not one of {', '.join(CONSENT_POLICIES)}"
-            )
-    return chosen
-
-
-def _check_identity(s: Settings) -> None:
-    if s.anonymous not in ANONYMOUS_POLICIES:
-        raise ConfigError(f"anonymous: must be one of {', '.join(ANONYMOUS_POLICIES)}")
-    if s.cookie_samesite not in ("lax", "strict", "none"):
-        raise ConfigError("cookie_samesite: must be lax, strict or none")
-    if s.cookie_samesite == "none" and not s.cookie_secure:
-        raise ConfigError("cookie_samesite none needs cookie_secure (browsers refuse it otherwise)")
-    if (
-        isinstance(s.cookie_max_age, bool)
-        or not isinstance(s.cookie_max_age, int)
-        or (s.cookie_max_age <= 0)
-    ):
-        raise ConfigError("cookie_max_age: a positive number of seconds")
-    for name in ("cookie_secure", "cookie_httponly"):
-        if not isinstance(getattr(s, name), bool):
-            raise ConfigError(f"{name}: must be True or False")
-    for name, value in (("cookie_path", s.cookie_path), ("cookie_domain", s.cookie_domain)):
-        if value is not None and (
-            not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9._/~-]{1,255}", value)
-        ):
-            raise ConfigError(f"{name}: {value!r} is not a plain cookie {name[7:]}")
-    if not isinstance(s.optout_cookie, str) or not re.fullmatch(
-        r"[A-Za-z0-9._-]{1,64}", s.optout_cookie
-    ):
-        raise ConfigError("optout_cookie: 1-64 characters of A-Za-z0-9._-")
-    if isinstance(s.preferences_origins, str):
-        raise ConfigError("preferences_origins: a list of origins, not one string")
-    for origin in s.preferences_origins:
-        if not isinstance(origin, str) or not re.fullmatch(
-            r"https?://[A-Za-z0-9.-]+(:[0-9]+)?", origin
-        ):
-            raise ConfigError(
-                f"preferences_origins: {origin!r} is not an origin like https://a.com"
-            )
 
 
 def _import_callable(var: str, raw: str) -> Any:
@@ -512,8 +490,9 @@ class Rules:
             value = getattr(s, name)
             if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", value):
                 raise ConfigError(f"{name}: {value!r} must be 1-64 characters of A-Za-z0-9._-")
-        if s.on_denied not in ("nofill", "pass"):
-            raise ConfigError(f"on_denied: must be 'nofill' or 'pass', not {s.on_denied!r}")
+        if s.on_denied not in ("nofill", "pass", "vast"):
+            raise ConfigError(f"on_denied: must be 'nofill', 'pass' or 'vast', not {s.on_denied!r}")
+        check_trust(s)
         if isinstance(s.store_timeout, bool) or not isinstance(s.store_timeout, int | float):
             raise ConfigError("store_timeout: must be a number of seconds")
         if not 0 < s.store_timeout <= 60:
@@ -566,14 +545,19 @@ class Rules:
             rules[c.id] = c.config(default_rule)
             if rules[c.id].cost_units > max_cpm_cost:
                 raise ConfigError(f"campaign {c.id} cpm: is above max_cpm")
+            ceiling = rules[c.id].max_cost_units
+            if ceiling is not None and ceiling > max_cpm_cost:
+                raise ConfigError(f"campaign {c.id} max_cpm: is above the settings' max_cpm")
+            if ceiling is not None and rules[c.id].cost_units > ceiling:
+                raise ConfigError(f"campaign {c.id} cpm: is above its own max_cpm")
         user_caps = _caps(s.user_caps, "user_caps")
         allowance = amount_to_units(s.pacing_allowance, "pacing_allowance")
         if allowance > 10**7 or allowance % 10**3:
             raise ConfigError("pacing_allowance: a fraction from 0 to 1 with at most 4 decimals")
         if s.on_budget_exhausted is not None and not callable(s.on_budget_exhausted):
             raise ConfigError("on_budget_exhausted: must be a callable (campaign_id, kind)")
-        consent = _consent_policies(s.consent_policy)
-        _check_identity(s)
+        consent = consent_policies(s.consent_policy)
+        check_identity(s)
         secret = s.secret_key
         if secret is not None and (not isinstance(secret, str) or len(secret) < 16):
             raise ConfigError("secret_key: must be a string of at least 16 characters")

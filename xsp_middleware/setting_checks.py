@@ -1,0 +1,123 @@
+"""The checks of :class:`~xsp_middleware.settings.Settings` that need no parsing of money or
+caps: identity and cookies, consent policies, prices and impressions (issue 16's settings).
+Each raises :class:`ConfigError` naming the setting; ``Rules.from_settings`` runs them all."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .settings import Settings
+
+__all__ = [
+    "ANONYMOUS_POLICIES",
+    "CONSENT_POLICIES",
+    "CONSENT_SIGNALS",
+    "check_identity",
+    "check_trust",
+    "consent_policies",
+]
+
+CONSENT_SIGNALS = ("gpc", "optout_cookie", "stored_optout", "tcf")
+CONSENT_POLICIES = ("no_tracking", "deny", "ignore")
+ANONYMOUS_POLICIES = ("allow", "deny", "assign", "shared")
+
+
+def consent_policies(policy: str | Mapping[str, str]) -> dict[str, str]:
+    """``consent_policy`` as one policy per signal (unnamed signals: ``no_tracking``)."""
+    if isinstance(policy, str):
+        chosen = {signal: policy for signal in CONSENT_SIGNALS}
+    elif isinstance(policy, Mapping):
+        unknown = set(policy) - set(CONSENT_SIGNALS)
+        if unknown:
+            raise ConfigError(
+                f"consent_policy: unknown signal(s) {', '.join(sorted(map(str, unknown)))}; "
+                f"the signals are {', '.join(CONSENT_SIGNALS)}"
+            )
+        chosen = {signal: str(policy.get(signal, "no_tracking")) for signal in CONSENT_SIGNALS}
+    else:
+        raise ConfigError("consent_policy: a policy name, or a mapping of signal to policy")
+    for signal, value in chosen.items():
+        if value not in CONSENT_POLICIES:
+            raise ConfigError(
+                f"consent_policy: {signal}: {value!r} is not one of {', '.join(CONSENT_POLICIES)}"
+            )
+    return chosen
+
+
+def check_identity(s: Settings) -> None:
+    if s.anonymous not in ANONYMOUS_POLICIES:
+        raise ConfigError(f"anonymous: must be one of {', '.join(ANONYMOUS_POLICIES)}")
+    if s.cookie_samesite not in ("lax", "strict", "none"):
+        raise ConfigError("cookie_samesite: must be lax, strict or none")
+    if s.cookie_samesite == "none" and not s.cookie_secure:
+        raise ConfigError("cookie_samesite none needs cookie_secure (browsers refuse it otherwise)")
+    if (
+        isinstance(s.cookie_max_age, bool)
+        or not isinstance(s.cookie_max_age, int)
+        or (s.cookie_max_age <= 0)
+    ):
+        raise ConfigError("cookie_max_age: a positive number of seconds")
+    for name in ("cookie_secure", "cookie_httponly"):
+        if not isinstance(getattr(s, name), bool):
+            raise ConfigError(f"{name}: must be True or False")
+    for name, value in (("cookie_path", s.cookie_path), ("cookie_domain", s.cookie_domain)):
+        if value is not None and (
+            not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9._/~-]{1,255}", value)
+        ):
+            raise ConfigError(f"{name}: {value!r} is not a plain cookie {name[7:]}")
+    if not isinstance(s.optout_cookie, str) or not re.fullmatch(
+        r"[A-Za-z0-9._-]{1,64}", s.optout_cookie
+    ):
+        raise ConfigError("optout_cookie: 1-64 characters of A-Za-z0-9._-")
+    if isinstance(s.preferences_origins, str):
+        raise ConfigError("preferences_origins: a list of origins, not one string")
+    for origin in s.preferences_origins:
+        if not isinstance(origin, str) or not re.fullmatch(
+            r"https?://[A-Za-z0-9.-]+(:[0-9]+)?", origin
+        ):
+            raise ConfigError(
+                f"preferences_origins: {origin!r} is not an origin like https://a.com"
+            )
+
+
+def check_trust(s: Settings) -> None:
+    """The price and impression settings (see docs/trust.md)."""
+    if not isinstance(s.vast_version, str) or not re.fullmatch(
+        r"[1-9]\.[0-9]{1,2}", s.vast_version
+    ):
+        raise ConfigError(f"vast_version: {s.vast_version!r} is not a version like 4.2")
+    if s.price_source not in ("request", "campaign", "signed"):
+        raise ConfigError("price_source: must be 'request', 'campaign' or 'signed'")
+    if s.record_on not in ("response", "beacon"):
+        raise ConfigError("record_on: must be 'response' or 'beacon'")
+    if s.price_key is not None and (not isinstance(s.price_key, str) or len(s.price_key) < 16):
+        raise ConfigError("price_key: must be a string of at least 16 characters")
+    if s.price_source == "signed" and s.price_key is None:
+        raise ConfigError(
+            "price_source 'signed' needs price_key (XSP_PRICE_KEY): the key prices are signed with"
+        )
+    if s.price_key is not None and s.price_key == s.secret_key:
+        raise ConfigError("price_key: must differ from secret_key (the user-id key)")
+    if (
+        isinstance(s.beacon_ttl, bool)
+        or not isinstance(s.beacon_ttl, int | float)
+        or not 1 <= s.beacon_ttl <= 86400
+    ):
+        raise ConfigError(f"beacon_ttl: {s.beacon_ttl!r} must be in [1, 86400] seconds")
+    if not isinstance(s.beacon_path, str) or not re.fullmatch(
+        r"/[A-Za-z0-9._~/-]{0,200}", s.beacon_path
+    ):
+        raise ConfigError(f"beacon_path: {s.beacon_path!r} must be a plain path starting with '/'")
+    if s.beacon_base_url is not None and (
+        not isinstance(s.beacon_base_url, str)
+        or not re.fullmatch(r"https?://[A-Za-z0-9._-]+(:[0-9]+)?/?", s.beacon_base_url)
+    ):
+        raise ConfigError(
+            f"beacon_base_url: {s.beacon_base_url!r} is not an origin like "
+            "https://ads.example.com (the path is beacon_path)"
+        )
