@@ -19,6 +19,7 @@ from .preferences import preferences_app
 from .routing import ad_route, xsp_decision
 from .session import UpstreamSession
 from .settings import Campaign, Settings
+from .signing import sign_price
 from .store import Store
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "XSPMiddleware",
     "ad_route",
     "preferences_app",
+    "sign_price",
     "xsp_decision",
 ]
 __version__ = "0.1.0"

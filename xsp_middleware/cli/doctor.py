@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import XSPError
+from ..settings import Settings
+from ..signing import drain_warning
 from ..store import Store
 from ..store.scripts import CLUSTER_SCRIPTS, STANDALONE_SCRIPTS
 from ..store_url import redacted
@@ -23,6 +25,7 @@ async def run_checks(store: Store) -> list[Check]:
         )
     else:
         checks.append(("ok", "secret_key", "set"))
+    checks.append(price_check(rules.settings))
     if store.is_memory:
         checks.append(
             ("warn", "store", "embedded in-memory store: state is per process and lost on exit")
@@ -79,6 +82,26 @@ async def run_checks(store: Store) -> list[Check]:
                 )
             )
     return checks
+
+
+def price_check(settings: Settings) -> Check:
+    """Can a request's price be trusted: the drain warning, or how prices are protected."""
+    warning = drain_warning(settings)
+    if warning is not None:
+        return ("warn", "price", warning)
+    source = settings.price_source
+    if source == "signed":
+        if settings.price_key is None:  # Settings refuses this; kept for a hand-built Settings
+            return ("fail", "price", "price_source signed without price_key (XSP_PRICE_KEY)")
+        return ("ok", "price", "price_source signed: a price needs a valid signature (price_key)")
+    if source == "campaign":
+        return ("ok", "price", "price_source campaign: the campaign's cpm; request prices ignored")
+    return (
+        "ok",
+        "price",
+        f"price_source request (anonymous {settings.anonymous}, record_on {settings.record_on}): "
+        "request prices are trusted up to max_cpm, which is right behind a trusted caller",
+    )
 
 
 async def _scripts_check(store: Store) -> Check:

@@ -1,4 +1,4 @@
-"""The ``xsp-middleware`` command line: campaigns, users, ``doctor`` and ``demo``.
+"""The ``xsp-middleware`` command line: campaigns, users, ``doctor``, ``demo``, ``sign-price``.
 
 Every command reads ``XSP_REDIS_URL`` (and every other ``XSP_*`` setting); ``--redis-url``
 overrides it. Errors are one line on stderr with exit code 2, never a traceback.
@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import sys
+import urllib.parse
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -25,6 +26,7 @@ from ..preferences import (
     unblock_campaign,
 )
 from ..settings import PACINGS, Rules, Settings, validate_campaign_id
+from ..signing import MAX_TTL, sign_price
 from ..store import CampaignView, Store
 
 Command = Callable[[argparse.Namespace, Store], Coroutine[Any, Any, int]]
@@ -66,6 +68,11 @@ def _parser() -> argparse.ArgumentParser:
         help="3/1h, 5/1d, 4/day, 10/week, 50/lifetime...; repeat for several (replaces all)",
     )
     set_.add_argument("--cpm", metavar="D", help="price when a request carries none")
+    set_.add_argument(
+        "--max-cpm",
+        metavar="D",
+        help="bid ceiling: a request price above it is a 400 ('none' removes it)",
+    )
     set_.add_argument("--pacing", choices=PACINGS, help="delivery pacing")
     set_.add_argument(
         "--leasing",
@@ -122,6 +129,26 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--serve", action="store_true", help="serve the demo on 127.0.0.1:8000")
     demo.add_argument("--plot", metavar="FILE.png", help="chart even pacing over a simulated day")
     demo.add_argument("--users", type=int, default=2000, help="simulated users (default 2000)")
+
+    signer = commands.add_parser(
+        "sign-price",
+        help="sign a price for price_source=signed: print the query string to append",
+    )
+    signer.add_argument("campaign_id")
+    signer.add_argument("cpm", help="the CPM, e.g. 2.50")
+    signer.add_argument(
+        "--ttl",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help=f"how long the signature is valid (default 300, at most {MAX_TTL:.0f})",
+    )
+    signer.add_argument(
+        "--price-key",
+        metavar="KEY",
+        help="the middleware's price_key (default: $XSP_PRICE_KEY, which keeps it out of ps)",
+    )
+    signer.add_argument("--json", action="store_true", help="print the parameters as JSON")
     return parser
 
 
@@ -165,6 +192,9 @@ def view_dict(view: CampaignView) -> dict[str, Any]:
         "released": view.released,
         "leasing": c.leasing,
         "leased": format_units(view.leased_units),
+        "max_cpm": money(None if c.max_cost_units is None else c.max_cost_units * 1000),
+        "pending": {"count": view.pending, "amount": format_units(view.pending_units)},
+        "render_rate": None if view.render_rate is None else round(view.render_rate, 4),
     }
 
 
@@ -191,6 +221,7 @@ async def campaign_set(args: argparse.Namespace, store: Store) -> int:
         end=args.end,
         pacing=args.pacing,
         leasing=args.leasing,
+        max_cpm=args.max_cpm,
     )
     print(f"campaign {view.id} saved: " + json.dumps(view_dict(view)))
     return 0
@@ -341,6 +372,27 @@ async def doctor(args: argparse.Namespace, store: Store) -> int:
     return 1 if any(level == "fail" for level, _, _ in checks) else 0
 
 
+def sign_price_command(args: argparse.Namespace) -> int:
+    """``sign-price``: needs no store, only the key and the settings' parameter names."""
+    overrides = {} if args.price_key is None else {"price_key": args.price_key}
+    settings = Settings.from_env(**overrides)
+    if settings.price_key is None:
+        raise UsageError(
+            "sign-price needs the price key the middleware verifies with: "
+            "pass --price-key or set XSP_PRICE_KEY"
+        )
+    params = sign_price(
+        args.campaign_id,
+        args.cpm,
+        secret_key=settings.price_key,
+        ttl=args.ttl,
+        campaign_param=settings.campaign_param,
+        price_param=settings.price_param,
+    )
+    print(json.dumps(params) if args.json else urllib.parse.urlencode(params))
+    return 0
+
+
 async def demo(args: argparse.Namespace, store: Store) -> int:
     from .demo import run_demo
 
@@ -376,6 +428,8 @@ async def _run(command: Command, args: argparse.Namespace, store: Store) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
+        if args.command == "sign-price":
+            return sign_price_command(args)
         overrides = {"redis_url": args.redis_url} if "redis_url" in args else {}
         settings = Settings.from_env(**overrides)
         if args.command == "demo" and "redis_url" not in args:
