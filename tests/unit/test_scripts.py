@@ -28,7 +28,7 @@ def test_every_lib_name_a_script_uses_is_defined_in_it(script: scripts.Script) -
 
 def test_a_script_leaves_out_the_pieces_it_does_not_use() -> None:
     assert "xsp_user_unrecord" not in scripts.RESERVE.text  # the undo side
-    assert "xsp_give_back" not in scripts.RESERVE.text
+    assert "xsp_pending_take" not in scripts.RESERVE.text  # a beacon's side
     assert "xsp_user_gate" not in scripts.LEASE.text  # a grant never reads a user
     assert "xsp_config" in scripts.RESERVE.text and "xsp_config" in scripts.LEASE.text
 

@@ -20,7 +20,7 @@ from ..errors import ConfigError, StoreUnavailable
 from ..money import amount_to_units, cpm_to_cost_units, units_to_decimal
 from ..settings import CampaignConfig, CapLike, Money, Rules, instant_ms, validate_campaign_id
 from ..store_url import StoreURL, redacted
-from .protocol import REASONS, text, user_log
+from .protocol import REASONS, Reason, text, user_log
 from .redis_compat import server_address
 from .scripts import CLUSTER_SCRIPTS, STANDALONE_SCRIPTS
 
@@ -46,6 +46,22 @@ class CampaignView:
     leased_units: int = 0
     """Units processes hold in budget leases, unspent or not yet reported as served. They are
     not in ``spent_units`` (spend on impressions) but no reservation can take them either."""
+    pending: int = 0
+    """Reservations waiting for their impression beacon (``record_on="beacon"``), expired ones
+    not yet settled included."""
+    pending_units: int = 0
+    """The spend they hold: not in ``spent_units``, and no other reservation can take it."""
+    beacons_served: int = 0
+    """Reservations served pending a beacon, ever."""
+    beacons_confirmed: int = 0
+    beacons_expired: int = 0
+
+    @property
+    def render_rate(self) -> float | None:
+        """Confirmed ÷ served under beacons (None: none served). A ratio of counts, not money."""
+        if not self.beacons_served:
+            return None
+        return self.beacons_confirmed / self.beacons_served
 
     @property
     def recorded(self) -> bool:
@@ -54,6 +70,7 @@ class CampaignView:
             self.configured
             or self.spent_units > 0
             or self.impressions > 0
+            or self.pending > 0
             or any(self.denials.values())
         )
 
@@ -75,7 +92,8 @@ class CampaignView:
 
     @property
     def remaining_units(self) -> int:
-        return max(0, self.budget_units - self.spent_units)  # leased units included
+        # Leased units count as remaining; what pending reservations hold does not.
+        return max(0, self.budget_units - self.spent_units - self.pending_units)
 
     @property
     def budget(self) -> Decimal:
@@ -110,6 +128,9 @@ class Admin:
     def campaign_keys(self, campaign_id: str) -> tuple[str, str]:
         raise NotImplementedError
 
+    def pending_keys(self, campaign_id: str) -> tuple[str, str]:
+        raise NotImplementedError
+
     def user_key(self, user_id: bytes | str) -> str:
         raise NotImplementedError
 
@@ -127,8 +148,10 @@ class Admin:
         end: str | datetime | None = None,
         pacing: str | None = None,
         leasing: bool | None = None,
+        max_cpm: Money | None = None,
     ) -> CampaignView:
         """Create or update a campaign's stored config; fields left as None keep their value.
+        ``max_cpm`` is the bid ceiling of request and signed prices (``"none"`` removes it).
         ``leasing`` turns budget leasing on or off for every process (see
         :mod:`xsp_middleware.store.leases`).
 
@@ -155,7 +178,7 @@ class Admin:
             budget is not None
             and old.status == "exhausted"
             and status is None
-            and new_budget - current.spent_units >= old.cost_units
+            and new_budget - current.spent_units - current.pending_units >= old.cost_units
         ):
             new_status = "active"
         config = CampaignConfig(
@@ -171,9 +194,16 @@ class Admin:
             pacing=old.pacing if pacing is None else pacing,
             status=new_status,
             leasing=old.leasing if leasing is None else leasing,
+            max_cost_units=old.max_cost_units
+            if max_cpm is None
+            else None
+            if str(max_cpm).strip().lower() in ("", "none")
+            else self._cpm(max_cpm, "max_cpm"),
         )
         if leasing is not None and not isinstance(leasing, bool):
             raise ConfigError("leasing: must be True or False")
+        if config.max_cost_units is not None and config.cost_units > config.max_cost_units:
+            raise ConfigError("cpm: the campaign's price is above its max_cpm")
         # Store what was given, even where it equals this process's settings: another process
         # may have other settings, and the store must win there too.
         given = {
@@ -185,6 +215,7 @@ class Admin:
             "start": start,
             "end": end,
             "pacing": pacing,
+            "max_cost": max_cpm,
         }
         fields = config.fields()
         write = {k: fields[k] for k, value in given.items() if value is not None}
@@ -198,10 +229,10 @@ class Admin:
         await self.leasing.drop(campaign_id)
         return await self.get_campaign(campaign_id)
 
-    def _cpm(self, cpm: Money) -> int:
-        cost = cpm_to_cost_units(cpm, "cpm")
+    def _cpm(self, cpm: Money, name: str = "cpm") -> int:
+        cost = cpm_to_cost_units(cpm, name)
         if cost > self.rules.max_cpm_cost_units:
-            raise ConfigError(f"cpm: {cpm} is above max_cpm ({self.rules.settings.max_cpm})")
+            raise ConfigError(f"{name}: {cpm} is above max_cpm ({self.rules.settings.max_cpm})")
         return cost
 
     async def _hashes_and_time(self, *keys: str) -> tuple[list[dict[Any, Any]], int]:
@@ -245,7 +276,13 @@ class Admin:
         if config.daily_budget_units is not None:
             day_start, day_end = day_span(config.timezone, now)
             day_spent = max(0, int(state.get(f"day:{day_start}", "0")) - leased)
-        spent = max(0, int(state.get("spent", "0")) - leased)
+        held = max(0, int(state.get("b:held", "0")))
+        spent = max(0, int(state.get("spent", "0")) - leased - held)
+        pending = 0
+        if "b:served" in state:
+            pending = int(
+                await self.admin_call(self.client.hlen(self.pending_keys(campaign_id)[1]))
+            )
         return CampaignView(
             id=campaign_id,
             configured=bool(stored) or campaign_id in self.rules.campaign_rules,
@@ -256,12 +293,17 @@ class Admin:
             denials={
                 reason: int(state.get(f"n:{code}", "0"))
                 for code, reason in enumerate(REASONS)
-                if code
+                if 0 < code <= Reason.USER_BLOCKED
             },
             released=int(state.get("n:released", "0")),
             now_ms=now,
             pacing_target_units=self._pacing_target(config, now, day_start, day_end),
             leased_units=leased,
+            pending=pending,
+            pending_units=held,
+            beacons_served=int(state.get("b:served", "0")),
+            beacons_confirmed=int(state.get("b:confirmed", "0")),
+            beacons_expired=int(state.get("b:expired", "0")),
         )
 
     def _pacing_target(
@@ -288,7 +330,8 @@ class Admin:
         their own. Returns whether anything was stored."""
         validate_campaign_id(campaign_id)
         await self.leasing.drop(campaign_id)
-        deleted = await self.admin_call(self.client.delete(*self.campaign_keys(campaign_id)))
+        keys = (*self.campaign_keys(campaign_id), *self.pending_keys(campaign_id))
+        deleted = await self.admin_call(self.client.delete(*keys))
         return bool(deleted)
 
     async def list_campaigns(self) -> list[str]:

@@ -30,13 +30,21 @@ from .leasing import Leasing
 from .loops import LoopState
 from .pipeline import AutoPipeline, Redirected
 from .plans import Answer, Batch, Call, Late, Planner
-from .protocol import Context, Reservation, config_reply, peek_reply, reservation_from, text
+from .protocol import (
+    BeaconReply,
+    Context,
+    Reservation,
+    beacon_reply,
+    config_reply,
+    peek_reply,
+    reservation_from,
+    text,
+)
 from .scripts import (
     CAMPAIGN_CONFIG,
     CLUSTER_SCRIPTS,
     PEEK,
     PEEK_USER,
-    RELEASE,
     RESERVE,
     STANDALONE_SCRIPTS,
     Script,
@@ -73,6 +81,7 @@ class Store(Admin):
         self.prefix = planner.prefix
         self.breaker = planner.breaker
         self.campaign_keys = planner.campaign_keys  # type: ignore[method-assign]
+        self.pending_keys = planner.pending_keys  # type: ignore[method-assign]
         self.user_key = planner.user_key  # type: ignore[method-assign]
         self._loops: dict[asyncio.AbstractEventLoop, LoopState] = {}
         self._orphans: dict[Late, Callable[[Any, Any], None]] = {
@@ -153,19 +162,28 @@ class Store(Admin):
         rule: CampaignConfig,
         *,
         counts_impression: bool = True,
+        nonce: tuple[str, int] | None = None,
     ) -> Reservation:
-        """Check and reserve in one round trip. Raises StoreUnavailable on failure or timeout."""
+        """Check and reserve in one round trip. Raises StoreUnavailable on failure or timeout.
+        ``nonce``: a signed price's (nonce, expiry ms), used once (checked in the same call)."""
         planner = self.planner
         ticket = planner.admit()
         context = (campaign_id, user_key, counts_impression)
         state = self.state()
-        if counts_impression and (rule.leasing or self.leasing.auto or planner.stored_leasing):
+        extras = planner.extras(rule, nonce, counts_impression)
+        if (
+            counts_impression
+            and (rule.leasing or self.leasing.auto or planner.stored_leasing)
+            and (extras is None or not (extras[1] or extras[3]))  # a nonce, a pending hold
+        ):
             tz = planner.zone_of(campaign_id, rule)
             leased = await self.leasing.reserve(state, context, cost_units, rule, tz, ticket)
             if leased is not None:
                 return leased
         if state.shards is not None:
-            return await self._reserve_split(state.shards, context, cost_units, rule, ticket)
+            return await self._reserve_split(
+                state.shards, context, cost_units, rule, ticket, extras
+            )
         pipeline = state.pipeline
         assert pipeline is not None
         started = _monotonic()
@@ -176,6 +194,7 @@ class Store(Admin):
             rule,
             counts_impression,
             planner.zones.get(campaign_id, rule.timezone),
+            extras,
         )
         for last in (False, True):
             future = pipeline.call(RESERVE, *step, self._release_orphan, context)
@@ -191,7 +210,7 @@ class Store(Admin):
                 if future.done() and not future.cancelled() and future.exception() is None:
                     self._release_orphan(context, future.result())
                 raise
-            answer = planner.answered(context, raw, cost_units, rule, started, ticket, last)
+            answer = planner.answered(context, raw, cost_units, rule, started, ticket, last, extras)
             if isinstance(answer, Reservation):
                 return answer
             step = answer
@@ -204,13 +223,14 @@ class Store(Admin):
         cost_units: int | None,
         rule: CampaignConfig,
         ticket: int,
+        extras: tuple[str, str, str, str, str] | None,
     ) -> Reservation:
         try:
             await shards.ready()
         except StoreUnavailable as exc:
             self.planner.call_failed(exc, ticket)  # the store-wide breaker: no dead-cluster wait
             raise
-        plan = self.planner.split(context, cost_units, rule, ticket)
+        plan = self.planner.split(context, cost_units, rule, ticket, extras)
         batch = next(plan)
         while True:
             answers = await self._run_batch(shards, batch, context)
@@ -319,8 +339,9 @@ class Store(Admin):
                 observe.current.released("late_reply")
             pipeline = self.state().pipeline
             assert pipeline is not None
-            future = pipeline.call(RELEASE, *self.planner.release_call(reservation))
-            future.add_done_callback(_log_release_failure)
+            for _, script, nargs, body in self.planner.release_calls(reservation):
+                future = pipeline.call(script, nargs, body)
+                future.add_done_callback(_log_release_failure)
 
     # -- release ----------------------------------------------------------------------------
 
@@ -345,7 +366,8 @@ class Store(Admin):
             return
         if state.shards is None:
             assert state.pipeline is not None
-            await state.pipeline.call(RELEASE, *self.planner.release_call(reservation))
+            for _, script, nargs, body in self.planner.release_calls(reservation):
+                await state.pipeline.call(script, nargs, body)
             return
         calls = self.planner.halves.releases(reservation)
         results = await asyncio.gather(
@@ -354,6 +376,28 @@ class Store(Admin):
         for result in results:
             if isinstance(result, BaseException):
                 raise result
+
+    # -- beacons ----------------------------------------------------------------------------
+
+    async def confirm_beacon(self, campaign_id: str, rid: str) -> BeaconReply:
+        """A pending reservation's beacon came: count its impression, once (its campaign's side
+        decides, atomically), then turn its user's pending entries into logged impressions.
+        Raises StoreUnavailable."""
+        reply = beacon_reply(
+            await self._call(*self.planner.beacon_call(campaign_id, rid, "confirm"))
+        )
+        if reply.outcome == 1 and reply.user_key:
+            user_key = text(reply.user_key)
+            await self._call(*self.planner.beacon_user_call(user_key, campaign_id, rid, "confirm"))
+        return reply
+
+    async def _call(self, slot: int, script: Script, nargs: int, body: bytes) -> Any:
+        """One script call, on one server or on a cluster slot's master."""
+        state = self.state()
+        if state.shards is not None:
+            return await self.call_slot(slot, script, nargs, body)
+        assert state.pipeline is not None
+        return await state.pipeline.call(script, nargs, body)
 
     # -- peek -------------------------------------------------------------------------------
 

@@ -44,6 +44,10 @@ class Host(Protocol):
 
     def static_part(self, campaign_id: str, rule: CampaignConfig, tz: str) -> Packed: ...
     def campaign_keys(self, campaign_id: str) -> tuple[str, str]: ...
+    def pending_keys(self, campaign_id: str) -> tuple[str, str]: ...
+    def beacon_call(
+        self, campaign_id: str, rid: str, op: str, counter: str | None = None
+    ) -> tuple[int, Script, int, bytes]: ...
     def breaker_for(self, node: str) -> CircuitBreaker: ...
     def learn_leasing(self, campaign_id: str, raw: Any) -> None: ...
     def learn_config(self, campaign_id: str, retry: tuple[int, str, bool]) -> None: ...
@@ -65,9 +69,11 @@ class Halves:
         rule: CampaignConfig,
         counts_impression: bool,
         tz: str,
+        extras: tuple[str, str, str, str, str] | None = None,
     ) -> tuple[int, tuple[int, bytes], tuple[int, int, bytes] | None]:
         """The campaign half (its slot, packed arguments) and the user half (slot, count,
-        packed arguments; None when anonymous) of one reservation."""
+        packed arguments; None when anonymous) of one reservation. ``extras``: see
+        :meth:`~xsp_middleware.store.plans.Planner.extras`."""
         static = self.planner.static_part(campaign_id, rule, tz)
         now = self.planner.clock.arg
         tail = (
@@ -75,17 +81,26 @@ class Halves:
             + (b"$1\r\n1\r\n" if counts_impression else b"$1\r\n0\r\n")
             + self.planner.optout_policy
         )
+        caps_text = self.planner.caps.get(campaign_id, rule.caps_spec)
+        caps = pack_args((caps_text,))
+        user_call = None
+        if user_key is not None:
+            user = pack_args((user_key, campaign_id))
+            user_body = b"$1\r\n1\r\n" + user + caps + static.user_tail + pack_args((now,))
+            user_body += self.planner.optout_policy
+            if extras is not None and extras[3]:
+                user_call = (slot_of(user_key), 11, user_body + pack_args(extras[3:]))
+            else:
+                user_call = (slot_of(user_key), 9, user_body)
+        if extras is not None:
+            keys = pack_args(self.planner.pending_keys(campaign_id))
+            more = pack_args(("*" if user_key is None else caps_text, *extras, user_key or ""))
+            head = b"$1\r\n4\r\n" + static.keys + keys + static.argv + tail + more
+            return static.slot, (31, head), user_call
         head = b"$1\r\n2\r\n" + static.keys + static.argv + tail
         if user_key is None:
             return static.slot, (22, head), None
-        caps = pack_args((self.planner.caps.get(campaign_id, rule.caps_spec),))
-        user = pack_args((user_key, campaign_id))
-        user_body = b"$1\r\n1\r\n" + user + caps + static.user_tail + pack_args((now,))
-        return (
-            static.slot,
-            (23, head + caps),
-            (slot_of(user_key), 9, user_body + self.planner.optout_policy),
-        )
+        return static.slot, (23, head + caps), user_call
 
     def outcome(
         self, node: str, ticket: int, result: Any, failures: list[StoreUnavailable]
@@ -180,6 +195,8 @@ class Halves:
         if reply.passed != 1:
             return None
         campaign_id, _, counts = context
+        if reply.config:  # a pending reservation: its id
+            return self.planner.beacon_call(campaign_id, text(reply.config), "release", counter)
         cfg, st = self.planner.campaign_keys(campaign_id)
         args: tuple[str | int, ...] = (
             2,
@@ -239,6 +256,13 @@ class Halves:
         ``campaign`` is false) and the user's half."""
         calls = []
         cfg_key, state_key = self.planner.campaign_keys(r.campaign_id)
+        if r.pending is not None:  # record_on=beacon: a pending reservation
+            if r.campaign_held and campaign:
+                calls.append(self.planner.beacon_call(r.campaign_id, r.pending, "release"))
+            if r.logs and r.user_key is not None:
+                undo = (1, r.user_key, r.campaign_id, r.at_ms, r.logs, r.pending)
+                calls.append((slot_of(r.user_key), RELEASE_USER, len(undo), pack_args(undo)))
+            return calls
         if r.campaign_held and campaign:
             args: tuple[str | int, ...] = (
                 2,

@@ -16,6 +16,7 @@ import base64
 import hashlib
 import inspect
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable, Generator
@@ -37,7 +38,15 @@ from .protocol import (
     reserved_by,
     text,
 )
-from .scripts import RESERVE_CAMPAIGN, RESERVE_USER, Script, pack_args
+from .scripts import (
+    BEACON,
+    BEACON_USER,
+    RELEASE,
+    RESERVE_CAMPAIGN,
+    RESERVE_USER,
+    Script,
+    pack_args,
+)
 from .shards import slot_of
 
 logger = logging.getLogger("xsp_middleware")
@@ -127,6 +136,11 @@ class Planner:
         self.stored_leasing: dict[str, bool] = {}
         """The leasing flag in the store, per campaign, as reserve and lease replies report it."""
         self._hooks: set[asyncio.Future[Any]] = set()
+        settings = rules.settings
+        self.hold_ms: int | None = (
+            round(settings.beacon_ttl * 1000) if settings.record_on == "beacon" else None
+        )
+        """How long a reservation stays pending (``record_on="beacon"``); None: it stands."""
         self.halves = Halves(self)
 
     # -- keys -------------------------------------------------------------------------------
@@ -134,6 +148,11 @@ class Planner:
     def campaign_keys(self, campaign_id: str) -> tuple[str, str]:
         tag = f"{self.prefix}:c:{{{campaign_id}}}"
         return f"{tag}:cfg", f"{tag}:st"
+
+    def pending_keys(self, campaign_id: str) -> tuple[str, str]:
+        """The campaign's pending set and pending details (see lua/lib.lua's xsp_settle)."""
+        tag = f"{self.prefix}:c:{{{campaign_id}}}"
+        return f"{tag}:z", f"{tag}:pd"
 
     @property
     def shared_key(self) -> str:
@@ -193,6 +212,23 @@ class Planner:
         )
         return static
 
+    def extras(
+        self, rule: CampaignConfig, nonce: tuple[str, int] | None, counts_impression: bool
+    ) -> tuple[str, str, str, str, str] | None:
+        """A reserve call's extra arguments (reserve.lua's ARGV[21..25]: the settings' bid
+        ceiling, the price signature's nonce and expiry, how long it stays pending, its id),
+        or None when it needs none (the call is then as it always was)."""
+        hold = self.hold_ms if counts_impression else None
+        if rule.max_cost_units is None and nonce is None and hold is None:
+            return None
+        return (
+            "" if rule.max_cost_units is None else str(rule.max_cost_units),
+            "" if nonce is None else nonce[0],
+            "" if nonce is None else str(nonce[1]),
+            "" if hold is None else str(hold),
+            "" if hold is None else secrets.token_urlsafe(9),
+        )
+
     def reserve_call(
         self,
         campaign_id: str,
@@ -201,6 +237,7 @@ class Planner:
         rule: CampaignConfig,
         counts_impression: bool,
         tz: str,
+        extras: tuple[str, str, str, str, str] | None = None,
     ) -> tuple[int, bytes]:
         """The packed arguments (and their count) of one reserve script call."""
         cost = b"" if cost_units is None else b"%d" % cost_units
@@ -212,6 +249,10 @@ class Planner:
             self.optout_policy,
         )
         static = self.static_part(campaign_id, rule, tz)
+        if extras is not None:
+            keys = pack_args((user_key or "", *self.pending_keys(campaign_id)))
+            more = pack_args(("", *extras))
+            return 31, b"$1\r\n5\r\n" + static.keys + keys + static.argv + tail + more
         if user_key is None:
             return 22, b"$1\r\n2\r\n" + static.keys + static.argv + tail
         user = user_key.encode()
@@ -219,6 +260,43 @@ class Planner:
             (b"$1\r\n3\r\n", static.keys, b"$%d\r\n" % len(user), user, b"\r\n", static.argv, tail)
         )
         return 23, body
+
+    def release_calls(self, r: Reservation) -> list[tuple[int, Script, int, bytes]]:
+        """A reservation's releases on one server (slot 0): one call, or a pending one's two
+        (its campaign's side, then its user's)."""
+        if r.pending is None:
+            return [(0, RELEASE, *self.release_call(r))]
+        return self.halves.releases(r)
+
+    def beacon_call(
+        self, campaign_id: str, rid: str, op: str, counter: str | None = None
+    ) -> tuple[int, Script, int, bytes]:
+        """beacon.lua on the campaign's slot: confirm or release pending reservation ``rid``."""
+        cfg_key, state_key = self.campaign_keys(campaign_id)
+        z_key, pd_key = self.pending_keys(campaign_id)
+        args: tuple[str | int, ...] = (
+            4,
+            cfg_key,
+            state_key,
+            z_key,
+            pd_key,
+            op,
+            rid,
+            self.clock.arg,
+            self.rules.rule_for(campaign_id).cost_units,
+        )
+        if counter is not None:
+            args += (counter,)
+        slot = slot_of(cfg_key) if self.cluster else 0
+        return slot, BEACON, len(args), pack_args(args)
+
+    def beacon_user_call(
+        self, user_key: str, campaign_id: str, rid: str, op: str
+    ) -> tuple[int, Script, int, bytes]:
+        """beacon_user.lua on the user's slot."""
+        args = (1, user_key, op, campaign_id, rid)
+        slot = slot_of(user_key) if self.cluster else 0
+        return slot, BEACON_USER, len(args), pack_args(args)
 
     def release_call(self, r: Reservation) -> tuple[int, bytes]:
         cfg_key, state_key = self.campaign_keys(r.campaign_id)
@@ -315,6 +393,7 @@ class Planner:
         started: float,
         ticket: int,
         last: bool,
+        extras: tuple[str, str, str, str, str] | None = None,
     ) -> Reservation | tuple[int, bytes]:
         """One server's reserve call answered (``raw``, its reply): the Reservation, or, when
         the campaign's zone changed in the store, the call to send again (``last``: no more
@@ -332,7 +411,7 @@ class Planner:
         if last:
             raise StoreUnavailable(f"campaign {campaign_id}: its time zone keeps changing")
         tz = self.learn_zone(campaign_id, reply)
-        return self.reserve_call(campaign_id, user_key, cost_units, rule, counts, tz)
+        return self.reserve_call(campaign_id, user_key, cost_units, rule, counts, tz, extras)
 
     def split(
         self,
@@ -340,6 +419,7 @@ class Planner:
         cost_units: int | None,
         rule: CampaignConfig,
         ticket: int,
+        extras: tuple[str, str, str, str, str] | None = None,
     ) -> Generator[Batch, list[Answer], Reservation]:
         """A Redis Cluster reservation in two halves (campaign's slot, user's slot), sent
         together; the half that passed is released when the other denied. The driver has
@@ -351,7 +431,7 @@ class Planner:
         halves = self.halves
         for _ in range(3):
             c_slot, (c_n, c_body), user_call = halves.calls(
-                campaign_id, user_key, cost_units, rule, counts, tz
+                campaign_id, user_key, cost_units, rule, counts, tz, extras
             )
             calls = [Call(c_slot, RESERVE_CAMPAIGN, c_n, c_body, halves.late_campaign_undo)]
             if user_call is not None:

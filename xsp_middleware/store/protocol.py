@@ -41,10 +41,21 @@ class Reason(IntEnum):
     """The campaign's stored caps differ from the ones the app sent (cluster halves)."""
     LEASING_OFF = 11
     """Leasing is off in the store (lease.lua)."""
+    ABOVE_MAX_CPM = 12
+    """Bad input: the request's price is above the campaign's bid ceiling (``max_cpm``)."""
+    SIGNATURE_REPLAYED = 13
+    """Bad input: the request's price signature was used before."""
 
 
 REASONS = tuple(r.name.lower() for r in Reason if r <= Reason.USER_BLOCKED)
 """The decision reasons by code: ``REASONS[code]`` is the ``X-XSP-Decision`` value."""
+
+ANSWERS = (*REASONS, "retry", "retry", "retry", "retry", "above_max_cpm", "signature_replayed")
+"""What a reserve reply's reason code means, by code: the decisions, then (12, 13) the bad
+input the store found (answered as a 400: see :data:`INVALID_REASONS`)."""
+
+INVALID_REASONS = frozenset({"above_max_cpm", "signature_replayed"})
+"""Reasons that are the request's fault: a 400, not a denial."""
 
 RETRY_REASONS = (Reason.TZ_RETRY, Reason.CAPS_RETRY)
 
@@ -98,7 +109,8 @@ class CampaignReply(NamedTuple):
     logs: int
     """Which user logs it wrote: 1 the campaign's, 2 across campaigns (a sum)."""
     config: bytes
-    """The stored time zone (reason 9) or caps (reason 10); otherwise empty."""
+    """The stored time zone (reason 9), caps (reason 10) or bid ceiling (reason 12); when
+    served pending (``record_on="beacon"``), the reservation's id; otherwise empty."""
     personal: int
     """1 if the user's state was used (0: a stored opt-out left it alone)."""
     leasing: bytes
@@ -123,7 +135,7 @@ class UserReply(NamedTuple):
     personal: int
     campaign_dropped: bytes
     """Times (ms, comma-separated) the write dropped from the campaign's log: an undo puts
-    them back."""
+    them back. (A pending reservation's, ``logs`` >= 4: its id, which its undo needs.)"""
     user_dropped: bytes
     """The same for the log across campaigns."""
 
@@ -227,6 +239,26 @@ class Reservation:
     """Which check that failure skipped: ``budget`` or ``frequency``."""
     lease: int | None = None
     """The generation of the budget lease that paid for it (None: the store's spend did)."""
+    pending: str | None = None
+    """``record_on="beacon"``: the id of the pending reservation its beacon confirms."""
+
+
+class BeaconReply(NamedTuple):
+    """``beacon.lua``: a pending reservation confirmed or released on its campaign's side."""
+
+    outcome: int
+    """1 confirmed (or released); 0 not pending (confirmed before, settled, unknown); 2 it had
+    expired."""
+    now_ms: int
+    user_key: bytes
+    """The user hash that holds its pending entries (empty: none)."""
+
+
+def beacon_reply(raw: Any) -> BeaconReply:
+    _shape(raw, 3, "beacon")
+    if not isinstance(raw[0], int) or not isinstance(raw[1], int):
+        raise StoreUnavailable(f"unexpected reply from the beacon script: {raw!r}")
+    return BeaconReply._make(raw)
 
 
 def reservation(
@@ -245,13 +277,14 @@ def reservation(
     degraded: str | None = None,
     check: str | None = None,
     lease: int | None = None,
+    pending: str | None = None,
 ) -> Reservation:
     """The one place a Reservation is built from script answers: ``left`` < 0 means no cap
     applies, a negative ``remaining`` is none left (None: unknown, the campaign's half failed)."""
     campaign_id, user_key, counts = context
     return Reservation(
         reserved,
-        REASONS[reason],
+        ANSWERS[reason],
         cost,
         None if remaining is None else max(0, remaining),
         None if left < 0 else left,
@@ -266,6 +299,7 @@ def reservation(
         degraded,
         check,
         lease,
+        pending,
     )
 
 
@@ -298,9 +332,9 @@ def reserved_by(context: Context, reply: CampaignReply) -> Reservation:
     arguments in place (this runs once per decision; keyword calls cost)."""
     campaign_id, user_key, counts = context
     remaining, left = reply.remaining, reply.left
-    return Reservation(
+    made = Reservation(
         reply.passed == 1,
-        REASONS[reply.reason],
+        ANSWERS[reply.reason],
         reply.cost,
         max(0, remaining),
         None if left < 0 else left,
@@ -312,3 +346,6 @@ def reserved_by(context: Context, reply: CampaignReply) -> Reservation:
         reply.logs,
         reply.personal == 1,
     )
+    if reply.config and reply.passed == 1:
+        made.pending = text(reply.config)
+    return made

@@ -98,11 +98,17 @@ CAMPAIGN_CONFIG = _load_script("campaign_config", retry_safe=True)
 # carries a sequence number the script applies at most once, so sending it again is safe.
 LEASE = _load_script("lease", retry_safe=True)
 
+# Pending reservations (record_on=beacon): a beacon's confirm, a pending release; the
+# campaign's side, then the user's.
+BEACON = _load_script("beacon", retry_safe=False)
+BEACON_USER = _load_script("beacon_user", retry_safe=False)
+
 # The preferences app's writes (opt-out, blocks): admin calls, not on the decision path.
 PREFS = _load_script("prefs", retry_safe=False)
 
 # A leased decision runs only the user's half, on one server too.
 STANDALONE_SCRIPTS = (RESERVE, RELEASE, PEEK, RESERVE_USER, RELEASE_USER, LEASE)
+"""Preloaded on every connection (the beacon scripts load on first use: NOSCRIPT, then EVAL)."""
 CLUSTER_SCRIPTS = (
     LEASE,
     RESERVE_CAMPAIGN,

@@ -161,6 +161,7 @@ def combine(
                 day=c.day_start_ms,
                 degraded=f"user shard: {u_err}",
                 check="frequency",
+                pending=text(c.config) if c.config else None,
             )
             return Split(reservation=served, fired=c.fired)
         return Split(error=u_err, undo_campaign="", fired=c.fired)
@@ -177,6 +178,7 @@ def combine(
             day=c.day_start_ms,
             logs=u_logs,
             personal=u.personal if u is not None else 1,
+            pending=text(c.config) if c.config else None,
         )
         return Split(reservation=served, fired=c.fired)
     if not c_pass:

@@ -29,9 +29,9 @@ from . import memory
 from .aio import Store
 from .pipeline import Redirected
 from .plans import Answer, Batch, Call, drive
-from .protocol import Reservation, reservation_from
+from .protocol import BeaconReply, Reservation, beacon_reply, reservation_from, text
 from .redis_compat import SlotMap, checkout, read_reply_within
-from .scripts import RELEASE, RESERVE, Script
+from .scripts import RESERVE, Script
 from .topology import connection_options, sync_client
 
 LATE_REPLY_SECONDS = 5.0
@@ -86,16 +86,19 @@ class SyncStore:
         rule: CampaignConfig,
         *,
         counts_impression: bool = True,
+        nonce: tuple[str, int] | None = None,
     ) -> Reservation:
-        """Check and reserve in one round trip. Raises StoreUnavailable on failure or timeout."""
+        """Check and reserve in one round trip. Raises StoreUnavailable on failure or timeout.
+        ``nonce``: a signed price's (nonce, expiry ms), used once (checked in the same call)."""
         planner = self.planner
         ticket = planner.admit()
         context = (campaign_id, user_key, counts_impression)
+        extras = planner.extras(rule, nonce, counts_impression)
         if not self.store.is_cluster:
             started = time.monotonic()
             tz = planner.zones.get(campaign_id, rule.timezone)
             step = planner.reserve_call(
-                campaign_id, user_key, cost_units, rule, counts_impression, tz
+                campaign_id, user_key, cost_units, rule, counts_impression, tz, extras
             )
             for last in (False, True):
                 try:
@@ -103,7 +106,9 @@ class SyncStore:
                 except StoreUnavailable as exc:
                     planner.call_failed(exc, ticket)
                     raise
-                answer = planner.answered(context, raw, cost_units, rule, started, ticket, last)
+                answer = planner.answered(
+                    context, raw, cost_units, rule, started, ticket, last, extras
+                )
                 if isinstance(answer, Reservation):
                     return answer
                 step = answer
@@ -113,19 +118,38 @@ class SyncStore:
         except StoreUnavailable as exc:
             planner.call_failed(exc, ticket)  # the store-wide breaker: no dead-cluster wait
             raise
-        split = planner.split(context, cost_units, rule, ticket)
+        split = planner.split(context, cost_units, rule, ticket, extras)
         return drive(split, lambda batch: self._run_batch(batch, context))
 
     def release(self, reservation: Reservation) -> None:
         """Give back a reservation's spend and impression. Raises StoreUnavailable."""
         if not self.store.is_cluster:
-            self._call(RELEASE, *self.planner.release_call(reservation))
+            for _, script, nargs, body in self.planner.release_calls(reservation):
+                self._call(script, nargs, body)
             return
         # A cluster reservation's two halves, both sent before either is read.
         calls = [Call(*call) for call in self.planner.halves.releases(reservation)]
         for _, _, result in self._run_batch(Batch(calls, False), None):
             if isinstance(result, StoreUnavailable):
                 raise result
+
+    def confirm_beacon(self, campaign_id: str, rid: str) -> BeaconReply:
+        """:meth:`Store.confirm_beacon <xsp_middleware.store.aio.Store.confirm_beacon>`,
+        blocking."""
+        planner = self.planner
+        reply = beacon_reply(self._one(*planner.beacon_call(campaign_id, rid, "confirm")))
+        if reply.outcome == 1 and reply.user_key:
+            self._one(*planner.beacon_user_call(text(reply.user_key), campaign_id, rid, "confirm"))
+        return reply
+
+    def _one(self, slot: int, script: Script, nargs: int, body: bytes) -> Any:
+        """One script call, on one server or on a cluster slot's master."""
+        if not self.store.is_cluster:
+            return self._call(script, nargs, body)
+        ((_, _, result),) = self._run_batch(Batch([Call(slot, script, nargs, body)], False), None)
+        if isinstance(result, StoreUnavailable):
+            raise result
+        return result
 
     # -- one server -------------------------------------------------------------------------
 
@@ -172,9 +196,9 @@ class SyncStore:
                 if observe.current is not None:
                     observe.current.released("late_reply")
                 # On this connection, with the same patience: the store is slow right now.
-                nargs, body = self.planner.release_call(reservation)
-                _send(conn, RELEASE, nargs, body)
-                _read(conn, RELEASE, nargs, body, time.monotonic() + LATE_REPLY_SECONDS)
+                for _, script, nargs, body in self.planner.release_calls(reservation):
+                    _send(conn, script, nargs, body)
+                    _read(conn, script, nargs, body, time.monotonic() + LATE_REPLY_SECONDS)
         except (RedisError, OSError, StoreUnavailable) as exc:
             # No reply, or no release: the spend stays counted (under-delivery, not overspend).
             logs.event(

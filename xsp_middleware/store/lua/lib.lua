@@ -43,16 +43,18 @@ end
 -- where HMGET's grows with the fields asked for (ten of them cost four times as much).
 -- Stored amounts and times must be plain integers: anything else (a hand-edited hash) falls
 -- back to the settings' value rather than failing, or worse, parsing as inf.
-local function xsp_config(key, at)
+-- `max_cost` (the bid ceiling, a cost per impression) is stored only where it was set; the
+-- settings' value, when there is one, comes as `max_fallback`.
+local function xsp_config(key, at, max_fallback)
   local c = {budget = ARGV[at], daily_budget = ARGV[at + 1], cost = ARGV[at + 2],
     caps = ARGV[at + 3], status = ARGV[at + 4], tz = ARGV[at + 5], start = ARGV[at + 6],
-    ['end'] = ARGV[at + 7], pacing = ARGV[at + 8], leasing = ''}
+    ['end'] = ARGV[at + 7], pacing = ARGV[at + 8], leasing = '', max_cost = max_fallback or ''}
   local stored = redis.call('HGETALL', key)
   for i = 1, #stored, 2 do
     local name, v = stored[i], stored[i + 1]
     if c[name] == nil then  -- not a config field
     elseif v == '' or not (name == 'budget' or name == 'daily_budget' or name == 'cost'
-        or name == 'start' or name == 'end') or string.find(v, '^%d+$') then
+        or name == 'start' or name == 'end' or name == 'max_cost') or string.find(v, '^%d+$') then
       c[name] = v
     end
   end
@@ -66,6 +68,7 @@ local function xsp_config(key, at)
   if c.start == '' then c.start = nil end
   if c['end'] == '' then c['end'] = nil end
   if c.pacing == '' then c.pacing = nil end
+  if c.max_cost == '' then c.max_cost = nil end
   return c
 end
 
@@ -163,6 +166,49 @@ local function xsp_write_log(lifetime, times)
   return xsp_int(lifetime) .. '|' .. table.concat(parts, ',')
 end
 
+-- Pending impressions (record_on=beacon) wait in a field of their own, '~' .. the log's field:
+-- "t:until:rid,..." (ms, ms, the reservation's id). Each counts against the caps as a logged
+-- one does, until its beacon moves it into the log, or until `until` passes: from then it
+-- counts for nothing and the next write drops it. `until` is the campaign's pending expiry
+-- plus a grace, so a beacon the campaign confirmed in time always finds its entry here.
+-- Returns the times still held and their entries (nil when there are none).
+local XSP_HOLD_GRACE_MS = 60000
+
+local function xsp_read_pending(raw, now)
+  if not raw then return nil, nil end
+  local times, kept = {}, {}
+  for entry in string.gmatch(raw, '[^,]+') do
+    local t, e = string.match(entry, '^(%d+):(%d+)')
+    if e and tonumber(e) > now then
+      times[#times + 1] = tonumber(t)
+      kept[#kept + 1] = entry
+    end
+  end
+  return times, kept
+end
+
+-- Take reservation `rid`'s pending entry out of field '~' .. `field`: its time, or false.
+local function xsp_pending_take(key, field, rid)
+  local name = '~' .. field
+  local raw = redis.call('HGET', key, name)
+  if not raw then return false end
+  local rest, found = {}, false
+  for entry in string.gmatch(raw, '[^,]+') do
+    local t, r = string.match(entry, '^(%d+):%d+:(.*)$')
+    if not found and r == rid then
+      found = tonumber(t)
+    else
+      rest[#rest + 1] = entry
+    end
+  end
+  if #rest == 0 then
+    redis.call('HDEL', key, name)
+  elseif found then
+    redis.call('HSET', key, name, table.concat(rest, ','))
+  end
+  return found
+end
+
 -- Append `now` and keep only what the caps can still need: the newest max(N) times that are
 -- young enough for the longest window. Every window's times are among those, because the caps
 -- allow no more than N in it. Returns the kept times, how long (ms) the log must live, and,
@@ -205,7 +251,8 @@ local XSP_PEXPIRE_GT = (tonumber(redis.REDIS_VERSION_NUM) or 0) >= 0x070000
 -- Check one user log (its stored value `raw`) against its caps; returns (how many more
 -- impressions every cap allows after one more now, or -1 if a cap is reached, or false if
 -- there are no caps; lifetime, times, caps); times and caps are nil when there are no caps.
-local function xsp_log_check(raw, spec, now, bounds_text)
+-- `pending`: the times of pending impressions (xsp_read_pending), which count as logged ones.
+local function xsp_log_check(raw, spec, now, bounds_text, pending)
   if spec == nil or spec == '' then return false, 0, nil, nil end
   local caps = xsp_parse_caps(spec, now, bounds_text)
   local lifetime, times = xsp_read_log(raw)
@@ -218,6 +265,11 @@ local function xsp_log_check(raw, spec, now, bounds_text)
         if times[j] > since then count = count + 1 end
       end
     end
+    if pending then
+      for j = 1, #pending do
+        if not since or pending[j] > since then count = count + 1 end
+      end
+    end
     if count >= caps[i] then return -1, lifetime, times, caps end
     local left = caps[i] - count - 1
     if remaining == false or left < remaining then remaining = left end
@@ -227,7 +279,8 @@ end
 
 local function xsp_user_check(key, field, spec, now, bounds_text)
   if spec == nil or spec == '' then return false, 0, nil, nil end
-  return xsp_log_check(redis.call('HGET', key, field), spec, now, bounds_text)
+  local got = redis.call('HMGET', key, field, '~' .. field)
+  return xsp_log_check(got[1], spec, now, bounds_text, (xsp_read_pending(got[2], now)))
 end
 
 -- Remove one impression at `at` from a user log field (a release), and put back the times its
@@ -271,8 +324,10 @@ end
 -- between the pieces. cost_s '' means the campaign's own price. With the calendar bounds
 -- (`bounds_text`) and a daily budget, the same read brings the local day's spend. Also the
 -- gates before any user state, the campaign's status and flight: a reason, or nil.
+-- A request's own price (cost_s not '') above the campaign's ceiling is reason 12.
 local function xsp_campaign_start(st_key, c, cost_s, now_override, bounds_text)
-  if cost_s == '' then cost_s = c.cost or '0' end
+  local given = cost_s ~= ''
+  if not given then cost_s = c.cost or '0' end
   -- Every field in the constructor: a table that grows later is reallocated on the way.
   local k = {cost_s = cost_s, cost = tonumber(cost_s), budget = tonumber(c.budget) or 0,
     now = xsp_now_ms(now_override), fired = 0, day_start = 0, deny_day = 0,
@@ -287,6 +342,7 @@ local function xsp_campaign_start(st_key, c, cost_s, now_override, bounds_text)
     k.spent = tonumber(redis.call('HGET', st_key, 'spent') or '0')
   end
   k.remaining = k.budget - k.spent
+  if c.max_cost and given and k.cost > tonumber(c.max_cost) then return k, 12 end
   if c.status == 'paused' then return k, 3 end
   if (c.start and k.now < tonumber(c.start)) or (c['end'] and k.now >= tonumber(c['end'])) then
     return k, 5
@@ -300,14 +356,15 @@ end
 local function xsp_user_gate(key, cid, camp_spec, camp_bounds, user_spec, user_bounds, now,
                              policy)
   local u = {key = key or false, personal = 1, left = -1, fresh = false, camp_life = 0,
-    camp_times = false, camp_caps = false, user_life = 0, user_times = false, user_caps = false}
+    camp_times = false, camp_caps = false, user_life = 0, user_times = false, user_caps = false,
+    camp_held = false, user_held = false}
   if not key then return nil, u end
   -- One read: the preferences and both logs.
   local got
   if user_spec ~= nil and user_spec ~= '' then
-    got = redis.call('HMGET', key, '!o', '!b', cid, '*')
+    got = redis.call('HMGET', key, '!o', '!b', cid, '~' .. cid, '*', '~*')
   else
-    got = redis.call('HMGET', key, '!o', '!b', cid)
+    got = redis.call('HMGET', key, '!o', '!b', cid, '~' .. cid)
   end
   if got[2] and string.find(',' .. got[2] .. ',', ',' .. cid .. ',', 1, true) then
     return 7, u  -- "stop seeing this ad" holds whatever else the user chose
@@ -318,24 +375,70 @@ local function xsp_user_gate(key, cid, camp_spec, camp_bounds, user_spec, user_b
     u.key = false  -- no_tracking: serve without reading or writing the user's state
     return nil, u
   end
-  u.fresh = not (got[1] or got[2] or got[3] or got[4])
-  local camp_left, user_left
+  u.fresh = not (got[1] or got[2] or got[3] or got[4] or got[5] or got[6])
+  local camp_left, user_left, pending
+  pending, u.camp_held = xsp_read_pending(got[4], now)
   camp_left, u.camp_life, u.camp_times, u.camp_caps =
-    xsp_log_check(got[3], camp_spec, now, camp_bounds)
+    xsp_log_check(got[3], camp_spec, now, camp_bounds, pending)
   if camp_left == -1 then u.left = 0 return 1, u end
+  pending, u.user_held = xsp_read_pending(got[6], now)
   user_left, u.user_life, u.user_times, u.user_caps =
-    xsp_log_check(got[4], user_spec, now, user_bounds)
+    xsp_log_check(got[5], user_spec, now, user_bounds, pending)
   if user_left == -1 then u.left = 0 return 1, u end
   if camp_left ~= false then u.left = camp_left end
   if user_left ~= false and (u.left == -1 or user_left < u.left) then u.left = user_left end
   return nil, u
 end
 
+-- Extend the user key's TTL to at least ttl; never shorten it (campaigns with longer windows
+-- share the user's hash). A key that held none of the fields just read is likely new, so
+-- without a TTL: NX sets one where GT never would.
+local function xsp_keep_alive(u, ttl)
+  if ttl <= 0 then return end
+  if XSP_PEXPIRE_GT then
+    if u.fresh and redis.call('PEXPIRE', u.key, ttl, 'NX') == 1 then return end
+    if redis.call('PEXPIRE', u.key, ttl, 'GT') == 1 or u.fresh then return end
+    -- GT did nothing: the TTL is longer already, or there is none (GT treats it as infinite).
+    if redis.call('PTTL', u.key) == -1 then redis.call('PEXPIRE', u.key, ttl) end
+    return
+  end
+  local current = redis.call('PTTL', u.key)
+  if current < 0 or current < ttl then redis.call('PEXPIRE', u.key, ttl) end
+end
+
+-- xsp_user_commit of a pending impression: its entry joins the still-held ones; the key lives
+-- as long as the logged impression would have to, and at least until the hold ends.
+local function xsp_user_hold(u, cid, now, hold, rid)
+  local entry, ttl, logs = xsp_int(now) .. ':' .. xsp_int(hold) .. ':' .. rid, hold - now, 0
+  local writes = {}
+  for _, side in ipairs({{u.camp_caps, u.camp_held, '~' .. cid, 1},
+                         {u.user_caps, u.user_held, '~*', 2}}) do
+    local caps, held = side[1], side[2] or {}
+    if caps and #caps > 0 then
+      held[#held + 1] = entry
+      writes[#writes + 1] = side[3]
+      writes[#writes + 1] = table.concat(held, ',')
+      logs = logs + side[4]
+      for i = 3, #caps, 3 do
+        if caps[i] > ttl then ttl = caps[i] end
+      end
+    end
+  end
+  if logs == 0 then return 0 end
+  redis.call('HSET', u.key, unpack(writes))
+  xsp_keep_alive(u, ttl)
+  return logs + 4
+end
+
 -- Write the user's side of a reservation in one HSET; returns the logs written (1: the
 -- campaign's, 2: the user's across campaigns; a sum). `report`: keep the times the writes
 -- dropped (u.camp_dropped, u.user_dropped) for a cluster's undo.
-local function xsp_user_commit(u, cid, now, report)
+-- `hold` (record_on=beacon): the ms until which the impression is pending; it is written as
+-- reservation `rid`'s pending entry (xsp_read_pending) instead of into the log, and `logs`
+-- gets 4 added.
+local function xsp_user_commit(u, cid, now, report, hold, rid)
   if not u.key then return 0 end
+  if hold then return xsp_user_hold(u, cid, now, hold, rid) end
   local ttl, logs, camp_log, user_log = 0, 0, false, false
   if u.camp_caps and #u.camp_caps > 0 then
     local kept, dropped
@@ -357,19 +460,7 @@ local function xsp_user_commit(u, cid, now, report)
   elseif logs == 3 then
     redis.call('HSET', u.key, cid, camp_log, '*', user_log)
   end
-  -- Extend the key's TTL to at least ttl; never shorten it (campaigns with longer windows
-  -- share the user's hash). A key that held none of the fields just read is likely new, so
-  -- without a TTL: NX sets one where GT never would.
-  if ttl <= 0 then return logs end
-  if XSP_PEXPIRE_GT then
-    if u.fresh and redis.call('PEXPIRE', u.key, ttl, 'NX') == 1 then return logs end
-    if redis.call('PEXPIRE', u.key, ttl, 'GT') == 1 or u.fresh then return logs end
-    -- GT did nothing: the TTL is longer already, or there is none (GT treats it as infinite).
-    if redis.call('PTTL', u.key) == -1 then redis.call('PEXPIRE', u.key, ttl) end
-    return logs
-  end
-  local current = redis.call('PTTL', u.key)
-  if current < 0 or current < ttl then redis.call('PEXPIRE', u.key, ttl) end
+  xsp_keep_alive(u, ttl)
   return logs
 end
 
@@ -465,4 +556,63 @@ local function xsp_reactivate(cfg_key, st_key, need)
     redis.call('HSET', cfg_key, 'status', 'active')
     redis.call('HDEL', st_key, 'lx')
   end
+end
+
+-- Pending reservations (record_on=beacon) and used price signatures, per campaign:
+-- * `z_key`, a sorted set scored by expiry (ms): 'p' .. rid for a pending reservation,
+--   'n' .. nonce for a signature already used;
+-- * `pd_key`, a hash: rid -> "cost|day start|user key" (what settling or confirming needs;
+--   the user key is empty when the user's state was not touched).
+-- A pending reservation holds its spend (counted in `spent`) and its cap slot (the user's
+-- pending entry) until its beacon confirms it or it expires. Nothing sweeps them: each reserve
+-- call of the campaign first settles what expired (at most XSP_SETTLE_MAX of them, oldest
+-- first), so freed budget is there for the very call that settles it.
+local XSP_SETTLE_MAX = 64
+
+-- Give a pending reservation's spend back (its details `d`, from pd_key); false if `d` is not
+-- a pending reservation's.
+local function xsp_unhold(cfg_key, st_key, d, need)
+  local cost, day = string.match(d or '', '^(%d+)|(%d+)|')
+  if not cost then return false end
+  if cost ~= '0' then
+    xsp_give_back(st_key, cost, day)
+    xsp_reactivate(cfg_key, st_key, need)
+    redis.call('HINCRBY', st_key, 'b:held', '-' .. cost)
+  end
+  return true
+end
+
+-- True if it gave anything back (a campaign that had run out may be active again).
+local function xsp_settle(cfg_key, st_key, z_key, pd_key, now, need)
+  local due = redis.call('ZRANGEBYSCORE', z_key, '-inf', now, 'LIMIT', 0, XSP_SETTLE_MAX)
+  if #due == 0 then return end
+  local expired = 0
+  for i = 1, #due do
+    local m = due[i]
+    if string.sub(m, 1, 1) == 'p' then
+      local rid = string.sub(m, 2)
+      if xsp_unhold(cfg_key, st_key, redis.call('HGET', pd_key, rid), need) then
+        redis.call('HDEL', pd_key, rid)
+        expired = expired + 1
+      end
+    end
+  end
+  redis.call('ZREM', z_key, unpack(due))
+  if expired > 0 then redis.call('HINCRBY', st_key, 'b:expired', expired) end
+  return expired > 0
+end
+
+-- A price signature's nonce, used once: false if it was used before. It is kept until five
+-- minutes after the signature's expiry (clocks of signers and servers differ).
+local function xsp_nonce(z_key, nonce, expires)
+  return redis.call('ZADD', z_key, 'NX', tonumber(expires) + 300000, 'n' .. nonce) == 1
+end
+
+-- Record a reservation as pending until now + ttl_ms: its details for settling, one more
+-- served under beacons, and its spend in what pending reservations hold ('b:held').
+local function xsp_hold(st_key, z_key, pd_key, k, rid, ttl_ms, user_key)
+  redis.call('ZADD', z_key, k.now + tonumber(ttl_ms), 'p' .. rid)
+  redis.call('HSET', pd_key, rid, k.cost_s .. '|' .. xsp_int(k.day_start) .. '|' .. user_key)
+  redis.call('HINCRBY', st_key, 'b:served', 1)
+  if k.cost > 0 then redis.call('HINCRBY', st_key, 'b:held', k.cost_s) end
 end
