@@ -13,8 +13,8 @@ class Decision:
     """What the handler finds at ``request.state.xsp`` (``scope["state"]["xsp"]``).
 
     ``reason`` is ``served`` when ``allowed``, otherwise the value of the ``X-XSP-Decision``
-    header: ``frequency_capped``, ``budget_exhausted``, ``campaign_paused`` or
-    ``store_unavailable``. Amounts are exact :class:`~decimal.Decimal` values.
+    header: ``frequency_capped``, ``budget_exhausted``, ``campaign_paused``,
+    ``store_unavailable`` and so on. Amounts are exact :class:`~decimal.Decimal` values.
     """
 
     allowed: bool
@@ -33,6 +33,9 @@ class Decision:
     degraded: bool = False
     """The store failed, so the failure policy decided (see ``degraded_reason``)."""
     degraded_reason: str | None = None
+    impression_url: str | None = None
+    """``record_on="beacon"``: the signed URL whose fetch counts this impression (put it in
+    the VAST ``<Impression>``); None otherwise, and on a denial."""
 
     @property
     def cost(self) -> Decimal:

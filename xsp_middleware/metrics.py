@@ -15,6 +15,8 @@ the core reports into these metrics:
 ``xsp_circuit_open``                      gauge: 1 while the store circuit is open, else 0
 ``xsp_reservations_released_total{why}``  ``status``, ``exception``, ``disconnect``,
                                           ``incomplete``, ``late_reply``
+``xsp_beacons_total{result}``             ``confirmed``, ``duplicate``, ``rejected``,
+                                          ``expired``, ``error`` (the store failed)
 ========================================  ==========================================================
 
 ``enable_metrics(campaign_label=True)`` adds a ``campaign`` label to ``xsp_decisions_total``.
@@ -153,6 +155,7 @@ _DENIAL_REASONS = (
 _ERROR_KINDS = ("timeout", "connection", "error", "circuit_open")
 _CHECKS = ("budget", "frequency")
 _RELEASE_REASONS = ("status", "exception", "disconnect", "incomplete", "late_reply")
+_BEACON_RESULTS = ("confirmed", "duplicate", "rejected", "expired", "error")
 
 
 class PrometheusObserver:
@@ -216,6 +219,13 @@ class PrometheusObserver:
                 "late_reply).",
                 ("why",),
             )
+            self.beacons = make(
+                Counter,
+                "xsp_beacons",
+                "Impression beacons answered, by result (confirmed, duplicate, rejected, "
+                "expired, error).",
+                ("result",),
+            )
         except ValueError as exc:  # "Duplicated timeseries": someone else registered them
             for metric in created:
                 registry.unregister(metric)
@@ -235,6 +245,8 @@ class PrometheusObserver:
             self.degraded_decisions.labels(check)
         for why in _RELEASE_REASONS:
             self.reservations_released.labels(why)
+        for result in _BEACON_RESULTS:
+            self.beacons.labels(result)
         self._decision_children: dict[tuple[str, str], Any] = {}
 
     # -- the Observer protocol ---------------------------------------------------------------
@@ -282,6 +294,12 @@ class PrometheusObserver:
             self.reservations_released.labels(why).inc()
         except Exception:
             self._failed("released")
+
+    def beacon(self, result: str) -> None:
+        try:
+            self.beacons.labels(result).inc()
+        except Exception:
+            self._failed("beacon")
 
     # -- helpers ------------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .core.admission import Admission, Answer, prepare, release
+from .core.beacons import answer_beacon, origin_of, server_address
 from .core.guard import Guard
 from .core.request import Facts, cookie_value, query_values
 from .core.rules import RouteRules, rules_of
@@ -61,6 +62,17 @@ class XSPMiddleware:
                 receive = self._returning_leases(receive)
             await self.app(scope, receive, send)
             return
+        guard = self.guard
+        if guard.beacons and scope["path"] == guard.beacon_path:
+            if scope["method"] == "GET":
+                answer = await answer_beacon(
+                    guard, scope.get("query_string", b""), scope.get("headers", ())
+                )
+                await _send_answer(send, answer)
+                return
+            if scope["method"] == "HEAD":  # answered, never counted
+                await _send_answer(send, Answer(204, [(b"cache-control", b"no-store")], b""))
+                return
         if not self._installed or self._routes_changed():
             self._install_route_guards()
         routed = self._route_lists is not None
@@ -221,6 +233,11 @@ async def decide(
     request was answered here (a denial, bad input)."""
     scope[DECIDED_KEY] = True
     query: bytes = scope.get("query_string", b"")
+    if guard.beacons:
+        server = scope.get("server") or ("localhost", 80)
+        admission.origin = origin_of(
+            scope.get("scheme", "http"), scope.get("headers", ()), server_address(*server)
+        )
     facts = prepare(
         guard, admission, query, scope.get("headers", ()), route, scope.get("path_params")
     )

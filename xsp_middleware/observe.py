@@ -31,6 +31,10 @@ class Observer(Protocol):
         """A reservation given back: why ``status`` (not 2xx), ``exception``, ``disconnect``,
         ``incomplete`` (the body did not finish) or ``late_reply``."""
 
+    def beacon(self, result: str) -> None:
+        """An impression beacon answered: ``confirmed``, ``duplicate``, ``rejected`` (forged,
+        malformed, another campaign's), ``expired`` or ``error`` (the store failed)."""
+
 
 current: Observer | None = None
 

@@ -114,13 +114,20 @@ class UpstreamSession:
         r = await self.store.reserve(
             campaign_id, user_key, cost_units, self.rules.rule_for(campaign_id)
         )
+        if r.reason == "above_max_cpm":
+            raise InvalidParameter(self.settings.price_param, "is above this campaign's max_cpm")
         if not r.reserved:
             raise _denial(r)
         try:
-            return await self._upstream.fetch(context=context, **kwargs)
+            result = await self._upstream.fetch(context=context, **kwargs)
         except BaseException:
             await self.store.release(r)
             raise
+        if r.pending is not None:
+            # record_on="beacon" is about HTTP responses a player renders; here the upstream's
+            # answer is the impression, as under "response".
+            await self.store.confirm_beacon(r.campaign_id, r.pending)
+        return result
 
 
 def _cost_units(cost: Decimal | str) -> int:

@@ -30,6 +30,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 from .core.admission import Admission, Answer, admit_sync, release_sync
+from .core.beacons import answer_beacon_sync, origin_of, server_address
 from .core.guard import Guard
 from .core.rules import RouteRules, rules_of
 from .decision import Decision
@@ -84,6 +85,8 @@ class RequestState:
             (b"cookie", _wire_bytes(environ.get("HTTP_COOKIE", ""))),
             (b"sec-gpc", _wire_bytes(environ.get("HTTP_SEC_GPC", ""))),
         )
+        if guard.beacons:
+            self.admission.origin = wsgi_origin(environ)
         step = admit_sync(guard, self.admission, query, headers, route, path_params)
         if self.admission.headers:
             environ[EXTRA_HEADERS_KEY] = wsgi_headers(self.admission.headers)
@@ -123,6 +126,9 @@ class XSPWSGIMiddleware:
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if STATE_KEY in environ:  # an outer XSPWSGIMiddleware decides for this request
             return self.app(environ, start_response)
+        beacon = wsgi_beacon(self.guard, environ)
+        if beacon is not None:
+            return send_answer(start_response, beacon)
         if self.guard.settings.anonymous == "assign" or self.guard.debug_headers:
             start_response = _with_extra_headers(environ, start_response)
         state = RequestState(self.guard)
@@ -134,6 +140,24 @@ class XSPWSGIMiddleware:
             if state.admission.reservation is None:
                 return self.app(environ, start_response)
         return _run(self.app, environ, start_response, state)
+
+
+def wsgi_beacon(guard: Guard, environ: WSGIEnvironment) -> Answer | None:
+    """The answer to an impression beacon (``GET {beacon_path}``), or None: not one."""
+    method = environ.get("REQUEST_METHOD")
+    if not guard.beacons or method not in ("GET", "HEAD") or _path(environ) != guard.beacon_path:
+        return None
+    if method == "HEAD":  # answered, never counted
+        return Answer(204, [(b"cache-control", b"no-store")], b"")
+    headers = ((b"accept", _wire_bytes(environ.get("HTTP_ACCEPT", ""))),)
+    return answer_beacon_sync(guard, _wire_bytes(environ.get("QUERY_STRING", "")), headers)
+
+
+def wsgi_origin(environ: Mapping[str, Any]) -> str:
+    """The request's ``scheme://host``, for impression URLs."""
+    host = _wire_bytes(environ.get("HTTP_HOST", ""))
+    server = server_address(environ.get("SERVER_NAME", "localhost"), environ.get("SERVER_PORT", 80))
+    return origin_of(str(environ.get("wsgi.url_scheme", "http")), ((b"host", host),), server)
 
 
 def decision_of(environ: Mapping[str, Any]) -> Decision | None:

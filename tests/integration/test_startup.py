@@ -40,7 +40,7 @@ def _start(which: str, port: int, **env: str) -> subprocess.Popen[str]:
 @pytest.mark.parametrize("which", list(SERVERS))
 @pytest.mark.parametrize(
     ("variable", "value"),
-    [("XSP_ON_DENIED", "vast"), ("XSP_CIRCUIT_BREAKER", "5 failures"), ("XSP_DEFAULT_CAPS", "3")],
+    [("XSP_ON_DENIED", "popup"), ("XSP_CIRCUIT_BREAKER", "5 failures"), ("XSP_DEFAULT_CAPS", "3")],
 )
 def test_a_bad_value_stops_the_server_at_start_naming_it(
     which: str, variable: str, value: str

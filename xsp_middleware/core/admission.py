@@ -27,6 +27,7 @@ from .. import logs, observe
 from ..decision import Decision
 from ..errors import InvalidParameter
 from ..store import Reservation
+from ..store.protocol import INVALID_REASONS
 from ..types import Headers
 from .guard import Guard
 from .request import Facts
@@ -78,6 +79,9 @@ class Admission:
     """The opt-in debug headers (``debug_headers``)."""
     started = 0.0
     """When deciding began (``time.perf_counter()``), for ``debug_headers``' Server-Timing."""
+    origin = ""
+    """The request's scheme and host (``https://ads.example.com``), for impression URLs; the
+    integration sets it when ``record_on="beacon"``."""
     status = 0
     completed = False
     disconnected = False
@@ -94,6 +98,8 @@ class Admission:
     ) -> Answer | Decision:
         """The store (or the policy) decided: the denial to answer, or the decision to run the
         handler with."""
+        if decision.reason in INVALID_REASONS:
+            return problem_answer(_invalid(guard, decision.reason))
         denied = not decision.allowed and not guard.pass_denied
         if guard.debug_headers:
             details = detail_headers(decision, time.perf_counter() - self.started)
@@ -104,8 +110,14 @@ class Admission:
         elif self.details:
             self.headers = self.details
         if denied:
-            return denied_answer(decision.reason)
+            return (
+                vast_answer(guard, decision.reason)
+                if guard.vast_denied
+                else denied_answer(decision.reason)
+            )
         self.reservation = reservation
+        if guard.beacons and reservation is not None and reservation.pending is not None:
+            decision.impression_url = guard.impression_url(reservation, self.origin)
         return decision
 
     # -- the response -----------------------------------------------------------------------
@@ -222,6 +234,33 @@ def release_sync(guard: Guard, what: Release | None) -> None:
 def denied_answer(reason: str) -> Answer:
     """A denial: 204, no fill, and why in ``X-XSP-Decision``."""
     return Answer(204, [(b"x-xsp-decision", reason.encode())], b"")
+
+
+def vast_answer(guard: Guard, reason: str) -> Answer:
+    """A denial under ``on_denied="vast"``: an empty VAST document, which players take as
+    "no ad" without an error (a 204 is an error to them)."""
+    body = b'<?xml version="1.0" encoding="UTF-8"?>\n<VAST version="%s"/>\n' % (
+        guard.settings.vast_version.encode()
+    )
+    return Answer(
+        200,
+        [
+            (b"content-type", b"application/xml"),
+            (b"content-length", b"%d" % len(body)),
+            (b"cache-control", b"no-store"),
+            (b"x-xsp-decision", reason.encode()),
+        ],
+        body,
+    )
+
+
+def _invalid(guard: Guard, reason: str) -> InvalidParameter:
+    """What the store found wrong with a request (see ``INVALID_REASONS``)."""
+    if reason == "above_max_cpm":
+        return InvalidParameter(guard.reader.price_param, "is above this campaign's max_cpm")
+    return InvalidParameter(
+        "sig", "this price signature was used before (signatures are single-use)"
+    )
 
 
 def problem_answer(exc: InvalidParameter) -> Answer:

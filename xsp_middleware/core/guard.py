@@ -17,7 +17,9 @@ from .. import logs, observe
 from ..decision import Decision
 from ..errors import StoreUnavailable
 from ..settings import Rules, Settings
+from ..signing import beacon_key, drain_warning, make_beacon_token
 from ..store import Reservation, Store
+from ..store.protocol import INVALID_REASONS
 from .request import Facts, RequestReader
 
 __all__ = ["Guard", "warn_once"]
@@ -44,7 +46,16 @@ class Guard:
         self._sync_store: Any = None
         self._lock = threading.Lock()
         self.pass_denied = settings.on_denied == "pass"
+        self.vast_denied = settings.on_denied == "vast"
         self.debug_headers = settings.debug_headers is True
+        self.beacons = settings.record_on == "beacon"
+        """Impressions count on their beacon (``record_on="beacon"``)."""
+        self.beacon_path = settings.beacon_path
+        self.beacon_key = beacon_key(settings.price_key, self.rules.secret_key)
+        self.hold_ms = self.store.planner.hold_ms or 0
+        warning = drain_warning(settings)
+        if warning is not None:
+            warn_once("drain", "xsp_middleware: %s", warning)
         if self.rules.uses_development_key:
             warn_once(
                 "dev-key",
@@ -77,7 +88,11 @@ class Guard:
             return self.refused(facts), None
         try:
             r = await self.store.reserve(
-                facts.campaign_id, facts.user_key, facts.cost_units, facts.config
+                facts.campaign_id,
+                facts.user_key,
+                facts.cost_units,
+                facts.config,
+                nonce=facts.nonce,
             )
         except Exception as exc:
             return self.failed(facts, exc), None
@@ -88,7 +103,11 @@ class Guard:
             return self.refused(facts), None
         try:
             r = self.sync_store.reserve(
-                facts.campaign_id, facts.user_key, facts.cost_units, facts.config
+                facts.campaign_id,
+                facts.user_key,
+                facts.cost_units,
+                facts.config,
+                nonce=facts.nonce,
             )
         except Exception as exc:
             return self.failed(facts, exc), None
@@ -107,9 +126,17 @@ class Guard:
             # One shard of a cluster failed and its check's failure policy served anyway.
             r.degraded,
         )
-        if observe.current is not None:
+        if observe.current is not None and r.reason not in INVALID_REASONS:
             _observed(decision, r.degraded_check)
         return decision, (r if r.reserved else None)
+
+    def impression_url(self, r: Reservation, origin: str) -> str:
+        """The signed beacon URL of a pending reservation (``origin``: scheme and host)."""
+        base = self.settings.beacon_base_url or origin
+        token = make_beacon_token(
+            self.beacon_key, r.campaign_id, r.pending or "", r.at_ms + self.hold_ms
+        )
+        return f"{base.rstrip('/')}{self.beacon_path}?t={token}"
 
     def refused(self, facts: Facts) -> Decision:
         """Denied before any store call (no consent, or an anonymous user under ``deny``)."""

@@ -15,6 +15,7 @@ from urllib.parse import unquote
 from ..errors import InvalidParameter
 from ..money import parse_cpm
 from ..settings import CampaignConfig, Rules, Settings, campaign_id_problem
+from ..signing import verify_price
 from ..store import Store
 from .rules import RouteRules
 
@@ -104,6 +105,7 @@ class Facts:
         "campaign_id",
         "config",
         "cost_units",
+        "nonce",
         "personalized",
         "refusal",
         "user_key",
@@ -135,6 +137,8 @@ class Facts:
         """``anonymous`` or ``no_consent``: denied before any store call."""
         self.assigned = assigned
         """A fresh user id to set in the user cookie (``anonymous="assign"``)."""
+        self.nonce: tuple[str, int] | None = None
+        """A signed price's (nonce, expiry ms): the reserve call uses it once."""
 
     @property
     def price_units(self) -> int:
@@ -157,6 +161,8 @@ class RequestReader:
         self.campaign_param = settings.campaign_param
         self.campaign_needle = settings.campaign_param.encode()
         self.price_param = settings.price_param
+        self.price_source = settings.price_source
+        self.price_key = (settings.price_key or "").encode()
         self.cookie = settings.user_cookie.encode()
         self.optout_cookie = settings.optout_cookie.encode()
         self.anonymous = settings.anonymous
@@ -227,6 +233,8 @@ class RequestReader:
         cost_units: int | None = None
         if len(prices) > 1:
             raise InvalidParameter(price_param, "given more than once with different values")
+        if self.price_source == "campaign":
+            prices = set()  # the campaign's price; the request's own is ignored
         if prices:
             (price,) = prices
             cost_units = self._prices.get(price)
@@ -240,7 +248,23 @@ class RequestReader:
         config = self.rules.rule_for(campaign_id)
         if route is not None:
             config = route.config(config, campaign_id)
-        return self._identity(Facts(campaign_id, cost_units, None, config), query, headers)
+        facts = Facts(campaign_id, cost_units, None, config)
+        if cost_units is not None and self.price_source == "signed":
+            facts.nonce = self._signed(query, campaign_id, cost_units)
+        return self._identity(facts, query, headers)
+
+    def _signed(self, query: bytes, campaign_id: str, cost_units: int) -> tuple[str, int]:
+        """``price_source="signed"``: the price's signature, checked (the store checks that
+        its nonce is new, in the reserve call). Raises :class:`InvalidParameter` (``sig``)."""
+        sigs, _ = query_values(query, "sig", "")
+        if not sigs:
+            raise InvalidParameter("sig", "is required: prices must be signed (sign_price)")
+        if len(sigs) > 1:
+            raise InvalidParameter("sig", "given more than once with different values")
+        signature = verify_price(
+            self.price_key, campaign_id, cost_units, next(iter(sigs)), self.store.now_ms()
+        )
+        return signature.nonce, signature.expires_ms
 
     def _identity(
         self, facts: Facts, query: bytes, headers: Iterable[tuple[bytes, bytes]]

@@ -16,6 +16,7 @@ from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import HttpResponse  # type: ignore[import-untyped,unused-ignore]
 
 from ..core.admission import Admission, Answer, admit_sync, prepare, release, release_sync
+from ..core.beacons import answer_beacon, answer_beacon_sync, origin_of, server_address
 from ..core.guard import Guard
 from ..core.request import Facts
 from ..core.rules import RouteRules, rules_of
@@ -108,6 +109,13 @@ class XSPMiddleware:
         if not self.guard.reader.is_candidate(request.method, request.path, query, rules):
             return None  # HEAD/OPTIONS; or the core rule: no campaign parameter, no store call
         admission = Admission()
+        if self.guard.beacons:
+            meta = request.META
+            server = server_address(
+                meta.get("SERVER_NAME", "localhost"), meta.get("SERVER_PORT", 80)
+            )
+            host = ((b"host", _raw(meta.get("HTTP_HOST", ""))),)
+            admission.origin = origin_of(request.scheme or "http", host, server)
         setattr(request, _ADMISSION, admission)
         return admission, query, rules
 
@@ -116,6 +124,10 @@ class XSPMiddleware:
     def __call__(self, request: Any) -> Any:
         if self.async_mode:
             return self.__acall__(request)
+        if self._is_beacon(request):
+            if request.method == "HEAD":  # answered, never counted
+                return _response(Answer(204, [(b"cache-control", b"no-store")], b""))
+            return _response(answer_beacon_sync(self.guard, *_beacon_parts(request)))
         try:
             response = self.get_response(request)
         except BaseException:
@@ -131,6 +143,10 @@ class XSPMiddleware:
         return response
 
     async def __acall__(self, request: Any) -> Any:
+        if self._is_beacon(request):
+            if request.method == "HEAD":  # answered, never counted
+                return _response(Answer(204, [(b"cache-control", b"no-store")], b""))
+            return _response(await answer_beacon(self.guard, *_beacon_parts(request)))
         try:
             response = await self.get_response(request)
         except BaseException:  # also a cancelled request (the client went away)
@@ -144,6 +160,15 @@ class XSPMiddleware:
             if self._responded(admission, response):
                 await release(self.guard, admission.finished())
         return response
+
+    def _is_beacon(self, request: Any) -> bool:
+        """An impression beacon: the middleware answers it (``record_on="beacon"``)."""
+        guard = self.guard
+        return (
+            guard.beacons
+            and request.method in ("GET", "HEAD")
+            and request.path == guard.beacon_path
+        )
 
     def _responded(self, admission: Admission, response: Any) -> bool:
         """Report the view's response; True when the request is over now. A plain response is
@@ -189,6 +214,11 @@ def _headers(request: Any) -> list[tuple[bytes, bytes]]:
         (b"cookie", _COOKIE_JOIN.sub(b";", _raw(meta.get("HTTP_COOKIE", "")))),
         (b"sec-gpc", _raw(meta.get("HTTP_SEC_GPC", ""))),
     ]
+
+
+def _beacon_parts(request: Any) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    meta = request.META
+    return _raw(meta.get("QUERY_STRING", "")), [(b"accept", _raw(meta.get("HTTP_ACCEPT", "")))]
 
 
 def _taken(request: Any, step: Answer | Decision | None) -> HttpResponse | None:
