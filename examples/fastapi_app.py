@@ -5,6 +5,16 @@ guarded by XSPMiddleware: frequency caps and the campaign budget are checked and
 Redis round trip before the handler runs. ``GET /ad/{campaign_id}`` is the same ad on a route
 with its own rules (``@ad_route``). Configure it from the environment: ``XSP_REDIS_URL`` (unset:
 the embedded in-memory store), ``XSP_SECRET_KEY``, ``XSP_DEFAULT_CAPS`` and so on.
+
+For a video player (see docs/vast.md):
+
+- ``XSP_ON_DENIED=vast``: a denial is ``200 application/xml`` with an empty VAST document, which
+  players take as "no ad" (a 204, the default ``nofill``, is an error to them).
+- ``XSP_RECORD_ON=beacon``: an impression counts only when the player fetches the ad's
+  ``<Impression>`` URL (``Decision.impression_url``, answered by the middleware itself), not
+  when the VAST document is sent.
+
+    XSP_ON_DENIED=vast XSP_RECORD_ON=beacon uvicorn examples.fastapi_app:app
 """
 
 from __future__ import annotations
@@ -26,13 +36,16 @@ app.add_middleware(XSPMiddleware, settings=Settings.from_env(paths=["/ad"]))
 
 
 def vast(decision: Decision) -> Response:
-    return Response(vast_xml(decision.campaign_id, decision.cpm), media_type="application/xml")
+    # Set with record_on="beacon": the player's fetch of it is what counts the impression.
+    impression_url = getattr(decision, "impression_url", None)
+    body = vast_xml(decision.campaign_id, decision.cpm, impression_url)
+    return Response(body, media_type="application/xml")
 
 
 @app.get("/ad")
 async def serve_ad(request: Request) -> Response:
     """Guarded by ``paths``: reached only when the middleware reserved the impression
-    (denials are 204 no-fills)."""
+    (denials are 204 no-fills, or empty VAST documents with ``on_denied="vast"``)."""
     decision: Decision | None = getattr(request.state, "xsp", None)
     if decision is None:  # no campaign_id: not an ad request, so the middleware let it by
         return JSONResponse(

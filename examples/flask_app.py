@@ -7,7 +7,10 @@ one Redis round trip before the view runs. It answers like ``examples/fastapi_ap
 ``GET /ad/c1`` is an ``@ad_route`` with its own cap of 2 per hour.
 
 Configure it from the environment: ``XSP_REDIS_URL`` (unset: the embedded in-memory store),
-``XSP_SECRET_KEY``, ``XSP_DEFAULT_CAPS`` and so on.
+``XSP_SECRET_KEY``, ``XSP_DEFAULT_CAPS`` and so on. For a video player (see docs/vast.md),
+``XSP_ON_DENIED=vast`` answers a denial with an empty VAST document (``200 application/xml``,
+"no ad" to a player, where a 204 is an error), and ``XSP_RECORD_ON=beacon`` counts an impression
+only when the player fetches the ad's ``<Impression>`` URL (``Decision.impression_url``).
 
     flask --app examples/flask_app run
     curl -i -b user_id=u1 'http://127.0.0.1:5000/ad?campaign_id=c1&cpm=2.50'
@@ -30,12 +33,16 @@ app.wsgi_app = XSPWSGIMiddleware(app.wsgi_app, paths=["/ad"])  # type: ignore[me
 
 
 def vast(decision: Decision) -> Response:
-    return Response(vast_xml(decision.campaign_id, decision.cpm), content_type="application/xml")
+    # Set with record_on="beacon": the player's fetch of it is what counts the impression.
+    impression_url = getattr(decision, "impression_url", None)
+    body = vast_xml(decision.campaign_id, decision.cpm, impression_url)
+    return Response(body, content_type="application/xml")
 
 
 @app.get("/ad")
 def serve_ad() -> Response:
-    """Reached only when the middleware reserved the impression (denials are 204 no-fills)."""
+    """Reached only when the middleware reserved the impression (denials are 204 no-fills, or
+    empty VAST documents with ``on_denied="vast"``)."""
     decision: Decision | None = request.environ.get("xsp.decision")
     if decision is None:  # no campaign_id: not an ad request, so the middleware let it by
         body = {

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import random
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -39,16 +40,21 @@ CAMPAIGNS = (
 WEIGHTS = (0.3, 0.35, 0.2, 0.15)
 CONCURRENCY = 64
 
+# The order of the InLine's children is the VAST 4.2 schema's (a sequence): AdSystem,
+# Impression, Pricing, AdServingId, AdTitle, Creatives. AdServingId and each Creative's
+# UniversalAdId are required since VAST 4.1.
 VAST = """<?xml version="1.0" encoding="UTF-8"?>
 <VAST version="4.2" xmlns="http://www.iab.com/VAST">
   <Ad id="{campaign}">
     <InLine>
       <AdSystem version="1.0">xsp-middleware</AdSystem>
-      <AdTitle>Campaign {campaign}</AdTitle>
+      <Impression id="imp"><![CDATA[{impression}]]></Impression>
       <Pricing model="CPM" currency="USD"><![CDATA[{cpm}]]></Pricing>
-      <Impression id="imp"><![CDATA[https://ads.example.com/imp?c={campaign}]]></Impression>
+      <AdServingId>{serving_id}</AdServingId>
+      <AdTitle>Campaign {campaign}</AdTitle>
       <Creatives>
         <Creative id="{campaign}-video" sequence="1">
+          <UniversalAdId idRegistry="unknown">unknown</UniversalAdId>
           <Linear>
             <Duration>00:00:15</Duration>
             <MediaFiles>
@@ -65,9 +71,36 @@ VAST = """<?xml version="1.0" encoding="UTF-8"?>
 """
 
 
-def vast_xml(campaign_id: str, cpm: object) -> str:
-    """A small VAST 4.2 document for a campaign (the example ad server's response)."""
-    return VAST.format(campaign=escape(campaign_id), cpm=escape(str(cpm)))
+def vast_xml(campaign_id: str, cpm: object, impression_url: str | None = None) -> str:
+    """A small VAST 4.2 document for a campaign (the example ad server's response): one InLine
+    ad with one linear creative.
+
+    ``impression_url`` is the ad's one ``<Impression>``: pass ``Decision.impression_url``, so
+    that with ``record_on="beacon"`` the impression counts when the player fetches it. Without
+    it, the ``<Impression>`` is a placeholder that counts nothing.
+
+    >>> "<![CDATA[https://ads.example.com/xsp/impression?t=abc]]>" in vast_xml(
+    ...     "c1", "2.50", "https://ads.example.com/xsp/impression?t=abc")
+    True
+    """
+    if impression_url is None:
+        impression = f"https://ads.example.com/imp?c={campaign_id}"
+        serving_id = f"xsp-{campaign_id}"
+    else:
+        impression = impression_url
+        # Unique per served ad, as VAST asks, because the impression URL's token is.
+        serving_id = "xsp-" + hashlib.sha256(impression_url.encode()).hexdigest()[:32]
+    return VAST.format(
+        campaign=escape(campaign_id),
+        cpm=_cdata(str(cpm)),
+        impression=_cdata(impression),
+        serving_id=escape(serving_id),
+    )
+
+
+def _cdata(text: str) -> str:
+    """``text`` safe inside a CDATA section: a ``]]>`` in it would end the section early."""
+    return text.replace("]]>", "]]]]><![CDATA[>")
 
 
 async def vast_app(
@@ -87,7 +120,8 @@ async def vast_app(
         await send({"type": "http.response.start", "status": 404, "headers": []})
         await send({"type": "http.response.body", "body": b"not found"})
         return
-    body = vast_xml(decision.campaign_id, decision.cpm).encode()
+    impression_url = getattr(decision, "impression_url", None)
+    body = vast_xml(decision.campaign_id, decision.cpm, impression_url).encode()
     await send(
         {
             "type": "http.response.start",

@@ -1,4 +1,10 @@
-"""The example's views: a VAST 4.2 ad, guarded by xsp-middleware before the view runs."""
+"""The example's views: a VAST 4.2 ad, guarded by xsp-middleware before the view runs.
+
+For a video player (see docs/vast.md): ``XSP_ON_DENIED=vast`` answers a denial with an empty VAST
+document (``200 application/xml``: "no ad" to a player, where a 204 is an error), and
+``XSP_RECORD_ON=beacon`` counts an impression only when the player fetches the ad's
+``<Impression>`` URL (``Decision.impression_url``), which these views put in the document.
+"""
 
 from __future__ import annotations
 
@@ -13,15 +19,17 @@ from xsp_middleware.django import ad_view
 
 
 def vast(decision: Decision) -> HttpResponse:
-    return HttpResponse(
-        vast_xml(decision.campaign_id, decision.cpm), content_type="application/xml"
-    )
+    # Set with record_on="beacon": the player's fetch of it is what counts the impression.
+    impression_url = getattr(decision, "impression_url", None)
+    body = vast_xml(decision.campaign_id, decision.cpm, impression_url)
+    return HttpResponse(body, content_type="application/xml")
 
 
 @require_safe
 def serve_ad(request: Any) -> HttpResponse:
     """Guarded by ``PATHS``: reached only when the middleware reserved the impression
-    (denials are 204 no-fills, bad input a 400 problem+json)."""
+    (denials are 204 no-fills, or empty VAST documents with ``ON_DENIED: "vast"``; bad input
+    is a 400 problem+json)."""
     decision: Decision | None = getattr(request, "xsp", None)
     if decision is None:  # no campaign_id: not an ad request, so the middleware let it by
         return JsonResponse(
