@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import Any
 
 from .errors import ConfigError
 
-if TYPE_CHECKING:
-    from .settings import Settings
+Settings = Any
+"""A :class:`~xsp_middleware.settings.Settings` (not imported: settings.py imports this)."""
 
 __all__ = [
     "ANONYMOUS_POLICIES",

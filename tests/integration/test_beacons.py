@@ -281,3 +281,23 @@ async def test_beacons_are_counted_in_the_metrics(redis_url: str) -> None:
         1,
         0,
     ]
+
+
+async def test_a_switch_back_to_response_mode_still_settles_what_was_pending(
+    store_url: str,
+) -> None:
+    beacons = beacon_app(store_url, campaigns=[Campaign(id="c1", budget="0.002")])
+    clock = fake_clock(beacons)
+    async with client(beacons) as c:
+        assert (await c.get("/ad?campaign_id=c1", headers=user("u1"))).status_code == 200
+    responses = beacon_app(
+        store_url, record_on="response", campaigns=[Campaign(id="c1", budget="0.002")]
+    )
+    responses.store.clock = clock
+    async with client(responses) as c:
+        held = await c.get("/ad?campaign_id=c1", headers=user("u2"))
+        assert held.headers["x-xsp-decision"] == "budget_exhausted"
+        clock.now += TTL_MS + 1
+        assert (await c.get("/ad?campaign_id=c1", headers=user("u2"))).status_code == 200
+    view = await responses.store.get_campaign("c1")
+    assert (view.pending, view.impressions, view.spent_units) == (0, 1, PRICE_UNITS)

@@ -137,3 +137,27 @@ async def test_anonymous_context_is_budgeted_but_not_capped(store_url: str) -> N
     for _ in range(5):
         assert await session.request(object(), params={"campaign_id": "c1"}) == "<VAST/>"
     assert await session.get_remaining_budget("c1") == Decimal("999.99")
+
+
+async def test_under_beacons_a_session_counts_what_its_upstream_answered(store_url: str) -> None:
+    # record_on="beacon" is about responses a player renders; a session's upstream answer is
+    # the impression itself, so it counts at once and nothing stays pending.
+    session = make(store_url, record_on="beacon")
+    await session.request(SessionContext({"user_id": "u1"}), params={"campaign_id": "c1"})
+    with pytest.raises(ConnectionError):
+        await make(store_url, Vast(fail=True), record_on="beacon").request(
+            SessionContext({"user_id": "u2"}), params={"campaign_id": "c1"}
+        )
+    view = await session.store.get_campaign("c1")
+    assert (view.impressions, view.pending, view.spent_units) == (1, 0, 20_000)
+
+
+async def test_a_session_refuses_a_price_above_the_campaign_ceiling(store_url: str) -> None:
+    session = make(store_url, campaigns=[Campaign(id="c1", max_cpm="5.00")])
+    with pytest.raises(InvalidParameter):
+        await session.request(
+            SessionContext({"user_id": "u1"}), params={"campaign_id": "c1", "cpm": "5.01"}
+        )
+    assert await session.request(
+        SessionContext({"user_id": "u1"}), params={"campaign_id": "c1", "cpm": "5.00"}
+    )

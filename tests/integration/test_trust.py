@@ -234,3 +234,20 @@ async def test_a_vast_no_fill_is_an_empty_vast_document(store_url: str, make_app
     async with client(old) as c:
         r = await c.get("/ad?campaign_id=c1")
     assert '<VAST version="3.0"/>' in r.text
+
+
+async def test_a_stored_bid_ceiling_binds_leased_decisions_too(
+    store_url: str, make_app: Any
+) -> None:
+    app: XSPMiddleware = make_app(
+        redis_url=store_url, campaigns=[Campaign(id="c1", leasing=True)], default_caps=[]
+    )
+    await app.store.set_campaign("c1", max_cpm="5.00")
+    async with client(app) as c:
+        served = [await c.get("/ad?campaign_id=c1&cpm=5.00") for _ in range(20)]
+        above = [await c.get("/ad?campaign_id=c1&cpm=6.00") for _ in range(20)]
+    assert _statuses(served) == {200: 20}
+    assert _statuses(above) == {400: 20} and {r.json()["field"] for r in above} == {"cpm"}
+    await app.store.return_leases()
+    view = await app.store.get_campaign("c1")
+    assert view.impressions == 20 and view.spent_units == 20 * 50_000

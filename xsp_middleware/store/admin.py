@@ -266,7 +266,8 @@ class Admin:
         await self.leasing.report(campaign_id)
         cfg_key, state_key = self.campaign_keys(campaign_id)
         (cfg_raw, st_raw), now = await self._hashes_and_time(cfg_key, state_key)
-        stored = {text(k): text(v) for k, v in cfg_raw.items()}
+        # ('pending' marks a campaign that held pending reservations: not a config field.)
+        stored = {text(k): text(v) for k, v in cfg_raw.items() if k not in (b"pending", "pending")}
         state = {text(k): text(v) for k, v in st_raw.items()}
         config = self.rules.rule_for(campaign_id).over(stored)
         day_spent = 0

@@ -174,7 +174,9 @@ class Store(Admin):
         if (
             counts_impression
             and (rule.leasing or self.leasing.auto or planner.stored_leasing)
-            and (extras is None or not (extras[1] or extras[3]))  # a nonce, a pending hold
+            # The script alone checks a nonce or holds a pending reservation: those decisions
+            # are never leased. (A lease checks bid ceilings itself.)
+            and (extras is None or not (extras[1] or extras[3]))
         ):
             tz = planner.zone_of(campaign_id, rule)
             leased = await self.leasing.reserve(state, context, cost_units, rule, tz, ticket)

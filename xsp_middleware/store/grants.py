@@ -168,7 +168,9 @@ class Grants:
         rule = lease.context[0]
         self.planner.learn_leasing(campaign_id, flag)
         self.planner.learn_config(campaign_id, (Reason.CAPS_RETRY, caps, caps != rule.caps_spec))
+        price, _, ceiling = price.partition("|")
         lease.price = int(price) if price.isdigit() else None
+        lease.max_cost = int(ceiling) if ceiling.isdigit() else None
         lease.remaining = max(0, left)
         now = self.now()
         if reason == Reason.TZ_RETRY:

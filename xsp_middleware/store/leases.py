@@ -82,6 +82,9 @@ class Lease:
     """What the campaign had left after the last grant (for ``Decision.remaining_budget``)."""
     price: int | None = None
     """The stored price (units per impression), for requests without a CPM."""
+    max_cost: int | None = None
+    """The stored bid ceiling (units per impression): a request's own price above it, or above
+    the settings' one, is refused here as the reserve script would."""
     asked: int = 0
     """Units asked for by the last request."""
     granted_at: float = 0.0

@@ -89,6 +89,11 @@ class Leasing:
         cost = cost_units if cost_units is not None else lease.price
         if cost is None:
             cost = rule.cost_units
+        ceiling = lease.max_cost if lease.max_cost is not None else rule.max_cost_units
+        if cost_units is not None and ceiling is not None and cost_units > ceiling:
+            return reservation(
+                context, False, Reason.ABOVE_MAX_CPM, cost=cost, remaining=None, left=-1, at=0
+            )
         asked = may_renew and lease.wants_renewal(now, self.ms)
         if asked:
             lease.renewing = True

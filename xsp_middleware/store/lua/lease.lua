@@ -21,7 +21,8 @@
 --   off in the store), units granted,
 --   remaining budget after the grant, server time ms, day start ms of the grant (0: no daily
 --   budget), ms until the grant must stop being used (the end of the day, flight or pacing
---   period), the stored time zone, the stored caps, the stored price, the stored leasing flag}.
+--   period), the stored time zone, the stored caps, "<stored price>|<stored bid ceiling>"
+--   (each '' when unset), the stored leasing flag}.
 --   When refused for budget (reason 2), the remaining budget is negative if the campaign is now
 --   over its budget (lowered meanwhile): the app gives its lease back at once.
 local c = xsp_config(KEYS[1], 2)
@@ -36,7 +37,7 @@ local function reply(granted, reason, units, left, day_start, valid_ms)
   redis.call('SET', KEYS[3], table.concat({xsp_int(seq), granted, reason, xsp_int(units),
     xsp_int(left), xsp_int(day_start), xsp_int(valid_until)}, '|'), 'PX', 86400000)
   return {granted, reason, units, left, now, day_start, valid_ms, tz, c.caps or '',
-    c.cost or '', leasing}
+    (c.cost or '') .. '|' .. (c.max_cost or ''), leasing}
 end
 
 local last = redis.call('GET', KEYS[3])
@@ -46,7 +47,7 @@ if last then
     local valid_ms = 0
     if tonumber(p[7]) > 0 then valid_ms = math.max(0, tonumber(p[7]) - now) end
     return {tonumber(p[2]), tonumber(p[3]), tonumber(p[4]), tonumber(p[5]), now,
-      tonumber(p[6]), valid_ms, tz, c.caps or '', c.cost or '', leasing}
+      tonumber(p[6]), valid_ms, tz, c.caps or '', (c.cost or '') .. '|' .. (c.max_cost or ''), leasing}
   end
 end
 

@@ -38,7 +38,8 @@ end
 -- A campaign's config: each field from its stored hash, else from the settings' fallback,
 -- nine ARGV from `at`: budget, daily_budget, cost, caps, status, tz, start, end, pacing;
 -- '' means unset.
--- The same read brings the stored leasing flag (c.leasing: '1', '0' or '' when unset).
+-- The same read brings the stored leasing flag (c.leasing: '1', '0' or '' when unset), and
+-- c.pending, '1' once the campaign ever held a pending reservation (see xsp_hold).
 -- HGETALL: its cost grows with the fields stored (often none: the settings' config applies),
 -- where HMGET's grows with the fields asked for (ten of them cost four times as much).
 -- Stored amounts and times must be plain integers: anything else (a hand-edited hash) falls
@@ -48,7 +49,8 @@ end
 local function xsp_config(key, at, max_fallback)
   local c = {budget = ARGV[at], daily_budget = ARGV[at + 1], cost = ARGV[at + 2],
     caps = ARGV[at + 3], status = ARGV[at + 4], tz = ARGV[at + 5], start = ARGV[at + 6],
-    ['end'] = ARGV[at + 7], pacing = ARGV[at + 8], leasing = '', max_cost = max_fallback or ''}
+    ['end'] = ARGV[at + 7], pacing = ARGV[at + 8], leasing = '', max_cost = max_fallback or '',
+    pending = ''}
   local stored = redis.call('HGETALL', key)
   for i = 1, #stored, 2 do
     local name, v = stored[i], stored[i + 1]
@@ -609,10 +611,26 @@ local function xsp_nonce(z_key, nonce, expires)
 end
 
 -- Record a reservation as pending until now + ttl_ms: its details for settling, one more
--- served under beacons, and its spend in what pending reservations hold ('b:held').
-local function xsp_hold(st_key, z_key, pd_key, k, rid, ttl_ms, user_key)
+-- served under beacons, and its spend in what pending reservations hold ('b:held'). The
+-- config gets 'pending' = '1' once: a process that does not hold reservations (record_on
+-- "response") then still settles them (xsp_settle_any), so a switch back never strands spend.
+local function xsp_hold(cfg_key, st_key, z_key, pd_key, c, k, rid, ttl_ms, user_key)
+  if c.pending ~= '1' then redis.call('HSET', cfg_key, 'pending', '1') end
   redis.call('ZADD', z_key, k.now + tonumber(ttl_ms), 'p' .. rid)
   redis.call('HSET', pd_key, rid, k.cost_s .. '|' .. xsp_int(k.day_start) .. '|' .. user_key)
   redis.call('HINCRBY', st_key, 'b:served', 1)
   if k.cost > 0 then redis.call('HINCRBY', st_key, 'b:held', k.cost_s) end
+end
+
+-- Settle for a call that was given no pending keys (a process under record_on "response"),
+-- when the campaign ever held pending reservations: their keys sit next to its config's, in
+-- the same slot. Returns the call's now (ms).
+local function xsp_settle_any(cfg_key, st_key, c, now_override)
+  local now = xsp_now_ms(now_override)
+  local tag = string.sub(cfg_key, 1, -4)  -- '<prefix>:c:{id}:'
+  if xsp_settle(cfg_key, st_key, tag .. 'z', tag .. 'pd', now, tonumber(c.cost) or 1)
+      and c.status == 'exhausted' then
+    c.status = redis.call('HGET', cfg_key, 'status') or c.status
+  end
+  return now
 end

@@ -15,7 +15,8 @@
 -- the campaign's pending set and KEYS[5] its pending details (see xsp_settle). ARGV[20] ''
 -- (reserve_campaign.lua's caps), ARGV[21] the settings' bid ceiling ('' none), ARGV[22] the
 -- price signature's nonce ('' none), ARGV[23] its expiry ms, ARGV[24] how long (ms) the
--- reservation stays pending ('' : it stands at once), ARGV[25] its id.
+-- reservation stays pending ('' : it stands at once), ARGV[25] its id. (A call without extras
+-- still settles a campaign that ever held pending reservations: xsp_settle_any.)
 -- Reply: {reserved 1/0, reason, cost, remaining budget, remaining impressions (-1: no caps),
 --   reservation time ms, exhaustion fired (0 none, 1 lifetime, 2 daily), day start ms (0: no
 --   daily budget), logs written (1: the campaign's, 2: the user's across campaigns; a sum;
@@ -44,6 +45,8 @@ if extras then
     return {0, 13, 0, 0, -1, now, 0, 0, 0, '', 1, leasing}
   end
   if ARGV[24] ~= '' then hold = tonumber(ARGV[24]) end
+elseif c.pending == '1' then
+  now = xsp_settle_any(KEYS[1], KEYS[2], c, now)
 end
 local k, reason = xsp_campaign_start(KEYS[2], c, ARGV[16], now, ARGV[12])
 if reason == 12 then return {0, 12, k.cost, 0, -1, k.now, 0, 0, 0, c.max_cost, 1, leasing} end
@@ -62,6 +65,6 @@ if not hold then
 end
 xsp_campaign_commit(KEYS[2], k, '0')  -- the beacon counts the impression
 local logs = xsp_user_commit(u, cid, k.now, false, k.now + hold + XSP_HOLD_GRACE_MS, ARGV[25])
-xsp_hold(KEYS[2], KEYS[4], KEYS[5], k, ARGV[25], hold, logs > 0 and user or '')
+xsp_hold(KEYS[1], KEYS[2], KEYS[4], KEYS[5], c, k, ARGV[25], hold, logs > 0 and user or '')
 return {1, 0, k.cost, k.remaining - k.cost, u.left, k.now, 0, k.day_start, logs, ARGV[25],
   u.personal, leasing}

@@ -30,6 +30,8 @@ if extras then
     return {0, 13, 0, 0, -1, now, 0, 0, 0, '', 1, leasing}
   end
   if ARGV[24] ~= '' then hold = tonumber(ARGV[24]) end
+elseif c.pending == '1' then
+  now = xsp_settle_any(KEYS[1], KEYS[2], c, now)
 end
 local k, reason = xsp_campaign_start(KEYS[2], c, ARGV[16], now, ARGV[12])
 if reason == 12 then return {0, 12, k.cost, 0, -1, k.now, 0, 0, 0, c.max_cost, 1, leasing} end
@@ -40,5 +42,5 @@ if not hold then
   return {1, 0, k.cost, k.remaining - k.cost, -1, k.now, 0, k.day_start, 0, '', 1, leasing}
 end
 xsp_campaign_commit(KEYS[2], k, '0')  -- the beacon counts the impression
-xsp_hold(KEYS[2], KEYS[3], KEYS[4], k, ARGV[25], hold, ARGV[26])
+xsp_hold(KEYS[1], KEYS[2], KEYS[3], KEYS[4], c, k, ARGV[25], hold, ARGV[26])
 return {1, 0, k.cost, k.remaining - k.cost, -1, k.now, 0, k.day_start, 0, ARGV[25], 1, leasing}
