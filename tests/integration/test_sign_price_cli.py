@@ -138,7 +138,7 @@ def test_doctor_warns_about_the_drain_with_the_default_settings() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     (line,) = [line for line in result.stdout.splitlines() if line.split()[1] == "price:"]
     assert re.match(r"WARN\s+price: price_source='request' with anonymous='allow'", line), line
-    for fix in ("curl", "price_source='campaign'", "XSP_PRICE_KEY", "record_on='beacon'"):
+    for fix in ("curl", "price_source='campaign'", "XSP_PRICE_KEY", "anonymous='deny'"):
         assert fix in line, fix
     (check,) = price_checks()
     assert check["level"] == "warn" and "anonymous='deny'" in check["detail"]

@@ -372,11 +372,18 @@ def test_the_default_settings_warn_about_the_drain_and_name_the_fixes() -> None:
         "price_source='campaign'",
         "price_source='signed'",
         "XSP_PRICE_KEY",
-        "record_on='beacon'",
         "anonymous='deny'",
     ):
         assert needed in warning, needed
     assert "\n" not in warning
+    # Counting on beacons is no fix: whoever gets the ad also gets its impression URL.
+    assert "record_on" not in warning
+
+
+@pytest.mark.parametrize("anonymous", ["allow", "assign", "shared"])
+def test_every_policy_that_lets_anonymous_requests_in_warns(anonymous: str) -> None:
+    warning = drain_warning(Settings(anonymous=anonymous))  # type: ignore[arg-type]
+    assert warning is not None and f"anonymous='{anonymous}'" in warning
 
 
 @pytest.mark.parametrize(
@@ -385,7 +392,6 @@ def test_the_default_settings_warn_about_the_drain_and_name_the_fixes() -> None:
         {"price_source": "campaign"},
         {"price_source": "signed", "price_key": "price-key-0123456789"},
         {"anonymous": "deny"},
-        {"anonymous": "shared"},
     ],
 )
 def test_no_drain_warning_when_the_price_or_the_caller_is_trusted(changes: dict[str, str]) -> None:
