@@ -327,8 +327,8 @@ THREE_COMMANDS = Script(
 
 
 def server_cost_apps(base: Starlette, redis_url: str) -> dict[str, XSPMiddleware]:
-    """The two configurations whose server CPU per decision is measured, on every campaign
-    the driver asks for."""
+    """The configurations whose server CPU per decision is measured, on every campaign the
+    driver asks for."""
     ids = [f"c{i}" for i in range(CAMPAIGNS)]
     one_cap = [Campaign(id=cid, caps=["3/1h"], budget=BUDGET) for cid in ids]
     rich = [
@@ -346,6 +346,11 @@ def server_cost_apps(base: Starlette, redis_url: str) -> dict[str, XSPMiddleware
         "one cap": XSPMiddleware(base, campaigns=one_cap, **common),
         # Allowance 100%: the pacing curve is computed on every call, and never turns one away.
         "rich": XSPMiddleware(base, campaigns=rich, pacing_allowance="1.00", **common),
+        # record_on=beacon: each reservation stays pending (never confirmed here), so the
+        # script also settles what expired (nothing, within a run) and records the hold.
+        "one cap, beacon": XSPMiddleware(
+            base, campaigns=one_cap, record_on="beacon", price_source="campaign", **common
+        ),
     }
 
 
