@@ -1,7 +1,7 @@
 -- A pending reservation (record_on=beacon) on its campaign's side: confirm it (its beacon
 -- came) or release it (its response failed, or the other half of a cluster decision denied).
 -- KEYS[1] campaign config hash, KEYS[2] state hash, KEYS[3] pending set, KEYS[4] pending
--- details (see xsp_settle). ARGV[1] 'confirm' or 'release', ARGV[2] the reservation's id,
+-- details (see xsp_pending). ARGV[1] 'confirm' or 'release', ARGV[2] the reservation's id,
 -- ARGV[3] now override ms ('' = TIME), ARGV[4] the campaign's price in the settings (units;
 -- the stored one wins), ARGV[5] (release, optional) the counter to add one to instead of
 -- 'n:released' ('' none).
@@ -18,7 +18,7 @@ redis.call('ZREM', KEYS[3], member)
 redis.call('HDEL', KEYS[4], ARGV[2])
 if ARGV[1] == 'release' or tonumber(due) <= now then
   local cost = redis.call('HGET', KEYS[1], 'cost')
-  xsp_unhold(KEYS[1], KEYS[2], d, tonumber(cost or ARGV[4]) or 1)
+  xsp_pending().unhold(KEYS[1], KEYS[2], d, tonumber(cost or ARGV[4]) or 1)
   if ARGV[1] == 'release' then
     redis.call('HINCRBY', KEYS[2], 'b:served', -1)  -- it never was
     local counter = ARGV[5] or 'n:released'

@@ -39,7 +39,7 @@ end
 -- nine ARGV from `at`: budget, daily_budget, cost, caps, status, tz, start, end, pacing;
 -- '' means unset.
 -- The same read brings the stored leasing flag (c.leasing: '1', '0' or '' when unset), and
--- c.pending, '1' once the campaign ever held a pending reservation (see xsp_hold).
+-- c.pending, '1' once the campaign ever held a pending reservation (see xsp_pending).
 -- HGETALL: its cost grows with the fields stored (often none: the settings' config applies),
 -- where HMGET's grows with the fields asked for (ten of them cost four times as much).
 -- Stored amounts and times must be plain integers: anything else (a hand-edited hash) falls
@@ -408,39 +408,12 @@ local function xsp_keep_alive(u, ttl)
   if current < 0 or current < ttl then redis.call('PEXPIRE', u.key, ttl) end
 end
 
--- xsp_user_commit of a pending impression: its entry joins the still-held ones; the key lives
--- as long as the logged impression would have to, and at least until the hold ends.
-local function xsp_user_hold(u, cid, now, hold, rid)
-  local entry, ttl, logs = xsp_int(now) .. ':' .. xsp_int(hold) .. ':' .. rid, hold - now, 0
-  local writes = {}
-  for _, side in ipairs({{u.camp_caps, u.camp_held, '~' .. cid, 1},
-                         {u.user_caps, u.user_held, '~*', 2}}) do
-    local caps, held = side[1], side[2] or {}
-    if caps and #caps > 0 then
-      held[#held + 1] = entry
-      writes[#writes + 1] = side[3]
-      writes[#writes + 1] = table.concat(held, ',')
-      logs = logs + side[4]
-      for i = 3, #caps, 3 do
-        if caps[i] > ttl then ttl = caps[i] end
-      end
-    end
-  end
-  if logs == 0 then return 0 end
-  redis.call('HSET', u.key, unpack(writes))
-  xsp_keep_alive(u, ttl)
-  return logs + 4
-end
-
 -- Write the user's side of a reservation in one HSET; returns the logs written (1: the
 -- campaign's, 2: the user's across campaigns; a sum). `report`: keep the times the writes
 -- dropped (u.camp_dropped, u.user_dropped) for a cluster's undo.
--- `hold` (record_on=beacon): the ms until which the impression is pending; it is written as
--- reservation `rid`'s pending entry (xsp_read_pending) instead of into the log, and `logs`
--- gets 4 added.
-local function xsp_user_commit(u, cid, now, report, hold, rid)
+-- (A pending impression is written by xsp_pending().user_hold instead.)
+local function xsp_user_commit(u, cid, now, report)
   if not u.key then return 0 end
-  if hold then return xsp_user_hold(u, cid, now, hold, rid) end
   local ttl, logs, camp_log, user_log = 0, 0, false, false
   if u.camp_caps and #u.camp_caps > 0 then
     local kept, dropped
@@ -571,66 +544,102 @@ end
 -- first), so freed budget is there for the very call that settles it.
 local XSP_SETTLE_MAX = 64
 
--- Give a pending reservation's spend back (its details `d`, from pd_key); false if `d` is not
--- a pending reservation's.
-local function xsp_unhold(cfg_key, st_key, d, need)
-  local cost, day = string.match(d or '', '^(%d+)|(%d+)|')
-  if not cost then return false end
-  if cost ~= '0' then
-    xsp_give_back(st_key, cost, day)
-    xsp_reactivate(cfg_key, st_key, need)
-    redis.call('HINCRBY', st_key, 'b:held', '-' .. cost)
-  end
-  return true
-end
+-- The pieces of pending reservations and price nonces, built only by a call that needs them
+-- (one closure to build for every other call, not seven): xsp_pending().settle(...) etc.
+local function xsp_pending()
+  local p = {}
 
--- True if it gave anything back (a campaign that had run out may be active again).
-local function xsp_settle(cfg_key, st_key, z_key, pd_key, now, need)
-  local due = redis.call('ZRANGEBYSCORE', z_key, '-inf', now, 'LIMIT', 0, XSP_SETTLE_MAX)
-  if #due == 0 then return end
-  local expired = 0
-  for i = 1, #due do
-    local m = due[i]
-    if string.sub(m, 1, 1) == 'p' then
-      local rid = string.sub(m, 2)
-      if xsp_unhold(cfg_key, st_key, redis.call('HGET', pd_key, rid), need) then
-        redis.call('HDEL', pd_key, rid)
-        expired = expired + 1
+  -- Give a pending reservation's spend back (its details `d`, from pd_key); false if `d` is
+  -- not a pending reservation's.
+  function p.unhold(cfg_key, st_key, d, need)
+    local cost, day = string.match(d or '', '^(%d+)|(%d+)|')
+    if not cost then return false end
+    if cost ~= '0' then
+      xsp_give_back(st_key, cost, day)
+      xsp_reactivate(cfg_key, st_key, need)
+      redis.call('HINCRBY', st_key, 'b:held', '-' .. cost)
+    end
+    return true
+  end
+
+  -- Settle what expired; true if it gave anything back (a campaign that had run out may be
+  -- active again: c.status is read again).
+  function p.settle(cfg_key, st_key, z_key, pd_key, c, now)
+    local due = redis.call('ZRANGEBYSCORE', z_key, '-inf', now, 'LIMIT', 0, XSP_SETTLE_MAX)
+    if #due == 0 then return end
+    local expired, need = 0, tonumber(c.cost) or 1
+    for i = 1, #due do
+      local m = due[i]
+      if string.sub(m, 1, 1) == 'p' then
+        local rid = string.sub(m, 2)
+        if p.unhold(cfg_key, st_key, redis.call('HGET', pd_key, rid), need) then
+          redis.call('HDEL', pd_key, rid)
+          expired = expired + 1
+        end
       end
     end
+    redis.call('ZREM', z_key, unpack(due))
+    if expired == 0 then return end
+    redis.call('HINCRBY', st_key, 'b:expired', expired)
+    if c.status == 'exhausted' then
+      c.status = redis.call('HGET', cfg_key, 'status') or c.status
+    end
   end
-  redis.call('ZREM', z_key, unpack(due))
-  if expired > 0 then redis.call('HINCRBY', st_key, 'b:expired', expired) end
-  return expired > 0
-end
 
--- A price signature's nonce, used once: false if it was used before. It is kept until five
--- minutes after the signature's expiry (clocks of signers and servers differ).
-local function xsp_nonce(z_key, nonce, expires)
-  return redis.call('ZADD', z_key, 'NX', tonumber(expires) + 300000, 'n' .. nonce) == 1
-end
-
--- Record a reservation as pending until now + ttl_ms: its details for settling, one more
--- served under beacons, and its spend in what pending reservations hold ('b:held'). The
--- config gets 'pending' = '1' once: a process that does not hold reservations (record_on
--- "response") then still settles them (xsp_settle_any), so a switch back never strands spend.
-local function xsp_hold(cfg_key, st_key, z_key, pd_key, c, k, rid, ttl_ms, user_key)
-  if c.pending ~= '1' then redis.call('HSET', cfg_key, 'pending', '1') end
-  redis.call('ZADD', z_key, k.now + tonumber(ttl_ms), 'p' .. rid)
-  redis.call('HSET', pd_key, rid, k.cost_s .. '|' .. xsp_int(k.day_start) .. '|' .. user_key)
-  redis.call('HINCRBY', st_key, 'b:served', 1)
-  if k.cost > 0 then redis.call('HINCRBY', st_key, 'b:held', k.cost_s) end
-end
-
--- Settle for a call that was given no pending keys (a process under record_on "response"),
--- when the campaign ever held pending reservations: their keys sit next to its config's, in
--- the same slot. Returns the call's now (ms).
-local function xsp_settle_any(cfg_key, st_key, c, now_override)
-  local now = xsp_now_ms(now_override)
-  local tag = string.sub(cfg_key, 1, -4)  -- '<prefix>:c:{id}:'
-  if xsp_settle(cfg_key, st_key, tag .. 'z', tag .. 'pd', now, tonumber(c.cost) or 1)
-      and c.status == 'exhausted' then
-    c.status = redis.call('HGET', cfg_key, 'status') or c.status
+  -- Settle for a call that was given no pending keys (a process under record_on "response"),
+  -- when the campaign ever held pending reservations: their keys sit next to its config's, in
+  -- the same slot. Returns the call's now (ms).
+  function p.settle_any(cfg_key, st_key, c, now_override)
+    local now = xsp_now_ms(now_override)
+    local tag = string.sub(cfg_key, 1, -4)  -- '<prefix>:c:{id}:'
+    p.settle(cfg_key, st_key, tag .. 'z', tag .. 'pd', c, now)
+    return now
   end
-  return now
+
+  -- A price signature's nonce, used once: false if it was used before. It is kept until five
+  -- minutes after the signature's expiry (clocks of signers and servers differ).
+  function p.nonce(z_key, nonce, expires)
+    return redis.call('ZADD', z_key, 'NX', tonumber(expires) + 300000, 'n' .. nonce) == 1
+  end
+
+  -- Record a reservation as pending until now + ttl_ms: its details for settling, one more
+  -- served under beacons, and its spend in what pending reservations hold ('b:held'). The
+  -- config gets 'pending' = '1' once: a process that does not hold reservations (record_on
+  -- "response") then still settles them (settle_any), so a switch back never strands spend.
+  function p.hold(cfg_key, st_key, z_key, pd_key, c, k, rid, ttl_ms, user_key)
+    if c.pending ~= '1' then redis.call('HSET', cfg_key, 'pending', '1') end
+    redis.call('ZADD', z_key, k.now + tonumber(ttl_ms), 'p' .. rid)
+    redis.call('HSET', pd_key, rid, k.cost_s .. '|' .. xsp_int(k.day_start) .. '|' .. user_key)
+    redis.call('HINCRBY', st_key, 'b:served', 1)
+    if k.cost > 0 then redis.call('HINCRBY', st_key, 'b:held', k.cost_s) end
+  end
+
+  -- xsp_user_commit of a pending impression (`hold`: the ms it is held until): reservation
+  -- `rid`'s entry joins the still-held ones (xsp_read_pending), not the log; the key lives as
+  -- long as a logged impression would have to, and at least until the hold ends. Returns the
+  -- logs written, 4 added.
+  function p.user_hold(u, cid, now, hold, rid)
+    if not u.key then return 0 end
+    local entry, ttl, logs = xsp_int(now) .. ':' .. xsp_int(hold) .. ':' .. rid, hold - now, 0
+    local writes = {}
+    for _, side in ipairs({{u.camp_caps, u.camp_held, '~' .. cid, 1},
+                           {u.user_caps, u.user_held, '~*', 2}}) do
+      local caps, held = side[1], side[2] or {}
+      if caps and #caps > 0 then
+        held[#held + 1] = entry
+        writes[#writes + 1] = side[3]
+        writes[#writes + 1] = table.concat(held, ',')
+        logs = logs + side[4]
+        for i = 3, #caps, 3 do
+          if caps[i] > ttl then ttl = caps[i] end
+        end
+      end
+    end
+    if logs == 0 then return 0 end
+    redis.call('HSET', u.key, unpack(writes))
+    xsp_keep_alive(u, ttl)
+    return logs + 4
+  end
+
+  return p
 end

@@ -12,11 +12,11 @@
 -- (The first fifteen change only per campaign and day: the app packs them once.)
 -- Extras, only when a campaign has a bid ceiling, a price is signed or impressions wait for
 -- beacons (without them the call is as above). KEYS[3] is then the user hash or '', KEYS[4]
--- the campaign's pending set and KEYS[5] its pending details (see xsp_settle). ARGV[20] ''
+-- the campaign's pending set and KEYS[5] its pending details (see xsp_pending). ARGV[20] ''
 -- (reserve_campaign.lua's caps), ARGV[21] the settings' bid ceiling ('' none), ARGV[22] the
 -- price signature's nonce ('' none), ARGV[23] its expiry ms, ARGV[24] how long (ms) the
 -- reservation stays pending ('' : it stands at once), ARGV[25] its id. (A call without extras
--- still settles a campaign that ever held pending reservations: xsp_settle_any.)
+-- still settles a campaign that ever held pending reservations: settle_any.)
 -- Reply: {reserved 1/0, reason, cost, remaining budget, remaining impressions (-1: no caps),
 --   reservation time ms, exhaustion fired (0 none, 1 lifetime, 2 daily), day start ms (0: no
 --   daily budget), logs written (1: the campaign's, 2: the user's across campaigns; a sum;
@@ -34,19 +34,17 @@ local tz = c.tz or 'UTC'
 local leasing = c.leasing
 if tz ~= ARGV[11] then return {0, 9, 0, 0, -1, 0, 0, 0, 0, tz, 1, leasing} end
 
-local user, now, hold = KEYS[3], ARGV[17], false
+local user, now, hold, pend = KEYS[3], ARGV[17], false, false
 if extras then
   if user == '' then user = nil end
-  now = xsp_now_ms(now)
-  if xsp_settle(KEYS[1], KEYS[2], KEYS[4], KEYS[5], now, tonumber(c.cost) or 1) and c.status == 'exhausted' then
-    c.status = redis.call('HGET', KEYS[1], 'status') or c.status
-  end
-  if ARGV[22] ~= '' and not xsp_nonce(KEYS[4], ARGV[22], ARGV[23]) then
+  now, pend = xsp_now_ms(now), xsp_pending()
+  pend.settle(KEYS[1], KEYS[2], KEYS[4], KEYS[5], c, now)
+  if ARGV[22] ~= '' and not pend.nonce(KEYS[4], ARGV[22], ARGV[23]) then
     return {0, 13, 0, 0, -1, now, 0, 0, 0, '', 1, leasing}
   end
   if ARGV[24] ~= '' then hold = tonumber(ARGV[24]) end
 elseif c.pending == '1' then
-  now = xsp_settle_any(KEYS[1], KEYS[2], c, now)
+  now = xsp_pending().settle_any(KEYS[1], KEYS[2], c, now)
 end
 local k, reason = xsp_campaign_start(KEYS[2], c, ARGV[16], now, ARGV[12])
 if reason == 12 then return {0, 12, k.cost, 0, -1, k.now, 0, 0, 0, c.max_cost, 1, leasing} end
@@ -64,7 +62,7 @@ if not hold then
     u.personal, leasing}
 end
 xsp_campaign_commit(KEYS[2], k, '0')  -- the beacon counts the impression
-local logs = xsp_user_commit(u, cid, k.now, false, k.now + hold + XSP_HOLD_GRACE_MS, ARGV[25])
-xsp_hold(KEYS[1], KEYS[2], KEYS[4], KEYS[5], c, k, ARGV[25], hold, logs > 0 and user or '')
+local logs = pend.user_hold(u, cid, k.now, k.now + hold + XSP_HOLD_GRACE_MS, ARGV[25])
+pend.hold(KEYS[1], KEYS[2], KEYS[4], KEYS[5], c, k, ARGV[25], hold, logs > 0 and user or '')
 return {1, 0, k.cost, k.remaining - k.cost, u.left, k.now, 0, k.day_start, logs, ARGV[25],
   u.personal, leasing}

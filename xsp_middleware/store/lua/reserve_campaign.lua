@@ -20,18 +20,16 @@ if ARGV[20] and ARGV[20] ~= '*' and (c.caps or '') ~= ARGV[20] then
   return {0, 10, 0, 0, -1, 0, 0, 0, 0, c.caps or '', 1, leasing}
 end
 
-local now, hold = ARGV[17], false
+local now, hold, pend = ARGV[17], false, false
 if extras then
-  now = xsp_now_ms(now)
-  if xsp_settle(KEYS[1], KEYS[2], KEYS[3], KEYS[4], now, tonumber(c.cost) or 1) and c.status == 'exhausted' then
-    c.status = redis.call('HGET', KEYS[1], 'status') or c.status
-  end
-  if ARGV[22] ~= '' and not xsp_nonce(KEYS[3], ARGV[22], ARGV[23]) then
+  now, pend = xsp_now_ms(now), xsp_pending()
+  pend.settle(KEYS[1], KEYS[2], KEYS[3], KEYS[4], c, now)
+  if ARGV[22] ~= '' and not pend.nonce(KEYS[3], ARGV[22], ARGV[23]) then
     return {0, 13, 0, 0, -1, now, 0, 0, 0, '', 1, leasing}
   end
   if ARGV[24] ~= '' then hold = tonumber(ARGV[24]) end
 elseif c.pending == '1' then
-  now = xsp_settle_any(KEYS[1], KEYS[2], c, now)
+  now = xsp_pending().settle_any(KEYS[1], KEYS[2], c, now)
 end
 local k, reason = xsp_campaign_start(KEYS[2], c, ARGV[16], now, ARGV[12])
 if reason == 12 then return {0, 12, k.cost, 0, -1, k.now, 0, 0, 0, c.max_cost, 1, leasing} end
@@ -42,5 +40,5 @@ if not hold then
   return {1, 0, k.cost, k.remaining - k.cost, -1, k.now, 0, k.day_start, 0, '', 1, leasing}
 end
 xsp_campaign_commit(KEYS[2], k, '0')  -- the beacon counts the impression
-xsp_hold(KEYS[1], KEYS[2], KEYS[3], KEYS[4], c, k, ARGV[25], hold, ARGV[26])
+pend.hold(KEYS[1], KEYS[2], KEYS[3], KEYS[4], c, k, ARGV[25], hold, ARGV[26])
 return {1, 0, k.cost, k.remaining - k.cost, -1, k.now, 0, k.day_start, 0, ARGV[25], 1, leasing}

@@ -14,7 +14,10 @@ local now = xsp_now_ms(ARGV[6])
 local reason, u = xsp_user_gate(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], now,
   ARGV[7])
 if reason then return {0, reason, u.left, now, 0, u.personal, '', ''} end
-local hold = ARGV[8] and now + tonumber(ARGV[8]) + XSP_HOLD_GRACE_MS
-local logs = xsp_user_commit(u, ARGV[1], now, true, hold, ARGV[9])
-if hold then return {1, 0, u.left, now, logs, u.personal, ARGV[9], ''} end
+if ARGV[8] then
+  local hold = now + tonumber(ARGV[8]) + XSP_HOLD_GRACE_MS
+  local logs = xsp_pending().user_hold(u, ARGV[1], now, hold, ARGV[9])
+  return {1, 0, u.left, now, logs, u.personal, ARGV[9], ''}
+end
+local logs = xsp_user_commit(u, ARGV[1], now, true)
 return {1, 0, u.left, now, logs, u.personal, u.camp_dropped or '', u.user_dropped or ''}
