@@ -88,11 +88,8 @@ async def answer_beacon(
         return beacon_answer("rejected", headers)
     try:
         reply = await guard.store.confirm_beacon(token.campaign_id, token.rid)
-    except StoreUnavailable as exc:
+    except Exception as exc:
         return beacon_answer(_failed(token, exc), headers)
-    except Exception as exc:  # our bug must not become a 500: log it, count nothing
-        logs.internal_error("confirming an impression beacon", exc)
-        return beacon_answer("error", headers)
     return beacon_answer(beacon_outcome(token, reply), headers)
 
 
@@ -105,11 +102,8 @@ def answer_beacon_sync(
         return beacon_answer("rejected", headers)
     try:
         reply = guard.sync_store.confirm_beacon(token.campaign_id, token.rid)
-    except StoreUnavailable as exc:
+    except Exception as exc:
         return beacon_answer(_failed(token, exc), headers)
-    except Exception as exc:  # our bug must not become a 500: log it, count nothing
-        logs.internal_error("confirming an impression beacon", exc)
-        return beacon_answer("error", headers)
     return beacon_answer(beacon_outcome(token, reply), headers)
 
 
@@ -131,8 +125,12 @@ def server_address(host: str, port: object) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _failed(token: BeaconToken, exc: StoreUnavailable) -> str:
-    # The reservation stays pending: it expires back into the budget (under-delivery).
+def _failed(token: BeaconToken, exc: Exception) -> str:
+    """The beacon could not be confirmed: the reservation stays pending, and expires back into
+    the budget (under-delivery). A bug of ours is logged as one, never raised into a 500."""
+    if not isinstance(exc, StoreUnavailable):
+        logs.internal_error("confirming an impression beacon", exc)
+        return "error"
     logs.event(
         "beacon_failed",
         logging.WARNING,

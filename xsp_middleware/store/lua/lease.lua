@@ -47,7 +47,8 @@ if last then
     local valid_ms = 0
     if tonumber(p[7]) > 0 then valid_ms = math.max(0, tonumber(p[7]) - now) end
     return {tonumber(p[2]), tonumber(p[3]), tonumber(p[4]), tonumber(p[5]), now,
-      tonumber(p[6]), valid_ms, tz, c.caps or '', (c.cost or '') .. '|' .. (c.max_cost or ''), leasing}
+      tonumber(p[6]), valid_ms, tz, c.caps or '', (c.cost or '') .. '|' .. (c.max_cost or ''),
+      leasing}
   end
 end
 

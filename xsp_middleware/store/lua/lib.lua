@@ -643,3 +643,21 @@ local function xsp_pending()
 
   return p
 end
+
+-- The start of a reserve call (reserve.lua, reserve_campaign.lua): with extras (ARGV[21..25]),
+-- settle what expired, use the price signature's nonce, and say how long it stays pending;
+-- without, settle a campaign that ever held pending reservations. Returns the call's now
+-- (ms, or the override as given), the hold (ms, or false), the pending pieces (or false), and
+-- true when the nonce was used before (reason 13).
+local function xsp_reserve_start(c, cfg_key, st_key, z_key, pd_key, now_override)
+  if not ARGV[21] then
+    if c.pending ~= '1' then return now_override, false, false, false end
+    return xsp_pending().settle_any(cfg_key, st_key, c, now_override), false, false, false
+  end
+  local now, pend = xsp_now_ms(now_override), xsp_pending()
+  pend.settle(cfg_key, st_key, z_key, pd_key, c, now)
+  if ARGV[22] ~= '' and not pend.nonce(z_key, ARGV[22], ARGV[23]) then
+    return now, false, pend, true
+  end
+  return now, ARGV[24] ~= '' and tonumber(ARGV[24]), pend, false
+end

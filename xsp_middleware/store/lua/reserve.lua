@@ -34,18 +34,10 @@ local tz = c.tz or 'UTC'
 local leasing = c.leasing
 if tz ~= ARGV[11] then return {0, 9, 0, 0, -1, 0, 0, 0, 0, tz, 1, leasing} end
 
-local user, now, hold, pend = KEYS[3], ARGV[17], false, false
-if extras then
-  if user == '' then user = nil end
-  now, pend = xsp_now_ms(now), xsp_pending()
-  pend.settle(KEYS[1], KEYS[2], KEYS[4], KEYS[5], c, now)
-  if ARGV[22] ~= '' and not pend.nonce(KEYS[4], ARGV[22], ARGV[23]) then
-    return {0, 13, 0, 0, -1, now, 0, 0, 0, '', 1, leasing}
-  end
-  if ARGV[24] ~= '' then hold = tonumber(ARGV[24]) end
-elseif c.pending == '1' then
-  now = xsp_pending().settle_any(KEYS[1], KEYS[2], c, now)
-end
+local user = KEYS[3]
+if extras and user == '' then user = nil end
+local now, hold, pend, replayed = xsp_reserve_start(c, KEYS[1], KEYS[2], KEYS[4], KEYS[5], ARGV[17])
+if replayed then return {0, 13, 0, 0, -1, now, 0, 0, 0, '', 1, leasing} end
 local k, reason = xsp_campaign_start(KEYS[2], c, ARGV[16], now, ARGV[12])
 if reason == 12 then return {0, 12, k.cost, 0, -1, k.now, 0, 0, 0, c.max_cost, 1, leasing} end
 if reason then return xsp_deny(KEYS[2], reason, k, -1, 1, leasing) end

@@ -20,17 +20,8 @@ if ARGV[20] and ARGV[20] ~= '*' and (c.caps or '') ~= ARGV[20] then
   return {0, 10, 0, 0, -1, 0, 0, 0, 0, c.caps or '', 1, leasing}
 end
 
-local now, hold, pend = ARGV[17], false, false
-if extras then
-  now, pend = xsp_now_ms(now), xsp_pending()
-  pend.settle(KEYS[1], KEYS[2], KEYS[3], KEYS[4], c, now)
-  if ARGV[22] ~= '' and not pend.nonce(KEYS[3], ARGV[22], ARGV[23]) then
-    return {0, 13, 0, 0, -1, now, 0, 0, 0, '', 1, leasing}
-  end
-  if ARGV[24] ~= '' then hold = tonumber(ARGV[24]) end
-elseif c.pending == '1' then
-  now = xsp_pending().settle_any(KEYS[1], KEYS[2], c, now)
-end
+local now, hold, pend, replayed = xsp_reserve_start(c, KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[17])
+if replayed then return {0, 13, 0, 0, -1, now, 0, 0, 0, '', 1, leasing} end
 local k, reason = xsp_campaign_start(KEYS[2], c, ARGV[16], now, ARGV[12])
 if reason == 12 then return {0, 12, k.cost, 0, -1, k.now, 0, 0, 0, c.max_cost, 1, leasing} end
 reason = reason or xsp_campaign_budget(KEYS[1], KEYS[2], c, k, ARGV[15])
