@@ -301,3 +301,20 @@ async def test_a_switch_back_to_response_mode_still_settles_what_was_pending(
         assert (await c.get("/ad?campaign_id=c1", headers=user("u2"))).status_code == 200
     view = await responses.store.get_campaign("c1")
     assert (view.pending, view.impressions, view.spent_units) == (0, 1, PRICE_UNITS)
+
+
+async def test_user_show_counts_pending_impressions_and_reset_forgets_them(
+    store_url: str,
+) -> None:
+    app = beacon_app(store_url, campaigns=[Campaign(id="c1", caps=["2/1h"])])
+    async with client(app) as c:
+        assert (await c.get("/ad?campaign_id=c1", headers=user("u1"))).status_code == 200
+        assert (await c.get("/ad?campaign_id=c1", headers=user("u1"))).status_code == 200
+        (field, windows), *rest = await app.store.user_view("u1")
+        assert (field, rest) == ("c1", [])  # one campaign, not its pending field as another
+        ((cap, used, frees),) = windows
+        assert str(cap) == "2/1h" and used == 2 and frees is not None
+        capped = await c.get("/ad?campaign_id=c1", headers=user("u1"))
+        assert capped.headers["x-xsp-decision"] == "frequency_capped"
+        assert await app.store.reset_user("u1", "c1")
+        assert (await c.get("/ad?campaign_id=c1", headers=user("u1"))).status_code == 200

@@ -20,7 +20,7 @@ from ..errors import ConfigError, StoreUnavailable
 from ..money import amount_to_units, cpm_to_cost_units, units_to_decimal
 from ..settings import CampaignConfig, CapLike, Money, Rules, instant_ms, validate_campaign_id
 from ..store_url import StoreURL, redacted
-from .protocol import REASONS, Reason, text, user_log
+from .protocol import REASONS, Reason, held_times, text, user_log
 from .redis_compat import server_address
 from .scripts import CLUSTER_SCRIPTS, STANDALONE_SCRIPTS
 
@@ -356,11 +356,12 @@ class Admin:
         key = self.user_key(user_id)
         (raw,), now = await self._hashes_and_time(key)
         logs = {text(k): text(v) for k, v in raw.items()}
-        # Fields starting with "!" are preferences (opt-out, blocked campaigns), not logs.
+        # Fields starting with "!" are preferences (opt-out, blocked campaigns), not logs; "~"
+        # ones hold pending impressions (record_on="beacon"), which count with their log.
         fields = (
             [campaign_id]
             if campaign_id is not None
-            else sorted(f for f in logs if not f.startswith("!"))
+            else sorted({f.lstrip("~") for f in logs if not f.startswith("!")})
         )
         result = []
         for field in fields:
@@ -369,7 +370,8 @@ class Admin:
             else:
                 config = (await self.get_campaign(field)).config
                 caps, tz = config.caps, config.timezone
-            result.append((field, cap_windows(caps, logs.get(field), now, tz)))
+            held = held_times(logs.get("~" + field), now)
+            result.append((field, cap_windows(caps, logs.get(field), now, tz, held)))
         return result
 
     async def reset_user(self, user_id: str, campaign_id: str | None = None) -> bool:
@@ -378,7 +380,8 @@ class Admin:
         key = self.user_key(user_id)
         if campaign_id is not None:
             validate_campaign_id(campaign_id)  # never a preference field ("!o", "!b")
-            return bool(await self.admin_call(self.client.hdel(key, campaign_id)))
+            removed = await self.admin_call(self.client.hdel(key, campaign_id, "~" + campaign_id))
+            return bool(removed)
         fields = [
             f for f in await self.admin_call(self.client.hkeys(key)) if not text(f).startswith("!")
         ]
@@ -450,10 +453,17 @@ def day_span(tz: str, now_ms: int) -> tuple[int, int]:
 
 
 def cap_windows(
-    caps: Sequence[FrequencyCap], raw: str | None, now_ms: int, tz: str
+    caps: Sequence[FrequencyCap],
+    raw: str | None,
+    now_ms: int,
+    tz: str,
+    held: Sequence[int] = (),
 ) -> list[tuple[FrequencyCap, int, int | None]]:
-    """For each cap: impressions in its current window, and when it frees up next if reached."""
+    """For each cap: impressions in its current window, and when it frees up next if reached.
+    ``held``: the times of pending impressions, which count as the scripts count them."""
     lifetime, times = user_log(raw)
+    if held:
+        lifetime, times = lifetime + len(held), sorted([*times, *held])
     result: list[tuple[FrequencyCap, int, int | None]] = []
     for cap in caps:
         if cap.calendar is not None:

@@ -89,6 +89,18 @@ def user_log(raw: str | None) -> tuple[int, list[int]]:
     return (int(head) if head.isdecimal() else 0), times
 
 
+def held_times(raw: str | None, now_ms: int) -> list[int]:
+    """The times of a user's pending impressions still held at ``now_ms`` (the ``~<campaign>``
+    field, as lib.lua's xsp_read_pending reads it: ``"<t>:<held until>:<id>,..."``)."""
+    held = []
+    for entry in (raw or "").split(","):
+        t, _, rest = entry.partition(":")
+        until = rest.partition(":")[0]
+        if t.isdecimal() and until.isdecimal() and int(until) > now_ms:
+            held.append(int(t))
+    return held
+
+
 class CampaignReply(NamedTuple):
     """``reserve.lua`` (user and campaign on one server) and ``reserve_campaign.lua`` (the
     campaign's half on a cluster)."""
