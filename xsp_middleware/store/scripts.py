@@ -63,16 +63,22 @@ def _assemble(lib: str, body: str) -> str:
     header, pieces = _pieces(lib)
     defined = {name: text for names, text in pieces for name in names}
     needed: set[str] = set()
-    todo = [n for n in _NAME.findall(body) if n in defined]
+    todo = [n for n in _NAME.findall(_code(body)) if n in defined]
     while todo:
         name = todo.pop()
         if name in needed:
             continue
         needed.add(name)
-        own = defined[name]
+        own = _code(defined[name])
         todo.extend(n for n in _NAME.findall(own) if n in defined and n not in needed)
     kept = [text for names, text in pieces if not names or names & needed]
     return header + "".join(kept) + "\n" + body
+
+
+def _code(lua: str) -> str:
+    """``lua`` without its comments: a piece a comment names is not one the code uses. (No
+    string in the scripts holds ``--``.)"""
+    return "\n".join(line.split("--")[0] for line in lua.splitlines())
 
 
 def _load_script(name: str, *, retry_safe: bool) -> Script:
