@@ -81,26 +81,26 @@ class Halves:
             + (b"$1\r\n1\r\n" if counts_impression else b"$1\r\n0\r\n")
             + self.planner.optout_policy
         )
+        head = b"$1\r\n2\r\n" + static.keys + static.argv + tail
+        if user_key is None and extras is None:
+            return static.slot, (22, head), None
         caps_text = self.planner.caps.get(campaign_id, rule.caps_spec)
         caps = pack_args((caps_text,))
         user_call = None
         if user_key is not None:
             user = pack_args((user_key, campaign_id))
             user_body = b"$1\r\n1\r\n" + user + caps + static.user_tail + pack_args((now,))
-            user_body += self.planner.optout_policy
             if extras is not None and extras[3]:
-                user_call = (slot_of(user_key), 11, user_body + pack_args(extras[3:]))
+                user_body += self.planner.optout_policy + pack_args(extras[3:])
+                user_call = (slot_of(user_key), 11, user_body)
             else:
-                user_call = (slot_of(user_key), 9, user_body)
-        if extras is not None:
-            keys = pack_args(self.planner.pending_keys(campaign_id))
-            more = pack_args(("*" if user_key is None else caps_text, *extras, user_key or ""))
-            head = b"$1\r\n4\r\n" + static.keys + keys + static.argv + tail + more
-            return static.slot, (31, head), user_call
-        head = b"$1\r\n2\r\n" + static.keys + static.argv + tail
-        if user_key is None:
-            return static.slot, (22, head), None
-        return static.slot, (23, head + caps), user_call
+                user_call = (slot_of(user_key), 9, user_body + self.planner.optout_policy)
+        if extras is None:
+            return static.slot, (23, head + caps), user_call
+        keys = pack_args(self.planner.pending_keys(campaign_id))
+        more = pack_args(("*" if user_key is None else caps_text, *extras, user_key or ""))
+        head = b"$1\r\n4\r\n" + static.keys + keys + static.argv + tail + more
+        return static.slot, (31, head), user_call
 
     def outcome(
         self, node: str, ticket: int, result: Any, failures: list[StoreUnavailable]

@@ -218,9 +218,13 @@ class Planner:
         """A reserve call's extra arguments (reserve.lua's ARGV[21..25]: the settings' bid
         ceiling, the price signature's nonce and expiry, how long it stays pending, its id),
         or None when it needs none (the call is then as it always was)."""
-        hold = self.hold_ms if counts_impression else None
+        hold = self.hold_ms
         if rule.max_cost_units is None and nonce is None and hold is None:
-            return None
+            return None  # the common case: the call is as it always was
+        if not counts_impression:  # spend only (track_budget): nothing to confirm
+            hold = None
+            if rule.max_cost_units is None and nonce is None:
+                return None
         return (
             "" if rule.max_cost_units is None else str(rule.max_cost_units),
             "" if nonce is None else nonce[0],
