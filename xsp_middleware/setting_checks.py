@@ -1,6 +1,7 @@
 """The checks of :class:`~xsp_middleware.settings.Settings` that need no parsing of money or
-caps: identity and cookies, consent policies, prices and impressions (issue 16's settings).
-Each raises :class:`ConfigError` naming the setting; ``Rules.from_settings`` runs them all."""
+caps: identity and cookies, consent policies, prices and impressions (issue 16's settings),
+and a campaign's ``weight``. Each raises :class:`ConfigError` naming the setting;
+``Rules.from_settings`` runs them all."""
 
 from __future__ import annotations
 
@@ -17,14 +18,45 @@ __all__ = [
     "ANONYMOUS_POLICIES",
     "CONSENT_POLICIES",
     "CONSENT_SIGNALS",
+    "MAX_CANDIDATES_LIMIT",
+    "WEIGHT_MAX",
+    "check_candidates",
     "check_identity",
+    "check_leasing",
     "check_trust",
+    "check_weight",
     "consent_policies",
+    "stored_weight",
 ]
 
 CONSENT_SIGNALS = ("gpc", "optout_cookie", "stored_optout", "tcf")
 CONSENT_POLICIES = ("no_tracking", "deny", "ignore")
 ANONYMOUS_POLICIES = ("allow", "deny", "assign", "shared")
+WEIGHT_MAX = 1_000_000
+"""The largest campaign ``weight`` (its relative chance under ``selection="weighted"``)."""
+_WEIGHT_TEXT = re.compile(r"[0-9]{1,7}")
+
+
+def check_weight(value: object, what: str = "weight", *, text: bool = False) -> int:
+    """``value`` as a campaign weight: an ``int`` (not a bool) from 1 to :data:`WEIGHT_MAX`, or
+    with ``text`` (the CLI's and the admin API's values) also its decimal digits, as ``"3"``.
+    Anything else is a :class:`ConfigError` naming ``what`` (``campaign c1 weight``)."""
+    weight = value
+    if text and isinstance(value, str) and _WEIGHT_TEXT.fullmatch(value):
+        weight = int(value)
+    if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= WEIGHT_MAX:
+        raise ConfigError(
+            f"{what}: must be a whole number from 1 to {WEIGHT_MAX}, not {repr(value)[:40]}"
+        )
+    return weight
+
+
+def stored_weight(raw: str | None, current: int) -> int:
+    """A weight read from the store (its decimal digits), or ``current`` when none is stored or
+    the stored text is not a valid weight (a hand-edited hash)."""
+    if raw is not None and _WEIGHT_TEXT.fullmatch(raw) and 1 <= int(raw) <= WEIGHT_MAX:
+        return int(raw)
+    return current
 
 
 def consent_policies(policy: str | Mapping[str, str]) -> dict[str, str]:
@@ -120,4 +152,35 @@ def check_trust(s: Settings) -> None:
         raise ConfigError(
             f"beacon_base_url: {s.beacon_base_url!r} is not an origin like "
             "https://ads.example.com (the path is beacon_path)"
+        )
+
+
+def check_leasing(s: Settings) -> None:
+    if not isinstance(s.leasing, bool):
+        raise ConfigError("leasing: must be True or False")
+    if s.lease_above_rps is not None and (
+        isinstance(s.lease_above_rps, bool)
+        or not isinstance(s.lease_above_rps, int)
+        or s.lease_above_rps < 1
+    ):
+        raise ConfigError("lease_above_rps: a whole number of decisions per second, or None")
+    if (
+        isinstance(s.lease_seconds, bool)
+        or not isinstance(s.lease_seconds, int | float)
+        or not 0.1 <= s.lease_seconds <= 60
+    ):
+        raise ConfigError(f"lease_seconds: {s.lease_seconds!r} must be in [0.1, 60] seconds")
+
+
+MAX_CANDIDATES_LIMIT = 64
+"""The highest ``max_candidates``: one script call checks them all."""
+
+
+def check_candidates(s: Settings) -> None:
+    if s.selection not in ("first", "weighted"):
+        raise ConfigError(f"selection: must be 'first' or 'weighted', not {s.selection!r}")
+    n = s.max_candidates
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CANDIDATES_LIMIT:
+        raise ConfigError(
+            f"max_candidates: {n!r} must be a whole number from 1 to {MAX_CANDIDATES_LIMIT}"
         )

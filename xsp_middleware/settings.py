@@ -23,9 +23,13 @@ from .clock import parse_instant, zone
 from .errors import ConfigError
 from .money import amount_to_units, cpm_to_cost_units
 from .setting_checks import (
+    check_candidates,
     check_identity,
+    check_leasing,
     check_trust,
+    check_weight,
     consent_policies,
+    stored_weight,
 )
 from .store_url import parse_store_url
 
@@ -60,6 +64,8 @@ class Campaign:
     * ``pacing``: ``asap``, ``even`` or ``frontloaded`` (needs a daily budget or a flight).
     * ``leasing``: spend the budget from leases this process takes in slices (see
       :mod:`xsp_middleware.store.leases`), for campaigns hot enough to load their Redis shard.
+    * ``weight``: an int from 1 to 1,000,000 (None: 1), the relative chance of being chosen
+      under ``selection="weighted"``.
 
     >>> Campaign(id="c1", budget="500.00", caps=["5/1d"], cpm="4.00").config(defaults()).caps
     (FrequencyCap(max_impressions=5, window_seconds=86400, calendar=None),)
@@ -79,6 +85,7 @@ class Campaign:
     max_cpm: Money | None = None
     """The highest price a request may name for this campaign (``request`` and ``signed``
     prices): above it, ``400`` with ``field`` ``cpm``. None: only the settings' ``max_cpm``."""
+    weight: int | None = None
 
     def __post_init__(self) -> None:
         validate_campaign_id(self.id)
@@ -111,6 +118,9 @@ class Campaign:
             max_cost_units=None
             if self.max_cpm is None
             else cpm_to_cost_units(self.max_cpm, f"{what} max_cpm"),
+            weight=base.weight
+            if self.weight is None
+            else check_weight(self.weight, f"{what} weight"),
         )
 
 
@@ -164,6 +174,8 @@ class CampaignConfig:
     """Spend from budget leases (not part of ``wire``: the scripts never need it)."""
     max_cost_units: int | None = None
     """The campaign's bid ceiling (``max_cpm``) as a cost per impression; None: none."""
+    weight: int = 1
+    """The relative chance under ``selection="weighted"`` (not part of ``wire`` either)."""
     caps_spec: str = field(init=False, default="")
     wire: tuple[str, ...] = field(init=False, default=())
 
@@ -184,7 +196,7 @@ class CampaignConfig:
             raise ConfigError("end: must be after start")
         object.__setattr__(self, "caps_spec", caps_spec(self.caps))
         wire = self.fields()
-        del wire["max_cost"]  # only where set: the reserve call's extras
+        del wire["max_cost"], wire["weight"]  # max_cost only where set: the reserve's extras
         object.__setattr__(self, "wire", tuple(wire.values()))
 
     def fields(self) -> dict[str, str]:
@@ -204,6 +216,7 @@ class CampaignConfig:
             "end": text(self.end_ms),
             "pacing": self.pacing,
             "max_cost": text(self.max_cost_units),
+            "weight": str(self.weight),
         }
 
     def over(self, stored: Mapping[str, str]) -> CampaignConfig:
@@ -228,6 +241,7 @@ class CampaignConfig:
             status=stored.get("status") or self.status,
             leasing=stored["leasing"] == "1" if stored.get("leasing") else self.leasing,
             max_cost_units=units("max_cost", self.max_cost_units),
+            weight=stored_weight(stored.get("weight"), self.weight),
         )
 
 
@@ -351,6 +365,11 @@ class Settings:
     """How long a budget lease may be spent from before its unspent part goes back (renewals
     extend it). It also bounds how long a pause or a caps change takes to reach a process that
     is spending from a lease."""
+    selection: Literal["first", "weighted"] = "first"
+    """How one of several candidates (``campaign_id=a,b,c``) is chosen: ``first`` (the first
+    eligible, in the order given) or ``weighted`` (at random by ``weight``)."""
+    max_candidates: int = 16
+    """The most candidates one request may name (more: ``400``)."""
     preferences_origins: Sequence[str] = ()
     """Origins (``https://example.com``) allowed to change preferences cross-origin; the
     preferences app always allows its own origin."""
@@ -402,7 +421,7 @@ _BOOL_SETTINGS = {
     "cookie_httponly",
     "debug_headers",
 }
-_INT_SETTINGS = {"cookie_max_age", "lease_above_rps"}
+_INT_SETTINGS = {"cookie_max_age", "lease_above_rps", "max_candidates"}
 _FLOAT_SETTINGS = {"store_timeout", "lease_seconds", "beacon_ttl"}
 
 
@@ -442,7 +461,7 @@ def _from_env_text(name: str, raw: str) -> Any:
             raise ConfigError(f"{var}: expected a JSON array of campaign objects")
         try:
             return [Campaign(**item) for item in items]
-        except TypeError as exc:
+        except (TypeError, ConfigError) as exc:
             raise ConfigError(f"{var}: {exc}") from None
     return raw
 
@@ -497,20 +516,8 @@ class Rules:
             raise ConfigError("store_timeout: must be a number of seconds")
         if not 0 < s.store_timeout <= 60:
             raise ConfigError(f"store_timeout: {s.store_timeout} must be in (0, 60] seconds")
-        if not isinstance(s.leasing, bool):
-            raise ConfigError("leasing: must be True or False")
-        if s.lease_above_rps is not None and (
-            isinstance(s.lease_above_rps, bool)
-            or not isinstance(s.lease_above_rps, int)
-            or s.lease_above_rps < 1
-        ):
-            raise ConfigError("lease_above_rps: a whole number of decisions per second, or None")
-        if (
-            isinstance(s.lease_seconds, bool)
-            or not isinstance(s.lease_seconds, int | float)
-            or not 0.1 <= s.lease_seconds <= 60
-        ):
-            raise ConfigError(f"lease_seconds: {s.lease_seconds!r} must be in [0.1, 60] seconds")
+        check_leasing(s)
+        check_candidates(s)
         for name in ("frequency_fail_open", "budget_fail_open"):
             if not isinstance(getattr(s, name), bool):
                 raise ConfigError(f"{name}: must be True or False")

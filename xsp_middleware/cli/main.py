@@ -75,6 +75,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     set_.add_argument("--pacing", choices=PACINGS, help="delivery pacing")
     set_.add_argument(
+        "--weight",
+        metavar="N",
+        help='relative chance of being chosen under selection="weighted", 1 to 1000000 (default 1)',
+    )
+    set_.add_argument(
         "--leasing",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -193,6 +198,7 @@ def view_dict(view: CampaignView) -> dict[str, Any]:
         "leasing": c.leasing,
         "leased": format_units(view.leased_units),
         "max_cpm": money(None if c.max_cost_units is None else c.max_cost_units * 1000),
+        "weight": c.weight,
         "pending": {"count": view.pending, "amount": format_units(view.pending_units)},
         "render_rate": None if view.render_rate is None else round(view.render_rate, 4),
     }
@@ -222,6 +228,7 @@ async def campaign_set(args: argparse.Namespace, store: Store) -> int:
         pacing=args.pacing,
         leasing=args.leasing,
         max_cpm=args.max_cpm,
+        weight=args.weight,
     )
     print(f"campaign {view.id} saved: " + json.dumps(view_dict(view)))
     return 0

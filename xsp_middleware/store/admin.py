@@ -18,6 +18,7 @@ from ..caps import CALENDAR_PERIODS, FrequencyCap, parse_caps
 from ..clock import Clock, bounds, zone
 from ..errors import ConfigError, StoreUnavailable
 from ..money import amount_to_units, cpm_to_cost_units, units_to_decimal
+from ..setting_checks import check_weight
 from ..settings import CampaignConfig, CapLike, Money, Rules, instant_ms, validate_campaign_id
 from ..store_url import StoreURL, redacted
 from .protocol import REASONS, Reason, held_times, text, user_log
@@ -91,6 +92,11 @@ class CampaignView:
         return self.config.status
 
     @property
+    def weight(self) -> int:
+        """The relative chance of being chosen under ``selection="weighted"`` (default 1)."""
+        return self.config.weight
+
+    @property
     def remaining_units(self) -> int:
         # Leased units count as remaining; what pending reservations hold does not.
         return max(0, self.budget_units - self.spent_units - self.pending_units)
@@ -149,11 +155,13 @@ class Admin:
         pacing: str | None = None,
         leasing: bool | None = None,
         max_cpm: Money | None = None,
+        weight: int | str | None = None,
     ) -> CampaignView:
         """Create or update a campaign's stored config; fields left as None keep their value.
         ``max_cpm`` is the bid ceiling of request and signed prices (``"none"`` removes it).
         ``leasing`` turns budget leasing on or off for every process (see
-        :mod:`xsp_middleware.store.leases`).
+        :mod:`xsp_middleware.store.leases`). ``weight`` (1 to 1,000,000, or its digits as a
+        string) is the relative chance of being chosen under ``selection="weighted"``.
 
         Money is given as decimal strings (``budget="500.00"``, ``cpm="4.00"``). Every process
         sees the change on its next decision: the reserve script reads the stored config in the
@@ -168,6 +176,7 @@ class Admin:
         (Decimal('500.0000000'), ['5/1d'])
         """
         validate_campaign_id(campaign_id)
+        new_weight = None if weight is None else check_weight(weight, text=True)
         current = await self.get_campaign(campaign_id)
         old = current.config
         tz = old.timezone if timezone is None else timezone
@@ -199,6 +208,7 @@ class Admin:
             else None
             if str(max_cpm).strip().lower() in ("", "none")
             else self._cpm(max_cpm, "max_cpm"),
+            weight=old.weight if new_weight is None else new_weight,
         )
         if leasing is not None and not isinstance(leasing, bool):
             raise ConfigError("leasing: must be True or False")
@@ -216,6 +226,7 @@ class Admin:
             "end": end,
             "pacing": pacing,
             "max_cost": max_cpm,
+            "weight": weight,
         }
         fields = config.fields()
         write = {k: fields[k] for k, value in given.items() if value is not None}
