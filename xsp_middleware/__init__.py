@@ -11,6 +11,7 @@ from .errors import (
     ConfigError,
     FrequencyCapExceeded,
     InvalidParameter,
+    NoEligibleCampaign,
     StoreUnavailable,
     XSPError,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "FrequencyCap",
     "FrequencyCapExceeded",
     "InvalidParameter",
+    "NoEligibleCampaign",
     "Settings",
     "Store",
     "StoreUnavailable",

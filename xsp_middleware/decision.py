@@ -36,6 +36,18 @@ class Decision:
     impression_url: str | None = None
     """``record_on="beacon"``: the signed URL whose fetch counts this impression (put it in
     the VAST ``<Impression>``); None otherwise, and on a denial."""
+    evaluated: list[tuple[str, str]] | None = None
+    """Several candidates: what each evaluated one got (see :attr:`candidates`)."""
+
+    @property
+    def candidates(self) -> list[tuple[str, str]]:
+        """``(campaign_id, reason)`` of each candidate evaluated, in order: ``served`` for the
+        chosen one, the denial reason (``frequency_capped``...) of those passed over, and under
+        ``selection="weighted"`` ``not_selected`` for eligible ones not drawn. A request that
+        names one campaign has one entry, its own."""
+        if self.evaluated is not None:
+            return self.evaluated
+        return [(self.campaign_id, self.reason)]
 
     @property
     def cost(self) -> Decimal:

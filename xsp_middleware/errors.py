@@ -71,3 +71,12 @@ class BudgetExceeded(XSPError):
 
 class CampaignPaused(XSPError):
     """The campaign is paused in the store."""
+
+
+class NoEligibleCampaign(XSPError):
+    """None of several candidates could be served. ``candidates``: (campaign id, reason) of
+    each one evaluated, as ``Decision.candidates`` has them."""
+
+    def __init__(self, message: str, candidates: list[tuple[str, str]]) -> None:
+        super().__init__(message)
+        self.candidates = candidates

@@ -17,6 +17,8 @@ the core reports into these metrics:
                                           ``incomplete``, ``late_reply``
 ``xsp_beacons_total{result}``             ``confirmed``, ``duplicate``, ``rejected``,
                                           ``expired``, ``error`` (the store failed)
+``xsp_candidates_evaluated``              histogram of the candidates evaluated by each decision
+                                          that named several (``campaign_id=a,b,c``)
 ========================================  ==========================================================
 
 ``enable_metrics(campaign_label=True)`` adds a ``campaign`` label to ``xsp_decisions_total``.
@@ -136,6 +138,9 @@ LATENCY_BUCKETS = (
 """Seconds: a reserve round trip takes well under a millisecond on a nearby Redis; the
 default ``store_timeout`` is 50 ms, and anything slower than 100 ms lands in ``+Inf``."""
 
+CANDIDATE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
+"""``xsp_candidates_evaluated`` buckets: up to ``max_candidates``' highest value."""
+
 OTHER_CAMPAIGN = "__other__"
 """The ``campaign`` label of campaigns beyond ``max_campaigns`` (no campaign id starts with _)."""
 
@@ -151,6 +156,7 @@ _DENIAL_REASONS = (
     "no_consent",
     "anonymous",
     "store_unavailable",
+    "no_eligible_campaign",
 )
 _ERROR_KINDS = ("timeout", "connection", "error", "circuit_open")
 _CHECKS = ("budget", "frequency")
@@ -226,6 +232,12 @@ class PrometheusObserver:
                 "expired, error).",
                 ("result",),
             )
+            self.candidates_evaluated = make(
+                Histogram,
+                "xsp_candidates_evaluated",
+                "Candidates evaluated per decision that named several.",
+                buckets=CANDIDATE_BUCKETS,
+            )
         except ValueError as exc:  # "Duplicated timeseries": someone else registered them
             for metric in created:
                 registry.unregister(metric)
@@ -300,6 +312,12 @@ class PrometheusObserver:
             self.beacons.labels(result).inc()
         except Exception:
             self._failed("beacon")
+
+    def candidates(self, evaluated: int) -> None:
+        try:
+            self.candidates_evaluated.observe(evaluated)
+        except Exception:
+            self._failed("candidates")
 
     # -- helpers ------------------------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from .core.admission import Admission, Answer, prepare, release
 from .core.beacons import answer_beacon, origin_of, server_address
 from .core.guard import Guard
 from .core.request import Facts, cookie_value, query_values
-from .core.rules import RouteRules, rules_of
+from .core.rules import RouteRules, acall_candidates, rules_of
 from .settings import Settings
 from .types import ASGIApp, Message, Receive, Scope, Send
 
@@ -238,8 +238,11 @@ async def decide(
         admission.origin = origin_of(
             scope.get("scheme", "http"), scope.get("headers", ()), server_address(*server)
         )
+    chosen = None
+    if route is not None and route.candidates is not None:
+        chosen = await acall_candidates(route, lambda: _request(scope))
     facts = prepare(
-        guard, admission, query, scope.get("headers", ()), route, scope.get("path_params")
+        guard, admission, query, scope.get("headers", ()), route, scope.get("path_params"), chosen
     )
     step = (
         admission.admitted(guard, facts, *await guard.decide(facts))
@@ -305,3 +308,10 @@ def _adding_headers(send: Send, headers: Sequence[tuple[bytes, bytes]]) -> Send:
 async def _send_answer(send: Send, answer: Answer) -> None:
     await send({"type": "http.response.start", "status": answer.status, "headers": answer.headers})
     await send({"type": "http.response.body", "body": answer.body})
+
+
+def _request(scope: Scope) -> Any:
+    """The Starlette request a route's candidates callable gets (FastAPI's is the same)."""
+    from starlette.requests import Request
+
+    return Request(scope)

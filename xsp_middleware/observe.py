@@ -35,6 +35,9 @@ class Observer(Protocol):
         """An impression beacon answered: ``confirmed``, ``duplicate``, ``rejected`` (forged,
         malformed, another campaign's), ``expired`` or ``error`` (the store failed)."""
 
+    # Optional (an observer without it still works): ``candidates(evaluated: int)``, how many
+    # candidates a decision that named several evaluated.
+
 
 current: Observer | None = None
 

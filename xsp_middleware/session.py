@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from typing import Any, Protocol
 
-from .errors import BudgetExceeded, CampaignPaused, FrequencyCapExceeded, InvalidParameter
+from .errors import (
+    BudgetExceeded,
+    CampaignPaused,
+    FrequencyCapExceeded,
+    InvalidParameter,
+    NoEligibleCampaign,
+)
 from .money import parse_amount, parse_cpm, units_to_decimal
 from .settings import Rules, Settings, campaign_id_problem
 from .store import Reservation, Store
@@ -90,7 +96,9 @@ class UpstreamSession:
         view = await self.store.get_campaign(campaign_id)
         return view.remaining
 
-    async def request(self, context: Any, **kwargs: Any) -> Any:
+    async def request(
+        self, context: Any, *, candidates: Sequence[str] | None = None, **kwargs: Any
+    ) -> Any:
         """Reserve, call ``upstream.fetch(context=context, **kwargs)``, then keep the reservation
         if it returned, or release it if it raised.
 
@@ -98,19 +106,22 @@ class UpstreamSession:
         CPM from ``kwargs["params"]``. Raises :class:`FrequencyCapExceeded`,
         :class:`BudgetExceeded` or :class:`CampaignPaused` when denied, and
         :class:`~xsp_middleware.errors.StoreUnavailable` when the store cannot decide.
+
+        ``candidates``: campaigns to choose among, in priority order (``selection`` decides how),
+        instead of the one in ``params``. The chosen one is reserved in the same atomic step
+        and handed to the upstream as ``params[campaign_param]``. When none is eligible it
+        raises :class:`NoEligibleCampaign`, whose ``candidates`` say why each was passed over.
         """
         params: Mapping[str, Any] = kwargs.get("params") or {}
+        if candidates is not None:
+            names = self._candidates(candidates)
+            if len(names) > 1:
+                return await self._request_any(context, names, params, kwargs)
+            params = {**params, self.settings.campaign_param: names[0]}
+            kwargs = {**kwargs, "params": params}
         campaign_id = self._campaign(params.get(self.settings.campaign_param))
-        price = params.get(self.settings.price_param)
-        cost_units = None
-        if price is not None:
-            cost_units = parse_cpm(
-                str(price),
-                field=self.settings.price_param,
-                max_cpm_units=self.rules.max_cpm_cost_units,
-            )
-        user_id = _cookies(context).get(self.settings.user_cookie)
-        user_key = self.store.user_key(str(user_id)) if user_id else None
+        cost_units = self._price(params)
+        user_key = self._user_key(context)
         r = await self.store.reserve(
             campaign_id, user_key, cost_units, self.rules.rule_for(campaign_id)
         )
@@ -118,6 +129,54 @@ class UpstreamSession:
             raise InvalidParameter(self.settings.price_param, "is above this campaign's max_cpm")
         if not r.reserved:
             raise _denial(r)
+        return await self._fetch(r, context, kwargs)
+
+    async def _request_any(
+        self, context: Any, names: list[str], params: Mapping[str, Any], kwargs: dict[str, Any]
+    ) -> Any:
+        choice = await self.store.reserve_any(
+            [(cid, self.rules.rule_for(cid)) for cid in names],
+            self._user_key(context),
+            self._price(params),
+            weighted=self.settings.selection == "weighted",
+        )
+        r = choice.reservation
+        if r is None:
+            listed = ", ".join(f"{cid}: {reason}" for cid, reason in choice.outcomes)
+            raise NoEligibleCampaign(f"no candidate could be served ({listed})", choice.outcomes)
+        kwargs = {**kwargs, "params": {**params, self.settings.campaign_param: r.campaign_id}}
+        return await self._fetch(r, context, kwargs)
+
+    def _candidates(self, candidates: Sequence[str]) -> list[str]:
+        if isinstance(candidates, str | bytes) or not isinstance(candidates, Sequence):
+            raise InvalidParameter("candidates", "give a list of campaign ids, not one string")
+        names = [self._campaign(cid) for cid in candidates]
+        if not names:
+            raise InvalidParameter("candidates", "is empty")
+        if len(set(names)) != len(names):
+            raise InvalidParameter("candidates", "names a campaign twice")
+        if len(names) > self.settings.max_candidates:
+            raise InvalidParameter(
+                "candidates",
+                f"names {len(names)}; at most {self.settings.max_candidates} are allowed",
+            )
+        return names
+
+    def _price(self, params: Mapping[str, Any]) -> int | None:
+        price = params.get(self.settings.price_param)
+        if price is None:
+            return None
+        return parse_cpm(
+            str(price),
+            field=self.settings.price_param,
+            max_cpm_units=self.rules.max_cpm_cost_units,
+        )
+
+    def _user_key(self, context: Any) -> str | None:
+        user_id = _cookies(context).get(self.settings.user_cookie)
+        return self.store.user_key(str(user_id)) if user_id else None
+
+    async def _fetch(self, r: Reservation, context: Any, kwargs: Mapping[str, Any]) -> Any:
         try:
             result = await self._upstream.fetch(context=context, **kwargs)
         except BaseException:

@@ -69,6 +69,7 @@ class RequestState:
         route: RouteRules | None,
         path: str,
         path_params: Mapping[str, Any] | None,
+        request: Any = None,
     ) -> Answer | None:
         """Decide once (a second call is a no-op); an :class:`Answer` to send instead of the
         handler, or None to run it. A ``route`` (decorated view) is always guarded; otherwise
@@ -87,7 +88,9 @@ class RequestState:
         )
         if guard.beacons:
             self.admission.origin = wsgi_origin(environ)
-        step = admit_sync(guard, self.admission, query, headers, route, path_params)
+        step = admit_sync(
+            guard, self.admission, query, headers, route, path_params, lambda: request
+        )
         if self.admission.headers:
             environ[EXTRA_HEADERS_KEY] = wsgi_headers(self.admission.headers)
         if isinstance(step, Decision):
@@ -336,7 +339,9 @@ def _install_flask_hook(app: Flask, guard: Guard) -> None:
         if request.method == "OPTIONS" and getattr(rule, "provide_automatic_options", False):
             return None  # Flask answers it without the view
         view = app.view_functions.get(rule.endpoint)
-        answer = state.decide(request.environ, rules_of(view), request.path, request.view_args)
+        answer = state.decide(
+            request.environ, rules_of(view), request.path, request.view_args, request
+        )
         return None if answer is None else _flask_response(app, answer)
 
     app.before_request(xsp_before_request)

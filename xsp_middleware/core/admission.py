@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -31,7 +31,7 @@ from ..store.protocol import INVALID_REASONS
 from ..types import Headers
 from .guard import Guard
 from .request import Facts
-from .rules import RouteRules
+from .rules import RouteRules, call_candidates
 
 __all__ = [
     "PROBLEM_TYPE",
@@ -175,14 +175,16 @@ def prepare(
     headers: Iterable[tuple[bytes, bytes]],
     route: RouteRules | None,
     path_params: Mapping[str, Any] | None,
+    chosen: Any = None,
 ) -> Facts | Answer | None:
     """The first, I/O-free half of deciding for a request
     :meth:`~.request.RequestReader.is_candidate` let through: its :class:`Facts`, to decide
     with the store (``guard.decide``, awaited, or ``guard.decide_sync``) and give to
     :meth:`Admission.admitted`; or an :class:`Answer` to send instead of the handler (bad
-    input); or None (no campaign: not an ad request, run it untouched)."""
+    input); or None (no campaign: not an ad request, run it untouched). ``chosen``: what the
+    route's candidates callable answered (``call_candidates``), if it has one."""
     try:
-        facts = guard.reader.facts(query, headers, route, path_params)
+        facts = guard.reader.facts(query, headers, route, path_params, chosen)
     except InvalidParameter as exc:
         return problem_answer(exc)
     if facts is not None and guard.debug_headers:
@@ -197,11 +199,14 @@ def admit_sync(
     headers: Iterable[tuple[bytes, bytes]],
     route: RouteRules | None,
     path_params: Mapping[str, Any] | None,
+    request: Callable[[], Any] | None = None,
 ) -> Answer | Decision | None:
     """Decide on the blocking store: :func:`prepare`, ``guard.decide_sync``, then
     :meth:`Admission.admitted`. (The asyncio integrations write the same three steps with the
-    store call awaited, in their own coroutine: one frame less per request.)"""
-    facts = prepare(guard, admission, query, headers, route, path_params)
+    store call awaited, in their own coroutine: one frame less per request.) ``request``
+    builds the framework's request, for a route's candidates callable."""
+    chosen = None if request is None else call_candidates(route, request)
+    facts = prepare(guard, admission, query, headers, route, path_params, chosen)
     if isinstance(facts, Facts):
         return admission.admitted(guard, facts, *guard.decide_sync(facts))
     return facts  # bad input, or not an ad request
@@ -298,4 +303,7 @@ def detail_headers(decision: Decision, seconds: float) -> Headers:
     if decision.degraded:
         why = (decision.degraded_reason or "yes")[:200]
         headers.append((b"x-xsp-degraded", why.encode("ascii", "replace")))
+    if decision.evaluated:  # several candidates: what each evaluated one got
+        listed = ",".join(f"{cid}={reason}" for cid, reason in decision.evaluated)
+        headers.append((b"x-xsp-candidates", listed.encode()))
     return headers

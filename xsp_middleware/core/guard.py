@@ -19,7 +19,7 @@ from ..errors import StoreUnavailable
 from ..settings import Rules, Settings
 from ..signing import beacon_key, drain_warning, make_beacon_token
 from ..store import Reservation, Store
-from ..store.protocol import INVALID_REASONS
+from ..store.protocol import INVALID_REASONS, NO_ELIGIBLE, Choice
 from .request import Facts, RequestReader
 
 __all__ = ["Guard", "warn_once"]
@@ -86,6 +86,14 @@ class Guard:
     async def decide(self, facts: Facts) -> tuple[Decision, Reservation | None]:
         if facts.refusal is not None:
             return self.refused(facts), None
+        if facts.candidates is not None:
+            try:
+                choice = await self.store.reserve_any(
+                    facts.candidates, facts.user_key, facts.cost_units, weighted=facts.weighted
+                )
+            except Exception as exc:
+                return self.failed(facts, exc), None
+            return self.chose(facts, choice)
         try:
             r = await self.store.reserve(
                 facts.campaign_id,
@@ -101,6 +109,14 @@ class Guard:
     def decide_sync(self, facts: Facts) -> tuple[Decision, Reservation | None]:
         if facts.refusal is not None:
             return self.refused(facts), None
+        if facts.candidates is not None:
+            try:
+                choice = self.sync_store.reserve_any(
+                    facts.candidates, facts.user_key, facts.cost_units, weighted=facts.weighted
+                )
+            except Exception as exc:
+                return self.failed(facts, exc), None
+            return self.chose(facts, choice)
         try:
             r = self.sync_store.reserve(
                 facts.campaign_id,
@@ -130,6 +146,33 @@ class Guard:
             _observed(decision, r.degraded_check)
         return decision, (r if r.reserved else None)
 
+    def chose(self, facts: Facts, choice: Choice) -> tuple[Decision, Reservation | None]:
+        """The store chose among the candidates: the decision, and the chosen one's
+        reservation to confirm or release."""
+        r = choice.reservation
+        if r is None:
+            decision = decision_of(facts, False, NO_ELIGIBLE, facts.personalized)
+        else:
+            decision = decision_of(
+                facts,
+                True,
+                r.reason,
+                facts.personalized and r.personalized,
+                r.cost_units,
+                r.remaining_impressions,
+                r.remaining_budget_units,
+                r.degraded,
+            )
+            decision.campaign_id = r.campaign_id
+        decision.evaluated = choice.outcomes
+        observer = observe.current
+        if observer is not None:
+            _observed(decision, None if r is None else r.degraded_check)
+            evaluated = getattr(observer, "candidates", None)
+            if evaluated is not None:
+                evaluated(len(choice.outcomes))
+        return decision, r
+
     def impression_url(self, r: Reservation, origin: str) -> str:
         """The signed beacon URL of a pending reservation (``origin``: scheme and host)."""
         base = self.settings.beacon_base_url or origin
@@ -139,9 +182,19 @@ class Guard:
         return f"{base.rstrip('/')}{self.beacon_path}?t={token}"
 
     def refused(self, facts: Facts) -> Decision:
-        """Denied before any store call (no consent, or an anonymous user under ``deny``)."""
+        """Denied before any store call (no consent, an anonymous user under ``deny``, no
+        candidates, or a candidates callable that failed: degraded)."""
         reason = facts.refusal or "no_consent"
-        return _observed(decision_of(facts, allowed=False, reason=reason, personalized=False))
+        decision = decision_of(
+            facts,
+            allowed=False,
+            reason=reason,
+            personalized=False,
+            degraded_reason=facts.degraded_why,
+        )
+        if reason == NO_ELIGIBLE:
+            decision.evaluated = []
+        return _observed(decision)
 
     def failed(self, facts: Facts, exc: Exception) -> Decision:
         """The store could not decide: the failure policy does."""
@@ -156,15 +209,16 @@ class Guard:
         allowed = settings.budget_fail_open and (
             settings.frequency_fail_open or facts.user_key is None
         )
-        return _observed(
-            decision_of(
-                facts,
-                allowed=allowed,
-                reason="served" if allowed else "store_unavailable",
-                personalized=facts.personalized,
-                degraded_reason=why,
-            )
+        decision = decision_of(
+            facts,
+            allowed=allowed,
+            reason="served" if allowed else "store_unavailable",
+            personalized=facts.personalized,
+            degraded_reason=why,
         )
+        if facts.candidates is not None:  # none was evaluated; served: the first candidate
+            decision.evaluated = [(facts.campaign_id, "served")] if allowed else []
+        return _observed(decision)
 
     # -- release (confirming costs nothing: the reservation already stands) ------------------
 

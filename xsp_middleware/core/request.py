@@ -7,16 +7,20 @@ headers, the route's rules and path parameters); nothing here knows a framework.
 
 from __future__ import annotations
 
+import inspect
+import logging
 import secrets
 from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import unquote
 
+from .. import logs
 from ..errors import InvalidParameter
 from ..money import parse_cpm
 from ..settings import CampaignConfig, Rules, Settings, campaign_id_problem
 from ..signing import verify_price
 from ..store import Store
+from ..store.protocol import NO_ELIGIBLE
 from .rules import RouteRules
 
 __all__ = [
@@ -103,13 +107,24 @@ class Facts:
         "anonymous",
         "assigned",
         "campaign_id",
+        "candidates",
         "config",
         "cost_units",
+        "degraded_why",
         "nonce",
         "personalized",
         "refusal",
         "user_key",
+        "weighted",
     )
+
+    candidates: tuple[tuple[str, CampaignConfig], ...] | None
+    """Several candidates to choose among, in priority order (None: one campaign)."""
+    weighted: bool
+    """Choose among the candidates by weight (``selection="weighted"``)."""
+    degraded_why: str | None
+    """Why the candidates could not be known (a failing candidates callable): the decision
+    is a degraded no-fill."""
 
     def __init__(
         self,
@@ -139,6 +154,9 @@ class Facts:
         """A fresh user id to set in the user cookie (``anonymous="assign"``)."""
         self.nonce: tuple[str, int] | None = None
         """A signed price's (nonce, expiry ms): the reserve call uses it once."""
+        self.candidates = None
+        self.weighted = False
+        self.degraded_why = None
 
     @property
     def price_units(self) -> int:
@@ -166,6 +184,8 @@ class RequestReader:
         self.cookie = settings.user_cookie.encode()
         self.optout_cookie = settings.optout_cookie.encode()
         self.anonymous = settings.anonymous
+        self.selection = settings.selection
+        self.max_candidates = settings.max_candidates
         attributes = [f"; Max-Age={settings.cookie_max_age}", f"; Path={settings.cookie_path}"]
         if settings.cookie_domain:
             attributes.append(f"; Domain={settings.cookie_domain}")
@@ -201,19 +221,31 @@ class RequestReader:
         headers: Iterable[tuple[bytes, bytes]],
         route: RouteRules | None = None,
         path_params: Mapping[str, Any] | None = None,
+        chosen: Any = None,
     ) -> Facts | None:
         """The validated facts of an ad request, or None if it is not one (no campaign; a
-        decorated route without one is bad input). Raises :class:`InvalidParameter`."""
+        decorated route without one is bad input). ``chosen``: what the route's candidates
+        callable answered (see ``call_candidates``). Raises :class:`InvalidParameter`."""
         campaign_param = self.campaign_param
         price_param = self.price_param
         fixed = None
+        names: list[str] | None = None
         if route is not None:
             campaign_param = route.campaign_param or campaign_param
             price_param = route.price_param or price_param
             fixed = route.campaign
+            if route.candidates is not None:
+                listed = self._route_names(route, chosen)
+                if isinstance(listed, Facts):
+                    return self._identity(listed, query, headers)
+                names = listed
+                if len(names) == 1:
+                    fixed, names = names[0], None
         campaigns, prices = query_values(query, campaign_param, price_param)
         if fixed is not None:
             campaigns = {fixed}
+        elif names is not None:
+            campaigns = {names[0]}
         elif path_params and campaign_param in path_params:
             campaigns = {str(path_params[campaign_param])}
         if not campaigns:
@@ -224,12 +256,16 @@ class RequestReader:
             raise InvalidParameter(campaign_param, "given more than once with different values")
         (campaign_id,) = campaigns
         if campaign_id not in self._valid_ids:
-            problem = campaign_id_problem(campaign_id)
-            if problem is not None:
-                raise InvalidParameter(campaign_param, problem)
-            if len(self._valid_ids) >= 10_000:
-                self._valid_ids.clear()
-            self._valid_ids.add(campaign_id)
+            if names is None and "," in campaign_id:
+                names = self._named(campaign_id, campaign_param)
+                campaign_id = names[0]
+            else:
+                problem = campaign_id_problem(campaign_id)
+                if problem is not None:
+                    raise InvalidParameter(campaign_param, problem)
+                if len(self._valid_ids) >= 10_000:
+                    self._valid_ids.clear()
+                self._valid_ids.add(campaign_id)
         cost_units: int | None = None
         if len(prices) > 1:
             raise InvalidParameter(price_param, "given more than once with different values")
@@ -249,9 +285,72 @@ class RequestReader:
         if route is not None:
             config = route.config(config, campaign_id)
         facts = Facts(campaign_id, cost_units, None, config)
-        if cost_units is not None and self.price_source == "signed":
+        if names is not None:
+            if cost_units is not None and self.price_source == "signed":
+                raise InvalidParameter(
+                    "sig", "a signed price is for one campaign: name one candidate to sign for"
+                )
+            facts.candidates = self._configs(names, route)
+            selection = (route.selection if route is not None else None) or self.selection
+            facts.weighted = selection == "weighted"
+        elif cost_units is not None and self.price_source == "signed":
             facts.nonce = self._signed(query, campaign_id, cost_units)
         return self._identity(facts, query, headers)
+
+    def _configs(
+        self, names: list[str], route: RouteRules | None
+    ) -> tuple[tuple[str, CampaignConfig], ...]:
+        configs = []
+        for cid in names:
+            config = self.rules.rule_for(cid)
+            configs.append((cid, config if route is None else route.config(config, cid)))
+        return tuple(configs)
+
+    def _named(self, value: str, param: str) -> list[str]:
+        """``a,b,c``: the candidates a request names, in priority order. Raises
+        :class:`InvalidParameter` for an empty element, an invalid id, a duplicate, or more
+        than ``max_candidates``."""
+        names = value.split(",")
+        if len(names) > self.max_candidates:
+            raise InvalidParameter(
+                param, f"names {len(names)} candidates; at most {self.max_candidates} are allowed"
+            )
+        seen: set[str] = set()
+        for cid in names:
+            if not cid:
+                raise InvalidParameter(param, "has an empty candidate (a,,b or a trailing comma)")
+            problem = campaign_id_problem(cid)
+            if problem is not None:
+                raise InvalidParameter(param, f"candidate {problem}")
+            if cid in seen:
+                raise InvalidParameter(param, f"names candidate {cid!r} twice")
+            seen.add(cid)
+        return names
+
+    def _route_names(self, route: RouteRules, chosen: Any) -> list[str] | Facts:
+        """The route's candidates (its list, or what its callable answered), or, when the
+        callable failed or answered something unusable, the facts of a degraded no-fill
+        (logged; never a 400, which would blame the client)."""
+        if not callable(route.candidates):
+            names = list(route.candidates or ())
+            problem = None
+        else:
+            names, problem = _usable(chosen)
+        if problem is None and len(names) > self.max_candidates:
+            problem = f"{len(names)} candidates, more than max_candidates ({self.max_candidates})"
+        if problem is not None:
+            logs.event(
+                "candidates_failed",
+                logging.WARNING,
+                "xsp_middleware: the route's candidates %s; answering no fill",
+                problem,
+            )
+            facts = Facts("", None, None, self.rules.default_rule, refusal=NO_ELIGIBLE)
+            facts.degraded_why = f"candidates: {problem}"
+            return facts
+        if not names:  # the app's targeting found nothing: no fill, no store call
+            return Facts("", None, None, self.rules.default_rule, refusal=NO_ELIGIBLE)
+        return names
 
     def _signed(self, query: bytes, campaign_id: str, cost_units: int) -> tuple[str, int]:
         """``price_source="signed"``: the price's signature, checked (the store checks that
@@ -305,6 +404,30 @@ class RequestReader:
     def set_cookie(self, user_id: str) -> tuple[bytes, bytes]:
         """The ``Set-Cookie`` header that hands an assigned id to the browser."""
         return b"set-cookie", self.cookie + b"=" + user_id.encode() + self._cookie_attributes
+
+
+def _usable(answer: Any) -> tuple[list[str], str | None]:
+    """A candidates callable's answer as campaign ids (the first of duplicates kept), or why
+    it is unusable."""
+    if isinstance(answer, BaseException):
+        return [], f"callable raised {answer!r}"[:300]
+    if inspect.isawaitable(answer):
+        close = getattr(answer, "close", None)
+        if close is not None:
+            close()  # never awaited: no "coroutine was never awaited" warning
+        return [], "callable is async, which only the ASGI integrations can await"
+    if isinstance(answer, str | bytes) or not isinstance(answer, Iterable):
+        return [], f"callable returned {type(answer).__name__}, not a list of campaign ids"
+    names: list[str] = []
+    for cid in answer:
+        problem = campaign_id_problem(cid)
+        if problem is not None:
+            return [], f"callable returned an invalid campaign id: {problem}"
+        if cid not in names:
+            names.append(cid)
+        if len(names) > 1024:
+            break
+    return names, None
 
 
 def _tcf_refuses(query: bytes) -> bool:

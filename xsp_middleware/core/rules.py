@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -15,6 +16,9 @@ from ..caps import FrequencyCap, parse_caps
 from ..errors import ConfigError
 from ..money import cpm_to_cost_units
 from ..settings import CampaignConfig, Money, campaign_id_problem
+
+SELECTIONS = ("first", "weighted")
+"""How one of several candidates is chosen (the ``selection`` setting)."""
 
 __all__ = ["RULES_ATTRIBUTE", "RouteRules", "ad_route", "rules_of"]
 
@@ -37,6 +41,11 @@ class RouteRules:
     price_param: str | None = None
     cost_units: int | None = None
     campaign: str | None = None
+    candidates: tuple[str, ...] | Callable[[Any], Any] | None = None
+    """The candidates to choose among, in priority order, or a callable that takes the
+    request and returns them (the app's own targeting); None: the request names them."""
+    selection: str | None = None
+    """``first`` or ``weighted``; None: the settings' ``selection``."""
     _configs: dict[str, CampaignConfig] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -48,6 +57,8 @@ class RouteRules:
         price_param: str | None = None,
         cpm: Money | None = None,
         campaign: str | None = None,
+        candidates: Sequence[str] | Callable[[Any], Any] | None = None,
+        selection: str | None = None,
     ) -> RouteRules:
         """Validate a decorator's arguments (at import time, not per request)."""
         if isinstance(caps, str):
@@ -57,12 +68,16 @@ class RouteRules:
         for name, value in (("campaign_param", campaign_param), ("price_param", price_param)):
             if value is not None and (not isinstance(value, str) or not value):
                 raise ConfigError(f"{name}: must be a non-empty string")
+        if selection is not None and selection not in SELECTIONS:
+            raise ConfigError(f"selection: must be 'first' or 'weighted', not {selection!r}")
         return cls(
             caps=None if caps is None else parse_caps(caps),
             campaign_param=campaign_param,
             price_param=price_param,
             cost_units=None if cpm is None else cpm_to_cost_units(cpm, "cpm"),
             campaign=campaign,
+            candidates=_candidates(candidates, campaign),
+            selection=selection,
         )
 
     def config(self, base: CampaignConfig, campaign_id: str) -> CampaignConfig:
@@ -82,6 +97,27 @@ class RouteRules:
         return cached
 
 
+def _candidates(
+    candidates: Sequence[str] | Callable[[Any], Any] | None, campaign: str | None
+) -> tuple[str, ...] | Callable[[Any], Any] | None:
+    if candidates is None:
+        return None
+    if campaign is not None:
+        raise ConfigError("candidates: give either campaign or candidates, not both")
+    if callable(candidates):
+        return candidates
+    if isinstance(candidates, str | bytes) or not isinstance(candidates, Sequence):
+        raise ConfigError("candidates: give a list of campaign ids (or a callable), not one string")
+    if not candidates:
+        raise ConfigError("candidates: the list is empty")
+    for cid in candidates:
+        if campaign_id_problem(cid) is not None:
+            raise ConfigError(f"candidates: {campaign_id_problem(cid)}")
+    if len(set(candidates)) != len(candidates):
+        raise ConfigError("candidates: a campaign is listed twice")
+    return tuple(candidates)
+
+
 def ad_route(
     *,
     caps: Sequence[str | FrequencyCap] | None = None,
@@ -89,6 +125,8 @@ def ad_route(
     price_param: str | None = None,
     cpm: Money | None = None,
     campaign: str | None = None,
+    candidates: Sequence[str] | Callable[[Any], Any] | None = None,
+    selection: str | None = None,
 ) -> Callable[[F], F]:
     """Make an endpoint an ad route with its own rules; every argument is optional.
 
@@ -98,6 +136,11 @@ def ad_route(
     ``/ad/{campaign_id}``, Flask ``/ad/<campaign_id>``, Django
     ``path("ad/<str:campaign_id>", view)``). A decorated route is always guarded, even where
     ``paths`` would not match it; without a campaign it answers 400.
+
+    ``candidates`` makes the route choose among campaigns (see docs/candidates.md): a list in
+    priority order, or a callable that takes the request (Starlette's ``Request``, Flask's
+    ``request``, Django's ``HttpRequest``) and returns the list; under ASGI it may be async.
+    ``selection`` (``first`` or ``weighted``) overrides the setting for this route.
 
     >>> @ad_route(caps=["5/1d"], cpm="3.00")
     ... async def vast(request): ...
@@ -114,6 +157,8 @@ def ad_route(
         price_param=price_param,
         cpm=cpm,
         campaign=campaign,
+        candidates=candidates,
+        selection=selection,
     )
 
     def mark(endpoint: F) -> F:
@@ -129,3 +174,27 @@ def rules_of(endpoint: object) -> RouteRules | None:
     if rules is None:
         rules = getattr(getattr(endpoint, "view_class", None), RULES_ATTRIBUTE, None)
     return rules if isinstance(rules, RouteRules) else None
+
+
+def call_candidates(route: RouteRules | None, make_request: Callable[[], Any]) -> Any:
+    """What the route's candidates callable answers for this request (``make_request`` builds
+    the framework's request object), or None when the route has no callable. An exception it
+    raises is returned, not raised: the reader turns it into a logged, degraded decision."""
+    fn = None if route is None else route.candidates
+    if fn is None or not callable(fn):
+        return None
+    try:
+        return fn(make_request())
+    except Exception as exc:  # the app's targeting failed: a degraded no-fill, never a 500
+        return exc
+
+
+async def acall_candidates(route: RouteRules | None, make_request: Callable[[], Any]) -> Any:
+    """:func:`call_candidates`, awaiting an async callable's answer."""
+    answer = call_candidates(route, make_request)
+    if inspect.isawaitable(answer):
+        try:
+            answer = await answer
+        except Exception as exc:
+            return exc
+    return answer

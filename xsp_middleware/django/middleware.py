@@ -19,7 +19,7 @@ from ..core.admission import Admission, Answer, admit_sync, prepare, release, re
 from ..core.beacons import answer_beacon, answer_beacon_sync, origin_of, server_address
 from ..core.guard import Guard
 from ..core.request import Facts
-from ..core.rules import RouteRules, rules_of
+from ..core.rules import RouteRules, acall_candidates, rules_of
 from ..core.rules import ad_route as ad_view
 from ..decision import Decision
 from ..errors import ConfigError
@@ -77,7 +77,9 @@ class XSPMiddleware:
         if read is None:
             return None
         admission, query, rules = read
-        step = admit_sync(self.guard, admission, query, _headers(request), rules, view_kwargs)
+        step = admit_sync(
+            self.guard, admission, query, _headers(request), rules, view_kwargs, lambda: request
+        )
         return _taken(request, step)
 
     async def _process_view_async(
@@ -92,7 +94,8 @@ class XSPMiddleware:
             return None
         admission, query, rules = read
         guard = self.guard
-        facts = prepare(guard, admission, query, _headers(request), rules, view_kwargs)
+        chosen = await acall_candidates(rules, lambda: request)
+        facts = prepare(guard, admission, query, _headers(request), rules, view_kwargs, chosen)
         if isinstance(facts, Facts):
             return _taken(request, admission.admitted(guard, facts, *await guard.decide(facts)))
         return _taken(request, facts)

@@ -20,18 +20,22 @@ from time import monotonic as _monotonic
 from typing import Any
 
 from .. import logs, observe
+from ..breaker import DENIED
 from ..clock import Clock, StoreClock
 from ..errors import StoreUnavailable
 from ..settings import CampaignConfig, Rules
 from ..store_url import parse_store_url
 from . import memory
 from .admin import Admin
+from .calls import Answer, Batch, Call, Late
+from .choice import Candidates, ChoiceFailed
 from .leasing import Leasing
 from .loops import LoopState
 from .pipeline import AutoPipeline, Redirected
-from .plans import Answer, Batch, Call, Late, Planner
+from .plans import Planner
 from .protocol import (
     BeaconReply,
+    Choice,
     Context,
     Reservation,
     beacon_reply,
@@ -42,10 +46,12 @@ from .protocol import (
 )
 from .scripts import (
     CAMPAIGN_CONFIG,
+    CHECK_CAMPAIGN,
     CLUSTER_SCRIPTS,
     PEEK,
     PEEK_USER,
     RESERVE,
+    RESERVE_ANY,
     STANDALONE_SCRIPTS,
     Script,
     pack_args,
@@ -87,6 +93,7 @@ class Store(Admin):
         self._orphans: dict[Late, Callable[[Any, Any], None]] = {
             planner.halves.late_campaign_undo: self._orphan_campaign,
             planner.halves.late_user_undo: self._orphan_user,
+            planner.chooser.late_user_undo: self._orphan_user_any,
         }
         self.leasing = Leasing(self)
         """Budget leases (see leasing.py)."""
@@ -218,6 +225,83 @@ class Store(Admin):
             step = answer
         raise AssertionError("the last try answers a Reservation or raises")
 
+    async def reserve_any(
+        self,
+        candidates: Candidates,
+        user_key: str | None,
+        cost_units: int | None,
+        *,
+        weighted: bool = False,
+    ) -> Choice:
+        """Choose among ``candidates`` (in priority order) and reserve the chosen one, as one
+        atomic step: the first that passes every check, or (``weighted``) one of those at
+        random in proportion to its weight. One round trip on one server; on a cluster one in
+        the common case, at most two (see choice.py). Raises StoreUnavailable."""
+        planner = self.planner
+        chooser = planner.chooser
+        ticket = planner.admit()
+        state = self.state()
+        if state.shards is not None:
+            shards = state.shards
+            try:
+                await shards.ready()
+            except StoreUnavailable as exc:
+                planner.call_failed(exc, ticket)
+                raise
+            context = (candidates[0][0], user_key, True)
+            plan = chooser.split(candidates, user_key, cost_units, True, weighted, ticket)
+            batch = next(plan)
+            while True:
+                answers = await self._run_batch(shards, batch, context)
+                try:
+                    batch = plan.send(answers)
+                except StopIteration as done:
+                    choice: Choice = done.value
+                    break
+                except ChoiceFailed as exc:
+                    for call in exc.later:
+                        self.send_soon(call.slot, call.script, call.nargs, call.body)
+                    raise
+            for call in choice.later:
+                self.send_soon(call.slot, call.script, call.nargs, call.body)
+            return choice
+        pipeline = state.pipeline
+        assert pipeline is not None
+        started = _monotonic()
+        late = (candidates, user_key)
+        for _ in range(3):
+            step = chooser.any_call(candidates, user_key, cost_units, True, weighted)
+            future = pipeline.call(RESERVE_ANY, *step, self._release_orphan_any, late)
+            try:
+                raw = await future
+            except StoreUnavailable as exc:
+                planner.call_failed(exc, ticket)
+                raise
+            except asyncio.CancelledError:
+                planner.breaker.no_verdict(ticket)
+                if future.done() and not future.cancelled() and future.exception() is None:
+                    self._release_orphan_any(late, future.result())
+                raise
+            made = chooser.answered(candidates, user_key, True, raw, started, ticket)
+            if made is not None:
+                return made
+        raise StoreUnavailable("the candidates' time zones keep changing")
+
+    def _release_orphan_any(self, late: Any, reply: Any) -> None:
+        """_release_orphan for a reserve_any reply nobody awaits."""
+        try:
+            reservation = self.planner.chooser.late_reservation(late[0], late[1], reply)
+        except StoreUnavailable:
+            logs.event(
+                "orphan_release_failed",
+                logging.ERROR,
+                "could not release an orphaned reservation: reply %r",
+                reply,
+            )
+            return
+        if reservation is not None:
+            self._release_late(reservation)
+
     async def _reserve_split(
         self,
         shards: Shards,
@@ -245,6 +329,8 @@ class Store(Admin):
         """Send a plan's calls to their slots' masters, then await every reply; a redirected call
         (it did not run) is sent again once the slot map is re-learnt. A decision cancelled
         mid-way releases whatever half passed."""
+        if batch.context is not None:
+            context = batch.context
         sent = [self._send(shards, call, context, batch.decision) for call in batch.calls]
         try:
             results = [await reply_of(s.future) for s in sent]
@@ -266,10 +352,40 @@ class Store(Admin):
         return [(s.node, s.ticket, r) for s, r in zip(sent, results, strict=True)]
 
     def _send(self, shards: Shards, call: Call, context: Context, decision: bool) -> Sent:
+        if call.script is CHECK_CAMPAIGN:
+            return self._send_check(shards, call)
         orphan = None if call.late is None else self._orphans[call.late]
         return shards.send(
             call.slot, call.script, call.nargs, call.body, orphan, context, decision=decision
         )
+
+    def _send_check(self, shards: Shards, call: Call) -> Sent:
+        """A candidate campaign's check, shared by the decisions of this loop that send the
+        same one while it is in flight (a burst checks each campaign once per round trip, not
+        once per decision). It only reads (what it writes, settling and exhaustion, is the same
+        whoever runs it), so sharing changes no outcome. Each decision gets its own future: a
+        cancelled one never cancels the others'."""
+        state = self.state()
+        key = (call.slot, call.body)
+        shared = state.checks.get(key)
+        if shared is None:
+            shared = shards.send(call.slot, call.script, call.nargs, call.body)
+            state.checks[key] = shared
+            shared.future.add_done_callback(lambda _: state.checks.pop(key, None))
+        mine: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+
+        def copy(done: asyncio.Future[Any]) -> None:
+            if mine.done():
+                return
+            if done.cancelled():
+                mine.set_exception(StoreUnavailable("the check was cancelled", "cancelled"))
+            elif done.exception() is not None:
+                mine.set_exception(done.exception())  # type: ignore[arg-type]
+            else:
+                mine.set_result(done.result())
+
+        shared.future.add_done_callback(copy)
+        return Sent(shared.node, mine, DENIED)
 
     async def relearn(self, shards: Shards) -> None:
         """Re-learn the slot map after a redirection (a failure only delays the retry)."""
@@ -307,6 +423,10 @@ class Store(Admin):
         """A user half whose caller gave up: take its time out of the user's logs."""
         self._orphan_release(self.planner.halves.late_user_undo(context, reply))
 
+    def _orphan_user_any(self, context: Any, reply: Any) -> None:
+        """The user's half over candidates, whose caller gave up: release what it wrote."""
+        self._orphan_release(self.planner.chooser.late_user_undo(context, reply))
+
     def _orphan_release(self, undo: tuple[int, Script, int, bytes] | None) -> None:
         if undo is not None:
             if observe.current is not None:
@@ -337,13 +457,16 @@ class Store(Admin):
             )
             return
         if reservation.reserved:
-            if observe.current is not None:
-                observe.current.released("late_reply")
-            pipeline = self.state().pipeline
-            assert pipeline is not None
-            for _, script, nargs, body in self.planner.release_calls(reservation):
-                future = pipeline.call(script, nargs, body)
-                future.add_done_callback(_log_release_failure)
+            self._release_late(reservation)
+
+    def _release_late(self, reservation: Reservation) -> None:
+        if observe.current is not None:
+            observe.current.released("late_reply")
+        pipeline = self.state().pipeline
+        assert pipeline is not None
+        for _, script, nargs, body in self.planner.release_calls(reservation):
+            future = pipeline.call(script, nargs, body)
+            future.add_done_callback(_log_release_failure)
 
     # -- release ----------------------------------------------------------------------------
 

@@ -11,9 +11,10 @@ from typing import Any, Protocol
 
 from ..breaker import CircuitBreaker
 from ..settings import Rules
+from .calls import Late
 from .leases import Lease
 from .pipeline import AutoPipeline
-from .plans import Late, Planner
+from .plans import Planner
 from .scripts import Script
 from .shards import Shards
 
@@ -22,6 +23,7 @@ class LoopState:
     """One event loop's connections and budget leases."""
 
     __slots__ = (
+        "checks",
         "client",
         "lease_client",
         "lease_seq",
@@ -40,6 +42,9 @@ class LoopState:
         self.lease_tasks: set[asyncio.Task[None]] = set()
         self.lease_client = secrets.token_hex(8)
         """Names this loop's lease calls."""
+        self.checks: dict[tuple[int, bytes], Any] = {}
+        """A cluster's campaign checks in flight (choosing among candidates), by slot and
+        arguments: concurrent decisions share one (see ``Store._send_check``)."""
         self.lease_seq = 0
         """The last sequence number of this loop's lease calls. One counter for all of them:
         a campaign's lease dropped from ``leases`` and made again never reuses a number that

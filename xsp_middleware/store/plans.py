@@ -19,15 +19,17 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Generator
-from typing import Any, NamedTuple, TypeVar
+from collections.abc import Callable, Generator, Sequence
+from typing import Any, TypeVar
 
 from .. import logs, observe
 from ..breaker import DENIED, CircuitBreaker
 from ..clock import Calendars, Clock
 from ..errors import StoreUnavailable
 from ..settings import CampaignConfig, Rules
-from .halves import Halves, Undo, compensation_failed
+from .calls import Answer, Batch, Call
+from .choice import Chooser
+from .halves import Halves, compensation_failed
 from .protocol import (
     CampaignReply,
     Context,
@@ -52,31 +54,6 @@ from .shards import slot_of
 logger = logging.getLogger("xsp_middleware")
 
 T = TypeVar("T")
-Late = Callable[[Context, Any], Undo | None]
-"""What a half's reply means once nobody awaits it: the release it needs, if any."""
-
-
-class Call(NamedTuple):
-    """One script call of a cluster plan: its slot, script, argument count and packed
-    arguments, and (for a reservation's half) what its reply needs if it comes too late."""
-
-    slot: int
-    script: Script
-    nargs: int
-    body: bytes
-    late: Late | None = None
-
-
-class Batch(NamedTuple):
-    """Calls a plan sends together (one round trip of latency). The driver answers with one
-    ``(node, breaker ticket, reply or StoreUnavailable)`` per call, in order, having re-sent
-    once any call the cluster redirected. Only a ``decision`` may be a half-open probe."""
-
-    calls: list[Call]
-    decision: bool
-
-
-Answer = tuple[str, int, Any]
 
 
 class UserMac:
@@ -142,6 +119,8 @@ class Planner:
         )
         """How long a reservation stays pending (``record_on="beacon"``); None: it stands."""
         self.halves = Halves(self)
+        self.chooser = Chooser(self)
+        """Choosing among candidates (see choice.py)."""
 
     # -- keys -------------------------------------------------------------------------------
 
@@ -209,6 +188,17 @@ class Planner:
             ),
             user_tail=pack_args((bounds, self.user_caps, user_bounds)),
             slot=slot_of(cfg_key) if self.cluster else 0,
+            bounds=bounds,
+            multi=pack_args(
+                (
+                    campaign_id,
+                    *rule.wire,
+                    tz,
+                    bounds,
+                    rule.weight,
+                    "" if rule.max_cost_units is None else rule.max_cost_units,
+                )
+            ),
         )
         return static
 
@@ -424,10 +414,12 @@ class Planner:
         rule: CampaignConfig,
         ticket: int,
         extras: tuple[str, str, str, str, str] | None = None,
+        also: Sequence[Call] = (),
     ) -> Generator[Batch, list[Answer], Reservation]:
         """A Redis Cluster reservation in two halves (campaign's slot, user's slot), sent
         together; the half that passed is released when the other denied. The driver has
-        learned the slot map already (a failure there is the store-wide breaker's)."""
+        learned the slot map already (a failure there is the store-wide breaker's). ``also``:
+        releases to send with the first try (another candidate's compensation)."""
         campaign_id, user_key, counts = context
         tz = self.zone_of(campaign_id, rule)
         started = time.monotonic()
@@ -441,7 +433,14 @@ class Planner:
             if user_call is not None:
                 u_slot, u_n, u_body = user_call
                 calls.append(Call(u_slot, RESERVE_USER, u_n, u_body, halves.late_user_undo))
-            answers = yield Batch(calls, True)
+            sent = len(calls)
+            calls += also
+            also = ()
+            answers = yield Batch(calls, True, context)
+            for _, _, result in answers[sent:]:
+                if isinstance(result, StoreUnavailable):
+                    compensation_failed("campaign", result)
+            answers = answers[:sent]
             failures: list[StoreUnavailable] = []
             for node, node_ticket, result in answers:
                 halves.outcome(node, node_ticket, result, failures)

@@ -13,7 +13,7 @@ The decoders check the shape (a list of the script's length) and return the repl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, NamedTuple
 
@@ -45,14 +45,29 @@ class Reason(IntEnum):
     """Bad input: the request's price is above the campaign's bid ceiling (``max_cpm``)."""
     SIGNATURE_REPLAYED = 13
     """Bad input: the request's price signature was used before."""
+    NOT_SELECTED = 14
+    """Choosing among candidates (``selection="weighted"``): eligible, but another was drawn."""
 
 
 REASONS = tuple(r.name.lower() for r in Reason if r <= Reason.USER_BLOCKED)
 """The decision reasons by code: ``REASONS[code]`` is the ``X-XSP-Decision`` value."""
 
-ANSWERS = (*REASONS, "retry", "retry", "retry", "retry", "above_max_cpm", "signature_replayed")
+ANSWERS = (
+    *REASONS,
+    "retry",
+    "retry",
+    "retry",
+    "retry",
+    "above_max_cpm",
+    "signature_replayed",
+    "not_selected",
+)
 """What a reserve reply's reason code means, by code: the decisions, then (12, 13) the bad
-input the store found (answered as a 400: see :data:`INVALID_REASONS`)."""
+input the store found (answered as a 400: see :data:`INVALID_REASONS`), then (14) a candidate
+that was eligible but not drawn."""
+
+NO_ELIGIBLE = "no_eligible_campaign"
+"""The decision when several candidates were named and none was eligible."""
 
 INVALID_REASONS = frozenset({"above_max_cpm", "signature_replayed"})
 """Reasons that are the request's fault: a 400, not a denial."""
@@ -337,6 +352,10 @@ class Packed:
     user_tail: bytes
     """A cluster's user half: the calendar arguments after the campaign's caps."""
     slot: int
+    bounds: str
+    """The campaign's calendar bounds."""
+    multi: bytes
+    """Its arguments in a reserve_any.lua call."""
 
 
 def reserved_by(context: Context, reply: CampaignReply) -> Reservation:
@@ -361,3 +380,87 @@ def reserved_by(context: Context, reply: CampaignReply) -> Reservation:
     if reply.config and reply.passed == 1:
         made.pending = text(reply.config)
     return made
+
+
+class ChoiceReply(NamedTuple):
+    """``reserve_any.lua``: the chosen candidate's reply (as reserve.lua's), its index, and
+    what every evaluated candidate got."""
+
+    reply: CampaignReply
+    chosen: int
+    """1-based; 0 when none was eligible (or, with reason 9, the candidate to retry for)."""
+    outcomes: list[tuple[int, int]]
+    """(reason code, exhaustion fired) of each evaluated candidate, in order."""
+
+
+def outcome_codes(raw: bytes | str) -> list[tuple[int, int]]:
+    """The scripts' per-candidate outcomes, ``"1,2.1,0"``: (reason, exhaustion fired)."""
+    out = []
+    for item in text(raw).split(","):
+        if item:
+            code, _, fired = item.partition(".")
+            out.append((int(code), int(fired or 0)))
+    return out
+
+
+def choice_reply(raw: Any) -> ChoiceReply:
+    _shape(raw, 14, "reserve_any")
+    try:
+        return ChoiceReply(campaign_reply(raw[:12]), int(raw[12]), outcome_codes(raw[13]))
+    except (TypeError, ValueError):
+        raise StoreUnavailable(f"unexpected reply from the reserve_any script: {raw!r}") from None
+
+
+class UserChoiceReply(NamedTuple):
+    """``reserve_user_any.lua``: the user's half for the candidate it wrote, every candidate's
+    user reason (0: passes), and which candidate it wrote."""
+
+    user: UserReply
+    reasons: list[int]
+    written: int
+    """1-based; 0: none."""
+    lefts: list[int]
+    """Each candidate's remaining impressions for this user after one more (-1: no caps)."""
+
+
+def user_choice_reply(raw: Any) -> UserChoiceReply:
+    _shape(raw, 11, "reserve_user_any")
+    try:
+        reasons = [r for r, _ in outcome_codes(raw[8])]
+        lefts = [int(v) for v in text(raw[10]).split(",") if v]
+        return UserChoiceReply(user_reply(raw[:8]), reasons, int(raw[9]), lefts)
+    except (TypeError, ValueError):
+        raise StoreUnavailable(f"unexpected reply from the user's script: {raw!r}") from None
+
+
+class CheckReply(NamedTuple):
+    """``check_campaign.lua``: whether a candidate's campaign could pay now."""
+
+    reason: int
+    fired: int
+    timezone: bytes
+    caps: bytes
+    weight: int
+    leasing: bytes
+    remaining: int
+    """Budget left, in units (the lifetime's or the local day's, whichever is smaller)."""
+    cost: int
+
+
+def check_reply(raw: Any) -> CheckReply:
+    _shape(raw, 8, "check_campaign")
+    if not isinstance(raw[0], int) or not isinstance(raw[4], int):
+        raise StoreUnavailable(f"unexpected reply from the check script: {raw!r}")
+    return CheckReply._make(raw)
+
+
+@dataclass(slots=True)
+class Choice:
+    """What choosing among candidates produced: the chosen candidate's reservation (None when
+    none was eligible) and, in order, each evaluated candidate's (campaign id, reason)."""
+
+    reservation: Reservation | None
+    outcomes: list[tuple[str, str]]
+    later: list[Any] = field(default_factory=list)
+    """Calls to send without waiting (a cluster's: passed-over candidates' denial counts, a
+    compensation)."""

@@ -93,6 +93,12 @@ RESERVE = _load_script("reserve", retry_safe=True)
 RELEASE = _load_script("release", retry_safe=False)
 PEEK = _load_script("peek", retry_safe=True)
 
+# Choosing among candidates: on one server, one script; on a cluster, the user's half over
+# every candidate and each campaign's check (the chosen one's halves are the scripts above).
+RESERVE_ANY = _load_script("reserve_any", retry_safe=True)
+RESERVE_USER_ANY = _load_script("reserve_user_any", retry_safe=True)
+CHECK_CAMPAIGN = _load_script("check_campaign", retry_safe=True)
+
 # Redis Cluster: each script touches one slot (the campaign's or the user's).
 RESERVE_CAMPAIGN = _load_script("reserve_campaign", retry_safe=True)
 RESERVE_USER = _load_script("reserve_user", retry_safe=True)
@@ -113,7 +119,7 @@ BEACON_USER = _load_script("beacon_user", retry_safe=False)
 PREFS = _load_script("prefs", retry_safe=False)
 
 # A leased decision runs only the user's half, on one server too.
-STANDALONE_SCRIPTS = (RESERVE, RELEASE, PEEK, RESERVE_USER, RELEASE_USER, LEASE)
+STANDALONE_SCRIPTS = (RESERVE, RELEASE, PEEK, RESERVE_USER, RELEASE_USER, LEASE, RESERVE_ANY)
 """Preloaded on every connection (the beacon scripts load on first use: NOSCRIPT, then EVAL)."""
 CLUSTER_SCRIPTS = (
     LEASE,
@@ -123,4 +129,6 @@ CLUSTER_SCRIPTS = (
     RELEASE_USER,
     PEEK_USER,
     CAMPAIGN_CONFIG,
+    RESERVE_USER_ANY,
+    CHECK_CAMPAIGN,
 )

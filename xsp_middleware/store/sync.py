@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from redis.exceptions import (
@@ -27,11 +28,14 @@ from ..errors import StoreUnavailable
 from ..settings import CampaignConfig
 from . import memory
 from .aio import Store
+from .calls import Answer, Batch, Call
+from .choice import Candidates, ChoiceFailed
+from .halves import compensation_failed
 from .pipeline import Redirected
-from .plans import Answer, Batch, Call, drive
-from .protocol import BeaconReply, Reservation, beacon_reply, reservation_from, text
+from .plans import drive
+from .protocol import BeaconReply, Choice, Reservation, beacon_reply, reservation_from, text
 from .redis_compat import SlotMap, checkout, read_reply_within
-from .scripts import RESERVE, Script
+from .scripts import RESERVE, RESERVE_ANY, Script
 from .topology import connection_options, sync_client
 
 LATE_REPLY_SECONDS = 5.0
@@ -121,6 +125,57 @@ class SyncStore:
         split = planner.split(context, cost_units, rule, ticket, extras)
         return drive(split, lambda batch: self._run_batch(batch, context))
 
+    def reserve_any(
+        self,
+        candidates: Candidates,
+        user_key: str | None,
+        cost_units: int | None,
+        *,
+        weighted: bool = False,
+    ) -> Choice:
+        """:meth:`Store.reserve_any <xsp_middleware.store.Store.reserve_any>`, blocking."""
+        planner = self.planner
+        chooser = planner.chooser
+        ticket = planner.admit()
+        if not self.store.is_cluster:
+            started = time.monotonic()
+
+            def late(reply: Any) -> Reservation | None:
+                return chooser.late_reservation(candidates, user_key, reply)
+
+            for _ in range(3):
+                step = chooser.any_call(candidates, user_key, cost_units, True, weighted)
+                try:
+                    raw = self._call(RESERVE_ANY, *step, late=late)
+                except StoreUnavailable as exc:
+                    planner.call_failed(exc, ticket)
+                    raise
+                made = chooser.answered(candidates, user_key, True, raw, started, ticket)
+                if made is not None:
+                    return made
+            raise StoreUnavailable("the candidates' time zones keep changing")
+        try:
+            self.cluster_client()
+        except StoreUnavailable as exc:
+            planner.call_failed(exc, ticket)
+            raise
+        context = (candidates[0][0], user_key, True)
+        plan = chooser.split(candidates, user_key, cost_units, True, weighted, ticket)
+        try:
+            choice = drive(plan, lambda batch: self._run_batch(batch, context))
+        except ChoiceFailed as exc:
+            self._send_later(exc.later)
+            raise
+        self._send_later(choice.later)
+        return choice
+
+    def _send_later(self, calls: list[Call]) -> None:
+        """After a cluster choice: counts and releases (their failures logged)."""
+        if calls:
+            for _, _, result in self._run_batch(Batch(calls, False), None):
+                if isinstance(result, StoreUnavailable):
+                    compensation_failed("campaign", result)
+
     def release(self, reservation: Reservation) -> None:
         """Give back a reservation's spend and impression. Raises StoreUnavailable."""
         if not self.store.is_cluster:
@@ -153,9 +208,23 @@ class SyncStore:
 
     # -- one server -------------------------------------------------------------------------
 
-    def _call(self, script: Script, nargs: int, body: bytes, context: Any = None) -> Any:
-        """One script call. With ``context`` (a reserve), a reply that comes after the timeout
-        is still read, on a thread, and released: a late reservation never stays behind."""
+    def _call(
+        self,
+        script: Script,
+        nargs: int,
+        body: bytes,
+        context: Any = None,
+        *,
+        late: Callable[[Any], Reservation | None] | None = None,
+    ) -> Any:
+        """One script call. With ``context`` (a reserve) or ``late`` (what a reply reserved), a
+        reply that comes after the timeout is still read, on a thread, and released: a late
+        reservation never stays behind."""
+        if late is None and context is not None:
+
+            def late(reply: Any) -> Reservation | None:
+                return reservation_from(context, reply)
+
         pool = self._pool
         try:
             conn = checkout(pool)
@@ -167,12 +236,12 @@ class SyncStore:
             try:
                 return _read(conn, script, nargs, body, None)
             except TimeoutError:
-                if context is None:
+                if late is None:
                     raise
                 # The script may yet run, or have run: its reply decides, on a thread.
                 handed_off = True
                 threading.Thread(
-                    target=self._drain_late_reply, args=(pool, conn, context), daemon=True
+                    target=self._drain_late_reply, args=(pool, conn, late), daemon=True
                 ).start()
                 raise
         except RedisError as exc:
@@ -188,11 +257,13 @@ class SyncStore:
             if not handed_off:
                 pool.release(conn)
 
-    def _drain_late_reply(self, pool: Any, conn: Any, context: Any) -> None:
+    def _drain_late_reply(
+        self, pool: Any, conn: Any, late: Callable[[Any], Reservation | None]
+    ) -> None:
         try:
             reply = read_reply_within(conn, LATE_REPLY_SECONDS)
-            reservation = reservation_from(context, reply)
-            if reservation.reserved:
+            reservation = late(reply)
+            if reservation is not None and reservation.reserved:
                 if observe.current is not None:
                     observe.current.released("late_reply")
                 # On this connection, with the same patience: the store is slow right now.
@@ -216,6 +287,8 @@ class SyncStore:
     def _run_batch(self, batch: Batch, context: Any) -> list[Answer]:
         """Send each call to its slot's master, then read every reply, in order. A redirected
         call (it did not run) is sent once more after re-learning the slot map."""
+        if batch.context is not None:
+            context = batch.context
         answers = self._send_and_read(batch.calls, batch.decision, context)
         moved = [i for i, (_, _, r) in enumerate(answers) if isinstance(r, Redirected)]
         if moved:

@@ -50,13 +50,14 @@ local function xsp_config(key, at, max_fallback)
   local c = {budget = ARGV[at], daily_budget = ARGV[at + 1], cost = ARGV[at + 2],
     caps = ARGV[at + 3], status = ARGV[at + 4], tz = ARGV[at + 5], start = ARGV[at + 6],
     ['end'] = ARGV[at + 7], pacing = ARGV[at + 8], leasing = '', max_cost = max_fallback or '',
-    pending = ''}
+    pending = '', weight = ''}
   local stored = redis.call('HGETALL', key)
   for i = 1, #stored, 2 do
     local name, v = stored[i], stored[i + 1]
     if c[name] == nil then  -- not a config field
     elseif v == '' or not (name == 'budget' or name == 'daily_budget' or name == 'cost'
-        or name == 'start' or name == 'end' or name == 'max_cost') or string.find(v, '^%d+$') then
+        or name == 'start' or name == 'end' or name == 'max_cost' or name == 'weight')
+        or string.find(v, '^%d+$') then
       c[name] = v
     end
   end
@@ -72,6 +73,14 @@ local function xsp_config(key, at, max_fallback)
   if c.pacing == '' then c.pacing = nil end
   if c.max_cost == '' then c.max_cost = nil end
   return c
+end
+
+-- A campaign's weight (selection "weighted"): the stored one when it is a whole number in
+-- [1, 1000000], else the settings' (`fallback`).
+local function xsp_weight(c, fallback)
+  local w = tonumber(c.weight)
+  if w and w >= 1 and w <= 1000000 then return w end
+  return tonumber(fallback) or 1
 end
 
 -- Calendar boundaries (ms), computed by the app in the campaign's time zone, so DST is right:
@@ -322,6 +331,17 @@ end
 -- on a cluster, reserve_campaign.lua and reserve_user.lua run the campaign's and the user's
 -- pieces on their own shards, concurrently.
 
+-- The gates that need no state: a request's own price (`given`) above the campaign's ceiling
+-- (reason 12), then its status (3) and flight (5). A reason, or nil.
+local function xsp_campaign_gate(c, given, cost, now)
+  if c.max_cost and given and cost > tonumber(c.max_cost) then return 12 end
+  if c.status == 'paused' then return 3 end
+  if (c.start and now < tonumber(c.start)) or (c['end'] and now >= tonumber(c['end'])) then
+    return 5
+  end
+  return nil
+end
+
 -- The campaign's budget state for one reservation: `k` carries the price, spend and clock
 -- between the pieces. cost_s '' means the campaign's own price. With the calendar bounds
 -- (`bounds_text`) and a daily budget, the same read brings the local day's spend. Also the
@@ -344,12 +364,7 @@ local function xsp_campaign_start(st_key, c, cost_s, now_override, bounds_text)
     k.spent = tonumber(redis.call('HGET', st_key, 'spent') or '0')
   end
   k.remaining = k.budget - k.spent
-  if c.max_cost and given and k.cost > tonumber(c.max_cost) then return k, 12 end
-  if c.status == 'paused' then return k, 3 end
-  if (c.start and k.now < tonumber(c.start)) or (c['end'] and k.now >= tonumber(c['end'])) then
-    return k, 5
-  end
-  return k, nil
+  return k, xsp_campaign_gate(c, given, k.cost, k.now)
 end
 
 -- The user's side: stored preferences (blocked campaigns, opt-out), then the campaign's caps
