@@ -220,17 +220,27 @@ class _GuardedHandle:
             await self.handle(scope, receive, send)
             return
         guard, admission = owner
-        decided = await decide(guard, self.rules, scope, send, admission)
+        replay = None
+        if self.rules is not None and callable(self.rules.candidates):
+            replay = _Replay(receive)
+            receive = replay.receive
+        decided = await decide(guard, self.rules, scope, send, admission, replay)
         if decided is not None:
             await self.handle(scope, receive, decided)
 
 
 async def decide(
-    guard: Guard, route: RouteRules | None, scope: Scope, send: Send, admission: Admission
+    guard: Guard,
+    route: RouteRules | None,
+    scope: Scope,
+    send: Send,
+    admission: Admission,
+    replay: _Replay | None = None,
 ) -> Send | None:
     """Decide for one HTTP request that may be an ad request, not decided yet, into ``admission``:
     the ``send`` to run the app with (it adds the decision's headers, if any), or None when the
-    request was answered here (a denial, bad input)."""
+    request was answered here (a denial, bad input). ``replay``: the request's receive, for a
+    route's candidates callable that reads the body (the app then reads it again from it)."""
     scope[DECIDED_KEY] = True
     query: bytes = scope.get("query_string", b"")
     if guard.beacons:
@@ -240,7 +250,7 @@ async def decide(
         )
     chosen = None
     if route is not None and route.candidates is not None:
-        chosen = await acall_candidates(route, lambda: _request(scope))
+        chosen = await acall_candidates(route, lambda: _request(scope, replay))
     facts = prepare(
         guard, admission, query, scope.get("headers", ()), route, scope.get("path_params"), chosen
     )
@@ -310,8 +320,31 @@ async def _send_answer(send: Send, answer: Answer) -> None:
     await send({"type": "http.response.body", "body": answer.body})
 
 
-def _request(scope: Scope) -> Any:
+def _request(scope: Scope, replay: _Replay | None) -> Any:
     """The Starlette request a route's candidates callable gets (FastAPI's is the same)."""
     from starlette.requests import Request
 
-    return Request(scope)
+    if replay is None:
+        return Request(scope)
+    return Request(scope, replay.record)
+
+
+class _Replay:
+    """The request's receive, shared by a candidates callable and the app: what the callable
+    read (the body) is given to the app again, in order, then the rest."""
+
+    __slots__ = ("_receive", "_seen")
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._seen: list[Message] = []
+
+    async def record(self) -> Message:
+        message = await self._receive()
+        self._seen.append(message)
+        return message
+
+    async def receive(self) -> Message:
+        if self._seen:
+            return self._seen.pop(0)
+        return await self._receive()

@@ -194,7 +194,9 @@ class Guard:
         )
         if reason == NO_ELIGIBLE:
             decision.evaluated = []
-        return _observed(decision)
+        if observe.current is not None:  # (a failing callable is no store degradation)
+            observe.current.decision("denied", reason, decision.campaign_id)
+        return decision
 
     def failed(self, facts: Facts, exc: Exception) -> Decision:
         """The store could not decide: the failure policy does."""

@@ -11,6 +11,7 @@ import inspect
 import logging
 import secrets
 from collections.abc import Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from typing import Any
 from urllib.parse import unquote
 
@@ -337,12 +338,14 @@ class RequestReader:
         else:
             names, problem = _usable(chosen)
         if problem is None and len(names) > self.max_candidates:
-            problem = f"{len(names)} candidates, more than max_candidates ({self.max_candidates})"
+            problem = (
+                f"list has {len(names)} campaigns, more than max_candidates ({self.max_candidates})"
+            )
         if problem is not None:
             logs.event(
                 "candidates_failed",
                 logging.WARNING,
-                "xsp_middleware: the route's candidates %s; answering no fill",
+                "xsp_middleware: a route's candidates could not be used (%s); no fill",
                 problem,
             )
             facts = Facts("", None, None, self.rules.default_rule, refusal=NO_ELIGIBLE)
@@ -416,8 +419,9 @@ def _usable(answer: Any) -> tuple[list[str], str | None]:
         if close is not None:
             close()  # never awaited: no "coroutine was never awaited" warning
         return [], "callable is async, which only the ASGI integrations can await"
-    if isinstance(answer, str | bytes) or not isinstance(answer, Iterable):
-        return [], f"callable returned {type(answer).__name__}, not a list of campaign ids"
+    if isinstance(answer, str | bytes | Mapping | AbstractSet) or not isinstance(answer, Iterable):
+        # (A set or a mapping has no priority order to keep.)
+        return [], f"callable returned a {type(answer).__name__}, not a list of campaign ids"
     names: list[str] = []
     for cid in answer:
         problem = campaign_id_problem(cid)

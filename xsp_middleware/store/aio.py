@@ -28,7 +28,7 @@ from ..store_url import parse_store_url
 from . import memory
 from .admin import Admin
 from .calls import Answer, Batch, Call, Late
-from .choice import Candidates, ChoiceFailed
+from .choice import COUNT_INTERVAL, Candidates, ChoiceFailed
 from .leasing import Leasing
 from .loops import LoopState
 from .pipeline import AutoPipeline, Redirected
@@ -97,6 +97,9 @@ class Store(Admin):
         }
         self.leasing = Leasing(self)
         """Budget leases (see leasing.py)."""
+        self._count_timer: asyncio.TimerHandle | None = None
+        """Writes the tallied denial counts of candidates COUNT_INTERVAL after the first (see
+        _send_counts)."""
 
     @property
     def clock(self) -> Clock:
@@ -262,8 +265,7 @@ class Store(Admin):
                     for call in exc.later:
                         self.send_soon(call.slot, call.script, call.nargs, call.body)
                     raise
-            for call in choice.later:
-                self.send_soon(call.slot, call.script, call.nargs, call.body)
+            self._send_counts(choice.later)
             return choice
         pipeline = state.pipeline
         assert pipeline is not None
@@ -284,8 +286,24 @@ class Store(Admin):
                 raise
             made = chooser.answered(candidates, user_key, True, raw, started, ticket)
             if made is not None:
+                self._send_counts(chooser.flush_due())
                 return made
         raise StoreUnavailable("the candidates' time zones keep changing")
+
+    def _send_counts(self, calls: list[Call]) -> None:
+        """Send a choice's calls nobody waits for (denial counts, compensations); and, while
+        denials are tallied but not written, write them within COUNT_INTERVAL even if no
+        decision follows (see ``Chooser.count``)."""
+        for call in calls:
+            self.send_soon(call.slot, call.script, call.nargs, call.body)
+        if self.planner.chooser.tally and self._count_timer is None:
+            loop = asyncio.get_running_loop()
+            self._count_timer = loop.call_later(COUNT_INTERVAL, self._counts_due)
+
+    def _counts_due(self) -> None:
+        self._count_timer = None
+        if not asyncio.get_running_loop().is_closed():
+            self._send_counts(self.planner.chooser.flush_due(force=True))
 
     def _release_orphan_any(self, late: Any, reply: Any) -> None:
         """_release_orphan for a reserve_any reply nobody awaits."""
@@ -591,13 +609,30 @@ class Store(Admin):
     # -- lifecycle --------------------------------------------------------------------------
 
     async def return_leases(self) -> None:
-        """Give back this loop's budget leases: their unspent units return to the store."""
+        """Give back this loop's budget leases: their unspent units return to the store (and
+        write the denial counts still held, see ``Chooser.count``)."""
         await self.leasing.return_all()
+        await self.flush_denials()
+
+    async def flush_denials(self) -> None:
+        """Write the denials of passed-over candidates counted so far (they are otherwise
+        written every COUNT_INTERVAL, by the decisions themselves)."""
+        for call in self.planner.chooser.flush_due(force=True):
+            try:
+                await self._call(call.slot, call.script, call.nargs, call.body)
+            except StoreUnavailable as exc:
+                logs.event(
+                    "denial_counts_failed",
+                    logging.WARNING,
+                    "could not write the denial counts of candidates: %s",
+                    exc,
+                )
 
     async def aclose(self) -> None:
         """Give back this loop's budget leases, then close its connections (optional: they are
         also freed with the loop, but unreturned leases stay counted as spent)."""
         await self.leasing.return_all()
+        await self.flush_denials()
         loop = asyncio.get_running_loop()
         state = self._loops.pop(loop, None)
         if state is not None:

@@ -55,11 +55,14 @@ from .protocol import (
     text,
     user_choice_reply,
 )
-from .scripts import CHECK_CAMPAIGN, RELEASE, RESERVE_CAMPAIGN, RESERVE_USER_ANY, pack_args
+from .scripts import CHECK_CAMPAIGN, COUNT_DENIALS, RESERVE_CAMPAIGN, RESERVE_USER_ANY, pack_args
 from .shards import slot_of
 
 Candidates = Sequence[tuple[str, CampaignConfig]]
 """The candidates, in priority order: (campaign id, its rules)."""
+
+COUNT_INTERVAL = 0.25
+"""Seconds between writes of the passed-over candidates' denial counts (see Chooser.count)."""
 
 _DRAW_RANGE = 1 << 28
 """reserve_any.lua draws ``floor(r * total / 2^28)``: exact in Lua's doubles for any total
@@ -76,6 +79,10 @@ class Chooser:
         """A cluster's stored weights, as the campaigns' checks last reported them."""
         self.inflight: dict[str, int] = {}
         """A cluster's second-round reservations in flight, per campaign (see _second)."""
+        self.tally: dict[tuple[str, int], int] = {}
+        """Denials of candidates passed over, not written yet: (campaign, reason code) ->
+        how many (see count)."""
+        self._flushed = time.monotonic()
 
     # -- one server --------------------------------------------------------------------------
 
@@ -94,6 +101,10 @@ class Chooser:
         ]
         hold = planner.hold_ms if counts_impression else None
         n = len(candidates)
+        profiles: dict[bytes, int] = {}
+        ids: list[str | int] = []
+        for (cid, _), static in zip(candidates, statics, strict=True):
+            ids += (cid, profiles.setdefault(static.profile, len(profiles) + 1))
         shared = (
             n,
             str(random.getrandbits(28)) if weighted else "",
@@ -106,16 +117,13 @@ class Chooser:
             planner.rules.consent["stored_optout"],
             "" if hold is None else str(hold),
             "" if hold is None else secrets.token_urlsafe(9),
+            len(profiles),
+            f"{planner.prefix}:c:{{",
         )
         body = b"".join(
-            (
-                pack_args((1 + 2 * n, user_key or "")),
-                *(s.keys for s in statics),
-                pack_args(shared),
-                *(s.multi for s in statics),
-            )
+            (pack_args((1, user_key or "")), pack_args(shared), *profiles, pack_args(ids))
         )
-        return 2 + 2 * n + len(shared) + 14 * n, body
+        return 2 + len(shared) + 13 * len(profiles) + 2 * n, body
 
     def _user_bounds(self) -> str:
         planner = self.planner
@@ -147,6 +155,7 @@ class Chooser:
         if reply.reason == Reason.TZ_RETRY and reply.passed == 0 and choice.chosen:
             planner.learn_config(candidates[choice.chosen - 1][0], (9, text(reply.config), True))
             return None
+        self.count(candidates, choice.outcomes)
         outcomes = [
             (cid, ANSWERS[code])
             for (cid, _), (code, _) in zip(candidates, choice.outcomes, strict=False)
@@ -231,6 +240,14 @@ class Chooser:
                 p_user = list(user.user) if user.written == p + 1 else _user_denial(user, p)
             split, undo = halves.combine(context_p, answers[0][2], p_user, cost_units, rule_p)
             undo_calls = [Call(s, script, k, b) for _, s, script, k, b in undo]
+            # A second round trip's user half undoes p's in the same step (not as a call
+            # alongside, which could run after it and count p against the next one's caps).
+            swap = None
+            if user is not None and any(what == "user" for what, *_ in undo):
+                swap = halves.user_undo_args(context_p, user.user)
+            campaign_undo = [
+                Call(s, script, k, b) for what, s, script, k, b in undo if what != "user"
+            ]
             checks: dict[int, str] = {}
             rooms: dict[int, int] = {}
             retry = split.retry is not None
@@ -270,13 +287,14 @@ class Chooser:
                     rule_c,
                     DENIED,  # this decision's ticket is accounted above
                     planner.extras(rule_c, None, counts_impression),
-                    also=undo_calls,
+                    also=campaign_undo if swap is not None else undo_calls,
+                    swap=swap,
                 )
             reasons[c] = made.reason
             if made.reserved:
                 return self._chosen(candidates, made, c, reasons, weighted, [], skip=p)
             later = self._denial_counts(candidates, reasons, skip=p, also=c)
-            return Choice(None, self._listed(candidates, reasons, None, weighted), later)
+            return Choice(None, self._listed(candidates, reasons, None, weighted, c), later)
         raise StoreUnavailable("the candidates' stored configs keep changing")
 
     @contextlib.contextmanager
@@ -340,11 +358,16 @@ class Chooser:
         return Choice(chosen, self._listed(candidates, reasons, at, weighted), later)
 
     def _listed(
-        self, candidates: Candidates, reasons: list[str], at: int | None, weighted: bool
+        self,
+        candidates: Candidates,
+        reasons: list[str],
+        at: int | None,
+        weighted: bool,
+        last: int | None = None,
     ) -> list[tuple[str, str]]:
         """What each evaluated candidate got, as one server reports it: in ``first`` order
-        up to the chosen one; under ``weighted`` all, the eligible ones not drawn
-        ``not_selected``."""
+        up to the chosen one (or ``last``, the last one tried); under ``weighted`` all, the
+        eligible ones not drawn ``not_selected``."""
         out = []
         for i, (cid, _) in enumerate(candidates):
             reason = reasons[i]
@@ -356,6 +379,8 @@ class Chooser:
                 out.append((cid, "not_selected"))
             else:
                 out.append((cid, reason))
+            if not weighted and i == last:
+                break
         return out
 
     def _denial_counts(
@@ -366,16 +391,42 @@ class Chooser:
         skip: int | None,
         also: int | None = None,
     ) -> list[Call]:
-        """One count call per candidate passed over for a denial (``skip``: the one whose
-        halves counted it already; ``also``: another such)."""
-        calls = []
+        """Count the denial of each candidate passed over (``skip``: the one whose halves
+        counted it already; ``also``: another such); returns the calls due (see
+        :meth:`count`)."""
         for i, (cid, _) in enumerate(candidates):
-            reason = reasons[i]
-            if i in (skip, also) or reason not in _COUNTED:
-                continue
-            cfg, st = self.planner.campaign_keys(cid)
-            args = (2, cfg, st, cid, 0, 0, "0", 0, 0, f"n:{_COUNTED[reason]}")
-            calls.append(Call(slot_of(cfg), RELEASE, len(args), pack_args(args)))
+            code = _COUNTED.get(reasons[i])
+            if code is not None and i not in (skip, also):
+                self.tally[(cid, code)] = self.tally.get((cid, code), 0) + 1
+        return self.flush_due()
+
+    def count(self, candidates: Candidates, outcomes: list[tuple[int, int]]) -> None:
+        """One server's reserve_any answered: tally the denials of the candidates it passed
+        over. They are written every COUNT_INTERVAL seconds (:meth:`flush_due`), one call per
+        campaign, not one write per decision and candidate: a statistic, kept off the cost
+        of each decision (a process that dies loses at most that interval's tally)."""
+        tally = self.tally
+        for (cid, _), (code, _) in zip(candidates, outcomes, strict=False):
+            if 0 < code <= Reason.USER_BLOCKED:
+                tally[(cid, code)] = tally.get((cid, code), 0) + 1
+
+    def flush_due(self, *, force: bool = False) -> list[Call]:
+        """The count calls to send now (none until COUNT_INTERVAL has passed since the last,
+        or ``force``): the driver sends them without waiting."""
+        now = time.monotonic()
+        due = now - self._flushed >= COUNT_INTERVAL or len(self.tally) > 10_000
+        if not self.tally or not (force or due):
+            return []
+        self._flushed = now
+        tally, self.tally = self.tally, {}
+        per: dict[str, list[str | int]] = {}
+        for (cid, code), n in tally.items():
+            per.setdefault(cid, []).extend((f"n:{code}", n))
+        calls = []
+        for cid, pairs in per.items():
+            st = self.planner.campaign_keys(cid)[1]
+            args = (1, st, *pairs)
+            calls.append(Call(slot_of(st), COUNT_DENIALS, len(args), pack_args(args)))
         return calls
 
     def _compensate(self, calls: list[Call]) -> Generator[Batch, list[Answer], None]:
@@ -412,7 +463,10 @@ class Chooser:
             return "retry", 0
         caps = text(reply.caps)
         if caps != planner.caps.get(cid, rule.caps_spec):
+            # The user's half judged it with other caps: learnt now, and the choice is made
+            # again (a config change costs a round trip once, as a single reservation's).
             planner.learn_config(cid, (10, caps, True))
+            return "retry", 0
         return ANSWERS[reply.reason], room
 
     def _draw(self, candidates: Candidates, among: Sequence[int]) -> int:

@@ -70,10 +70,12 @@ class Halves:
         counts_impression: bool,
         tz: str,
         extras: tuple[str, str, str, str, str] | None = None,
+        swap: tuple[str | int, ...] | None = None,
     ) -> tuple[int, tuple[int, bytes], tuple[int, int, bytes] | None]:
         """The campaign half (its slot, packed arguments) and the user half (slot, count,
         packed arguments; None when anonymous) of one reservation. ``extras``: see
-        :meth:`~xsp_middleware.store.plans.Planner.extras`."""
+        :meth:`~xsp_middleware.store.plans.Planner.extras`. ``swap``: another candidate's
+        user half for the user's half to undo first (:meth:`user_undo_args`)."""
         static = self.planner.static_part(campaign_id, rule, tz)
         now = self.planner.clock.arg
         tail = (
@@ -95,6 +97,11 @@ class Halves:
                 user_call = (slot_of(user_key), 11, user_body)
             else:
                 user_call = (slot_of(user_key), 9, user_body + self.planner.optout_policy)
+            if swap is not None:
+                slot, n, body = user_call
+                if n == 9:
+                    body, n = body + b"$0\r\n\r\n$0\r\n\r\n", 11
+                user_call = (slot, n + len(swap), body + pack_args(swap))
         if extras is None:
             return static.slot, (23, head + caps), user_call
         keys = pack_args(self.planner.pending_keys(campaign_id))
@@ -217,19 +224,27 @@ class Halves:
         self, context: Context, reply: UserReply
     ) -> tuple[int, Script, int, bytes] | None:
         """The release of a user half that passed and logged (None: nothing to undo)."""
+        undo = self.user_undo_args(context, reply)
+        if undo is None:
+            return None
+        user_key = context[1]
+        assert user_key is not None
+        args = (1, user_key, *undo)
+        return slot_of(user_key), RELEASE_USER, len(args), pack_args(args)
+
+    def user_undo_args(self, context: Context, reply: UserReply) -> tuple[str | int, ...] | None:
+        """What release_user.lua takes to undo a user half that passed and logged (None:
+        nothing to undo): its campaign, time, logs and the two values after."""
         campaign_id, user_key, _ = context
         if not (reply.passed == 1 and reply.logs and user_key is not None):
             return None
-        args = (
-            1,
-            user_key,
+        return (
             campaign_id,
             reply.at_ms,
             reply.logs,
             text(reply.campaign_dropped),
             text(reply.user_dropped),
         )
-        return slot_of(user_key), RELEASE_USER, len(args), pack_args(args)
 
     def late_campaign_undo(
         self, context: Context, raw: Any

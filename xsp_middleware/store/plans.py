@@ -189,9 +189,8 @@ class Planner:
             user_tail=pack_args((bounds, self.user_caps, user_bounds)),
             slot=slot_of(cfg_key) if self.cluster else 0,
             bounds=bounds,
-            multi=pack_args(
+            profile=pack_args(
                 (
-                    campaign_id,
                     *rule.wire,
                     tz,
                     bounds,
@@ -415,11 +414,13 @@ class Planner:
         ticket: int,
         extras: tuple[str, str, str, str, str] | None = None,
         also: Sequence[Call] = (),
+        swap: tuple[str | int, ...] | None = None,
     ) -> Generator[Batch, list[Answer], Reservation]:
         """A Redis Cluster reservation in two halves (campaign's slot, user's slot), sent
         together; the half that passed is released when the other denied. The driver has
         learned the slot map already (a failure there is the store-wide breaker's). ``also``:
-        releases to send with the first try (another candidate's compensation)."""
+        releases to send with the first try (another candidate's compensation); ``swap``:
+        another candidate's user half for the first try's user half to undo first."""
         campaign_id, user_key, counts = context
         tz = self.zone_of(campaign_id, rule)
         started = time.monotonic()
@@ -427,20 +428,23 @@ class Planner:
         halves = self.halves
         for _ in range(3):
             c_slot, (c_n, c_body), user_call = halves.calls(
-                campaign_id, user_key, cost_units, rule, counts, tz, extras
+                campaign_id, user_key, cost_units, rule, counts, tz, extras, swap
             )
+            swap = None
             calls = [Call(c_slot, RESERVE_CAMPAIGN, c_n, c_body, halves.late_campaign_undo)]
             if user_call is not None:
                 u_slot, u_n, u_body = user_call
                 calls.append(Call(u_slot, RESERVE_USER, u_n, u_body, halves.late_user_undo))
-            sent = len(calls)
-            calls += also
+            # Releases first: on the same shard they run before this reservation's half (a
+            # candidate's released impression must not count against the next one's caps).
+            before = len(also)
+            calls = [*also, *calls]
             also = ()
             answers = yield Batch(calls, True, context)
-            for _, _, result in answers[sent:]:
+            for _, _, result in answers[:before]:
                 if isinstance(result, StoreUnavailable):
                     compensation_failed("campaign", result)
-            answers = answers[:sent]
+            answers = answers[before:]
             failures: list[StoreUnavailable] = []
             for node, node_ticket, result in answers:
                 halves.outcome(node, node_ticket, result, failures)

@@ -354,8 +354,10 @@ class Packed:
     slot: int
     bounds: str
     """The campaign's calendar bounds."""
-    multi: bytes
-    """Its arguments in a reserve_any.lua call."""
+    profile: bytes
+    """Its fallback config, zone, calendar, weight and ceiling in a reserve_any.lua call (13
+    arguments, see lib.lua's xsp_profile): a profile that candidates with the same settings
+    share."""
 
 
 def reserved_by(context: Context, reply: CampaignReply) -> Reservation:

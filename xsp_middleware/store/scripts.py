@@ -98,6 +98,7 @@ PEEK = _load_script("peek", retry_safe=True)
 RESERVE_ANY = _load_script("reserve_any", retry_safe=True)
 RESERVE_USER_ANY = _load_script("reserve_user_any", retry_safe=True)
 CHECK_CAMPAIGN = _load_script("check_campaign", retry_safe=True)
+COUNT_DENIALS = _load_script("count_denials", retry_safe=False)
 
 # Redis Cluster: each script touches one slot (the campaign's or the user's).
 RESERVE_CAMPAIGN = _load_script("reserve_campaign", retry_safe=True)

@@ -29,7 +29,7 @@ from ..settings import CampaignConfig
 from . import memory
 from .aio import Store
 from .calls import Answer, Batch, Call
-from .choice import Candidates, ChoiceFailed
+from .choice import COUNT_INTERVAL, Candidates, ChoiceFailed
 from .halves import compensation_failed
 from .pipeline import Redirected
 from .plans import drive
@@ -52,6 +52,8 @@ class SyncStore:
         self._cluster: Any = None
         self._slot_map: SlotMap | None = None
         self._cluster_lock = threading.Lock()
+        self._count_timer: threading.Timer | None = None
+        """Writes the tallied denial counts of candidates (see _send_later)."""
         self._refreshed_at = 0.0
         client: Any = None
         if store.is_memory:
@@ -152,6 +154,7 @@ class SyncStore:
                     raise
                 made = chooser.answered(candidates, user_key, True, raw, started, ticket)
                 if made is not None:
+                    self._send_later(chooser.flush_due())
                     return made
             raise StoreUnavailable("the candidates' time zones keep changing")
         try:
@@ -170,11 +173,34 @@ class SyncStore:
         return choice
 
     def _send_later(self, calls: list[Call]) -> None:
-        """After a cluster choice: counts and releases (their failures logged)."""
-        if calls:
-            for _, _, result in self._run_batch(Batch(calls, False), None):
-                if isinstance(result, StoreUnavailable):
-                    compensation_failed("campaign", result)
+        """After a choice: denial counts and releases (their failures logged); and, while
+        denials are tallied but not written, a timer that writes them within COUNT_INTERVAL even
+        if no decision follows (see ``Chooser.count``)."""
+        if self.planner.chooser.tally and self._count_timer is None:
+            with self._cluster_lock:
+                if self._count_timer is None:
+                    self._count_timer = threading.Timer(COUNT_INTERVAL, self._counts_due)
+                    self._count_timer.daemon = True
+                    self._count_timer.start()
+        if not calls:
+            return
+        if not self.store.is_cluster:
+            for call in calls:
+                try:
+                    self._call(call.script, call.nargs, call.body)
+                except StoreUnavailable as exc:
+                    compensation_failed("campaign", exc)
+            return
+        for _, _, result in self._run_batch(Batch(calls, False), None):
+            if isinstance(result, StoreUnavailable):
+                compensation_failed("campaign", result)
+
+    def _counts_due(self) -> None:
+        self._count_timer = None
+        try:
+            self._send_later(self.planner.chooser.flush_due(force=True))
+        except Exception as exc:  # a timer thread: report, never raise into nothing
+            logs.internal_error("writing the denial counts of candidates", exc)
 
     def release(self, reservation: Reservation) -> None:
         """Give back a reservation's spend and impression. Raises StoreUnavailable."""

@@ -35,23 +35,9 @@ local function xsp_split(text, sep)
   end
 end
 
--- A campaign's config: each field from its stored hash, else from the settings' fallback,
--- nine ARGV from `at`: budget, daily_budget, cost, caps, status, tz, start, end, pacing;
--- '' means unset.
--- The same read brings the stored leasing flag (c.leasing: '1', '0' or '' when unset), and
--- c.pending, '1' once the campaign ever held a pending reservation (see xsp_pending).
--- HGETALL: its cost grows with the fields stored (often none: the settings' config applies),
--- where HMGET's grows with the fields asked for (ten of them cost four times as much).
--- Stored amounts and times must be plain integers: anything else (a hand-edited hash) falls
--- back to the settings' value rather than failing, or worse, parsing as inf.
--- `max_cost` (the bid ceiling, a cost per impression) is stored only where it was set; the
--- settings' value, when there is one, comes as `max_fallback`.
-local function xsp_config(key, at, max_fallback)
-  local c = {budget = ARGV[at], daily_budget = ARGV[at + 1], cost = ARGV[at + 2],
-    caps = ARGV[at + 3], status = ARGV[at + 4], tz = ARGV[at + 5], start = ARGV[at + 6],
-    ['end'] = ARGV[at + 7], pacing = ARGV[at + 8], leasing = '', max_cost = max_fallback or '',
-    pending = '', weight = ''}
-  local stored = redis.call('HGETALL', key)
+-- The stored hash fields (`stored`, as HGETALL answers) over the fallback config `c` (see
+-- xsp_config).
+local function xsp_overlay(c, stored)
   for i = 1, #stored, 2 do
     local name, v = stored[i], stored[i + 1]
     if c[name] == nil then  -- not a config field
@@ -75,6 +61,45 @@ local function xsp_config(key, at, max_fallback)
   return c
 end
 
+-- The settings' fallback config: nine ARGV from `at` (see xsp_config), '' meaning unset.
+local function xsp_fallback(at, max_fallback)
+  return {budget = ARGV[at], daily_budget = ARGV[at + 1], cost = ARGV[at + 2],
+    caps = ARGV[at + 3], status = ARGV[at + 4], tz = ARGV[at + 5], start = ARGV[at + 6],
+    ['end'] = ARGV[at + 7], pacing = ARGV[at + 8], leasing = '', max_cost = max_fallback or '',
+    pending = '', weight = ''}
+end
+
+-- A campaign's config: each field from its stored hash, else from the settings' fallback,
+-- nine ARGV from `at`: budget, daily_budget, cost, caps, status, tz, start, end, pacing;
+-- '' means unset.
+-- The same read brings the stored leasing flag (c.leasing: '1', '0' or '' when unset), and
+-- c.pending, '1' once the campaign ever held a pending reservation (see xsp_pending).
+-- HGETALL: its cost grows with the fields stored (often none: the settings' config applies),
+-- where HMGET's grows with the fields asked for (ten of them cost four times as much).
+-- Stored amounts and times must be plain integers: anything else (a hand-edited hash) falls
+-- back to the settings' value rather than failing, or worse, parsing as inf.
+-- `max_cost` (the bid ceiling, a cost per impression) is stored only where it was set; the
+-- settings' value, when there is one, comes as `max_fallback`.
+local function xsp_config(key, at, max_fallback)
+  return xsp_overlay(xsp_fallback(at, max_fallback), redis.call('HGETALL', key))
+end
+
+-- A candidate profile (reserve_any.lua): the settings' config of the candidates that share
+-- it, 13 ARGV from `at`: the nine of xsp_config, the time zone its bounds were computed in,
+-- the bounds, the fallback weight, the settings' bid ceiling. Read once per call; `base` is
+-- the config of a candidate that stores nothing (shared by them all: only read).
+local function xsp_profile(at)
+  return {at = at, base = xsp_overlay(xsp_fallback(at, ARGV[at + 12]), {}),
+    bounds_tz = ARGV[at + 9], bounds = ARGV[at + 10], weight = ARGV[at + 11]}
+end
+
+-- A candidate's config: its stored hash over its profile's (the shared table when it stores
+-- nothing, the common case).
+local function xsp_config_of(key, profile)
+  local stored = redis.call('HGETALL', key)
+  if #stored == 0 then return profile.base end
+  return xsp_overlay(xsp_fallback(profile.at, ARGV[profile.at + 12]), stored)
+end
 -- A campaign's weight (selection "weighted"): the stored one when it is a whole number in
 -- [1, 1000000], else the settings' (`fallback`).
 local function xsp_weight(c, fallback)
@@ -123,7 +148,7 @@ local XSP_LIFETIME_TTL_MS = 400 * 86400 * 1000
 -- "N:window_ms" (rolling), "N:0" (lifetime), "N:day|week|month" (calendar) -> caps as one flat
 -- list, three values per cap: N, the time after which an impression counts (`since`; false for
 -- a lifetime cap, which counts every impression) and how long the log must keep it.
-local function xsp_parse_caps(spec, now, bounds_text)
+local function xsp_parse_caps_now(spec, now, bounds_text)
   local caps, at = {}, 1
   while true do
     local _, stop, n, w = string.find(spec, '(%d+):(%w+)', at)
@@ -147,6 +172,16 @@ local function xsp_parse_caps(spec, now, bounds_text)
     local i = #caps
     caps[i + 1], caps[i + 2], caps[i + 3] = tonumber(n), since, keep
   end
+end
+local xsp_caps_spec, xsp_caps_now, xsp_caps_bounds, xsp_caps_last
+local function xsp_parse_caps(spec, now, bounds_text)
+  -- Candidates often share caps: the last parse is kept (callers only read it).
+  if spec == xsp_caps_spec and now == xsp_caps_now and bounds_text == xsp_caps_bounds then
+    return xsp_caps_last
+  end
+  xsp_caps_spec, xsp_caps_now, xsp_caps_bounds = spec, now, bounds_text
+  xsp_caps_last = xsp_parse_caps_now(spec, now, bounds_text)
+  return xsp_caps_last
 end
 
 -- One field of the user's hash per campaign ('*' for caps across campaigns):
@@ -327,6 +362,22 @@ local function xsp_user_unrecord(key, field, at, restore)
   end
 end
 
+-- Undo the user's half of a reservation (release_user.lua): its impression at `at_s` (ms)
+-- out of the logs it wrote (`logs_s`, reserve_user.lua's reply), and the times its write
+-- dropped put back (`a4`, `a5`: from the campaign's log and from '*'); a pending
+-- reservation's (logs 4 more): `a4` is its id, and its pending entries go.
+local function xsp_user_release(key, cid, at_s, logs_s, a4, a5)
+  local at, logs = tonumber(at_s), tonumber(logs_s)
+  if logs >= 4 then
+    logs = logs - 4
+    if logs % 2 == 1 then xsp_pending_take(key, cid, a4) end
+    if logs >= 2 then xsp_pending_take(key, '*', a4) end
+    return
+  end
+  if logs % 2 == 1 then xsp_user_unrecord(key, cid, at, a4) end
+  if logs >= 2 then xsp_user_unrecord(key, '*', at, a5) end
+end
+
 -- The pieces of a reservation. reserve.lua runs them all in one script (standalone Redis);
 -- on a cluster, reserve_campaign.lua and reserve_user.lua run the campaign's and the user's
 -- pieces on their own shards, concurrently.
@@ -367,15 +418,62 @@ local function xsp_campaign_start(st_key, c, cost_s, now_override, bounds_text)
   return k, xsp_campaign_gate(c, given, k.cost, k.now)
 end
 
+-- xsp_user_gate's judgement of what it read: `got` holds the user hash's '!o' and '!b' (its
+-- first two), the campaign's log (at `ci`) and pending entries (at `pi`; 0: not read yet,
+-- then read here, only when the log alone does not reach a cap), and the ones across
+-- campaigns (at `ui`, `ui + 1`; 0: none), as HMGET answered them (choosing among candidates
+-- reads every candidate's log in one HMGET). A denial's `u` is one of the shared tables
+-- below: it is only read (its left and personal); a pass gets its own, which the commit
+-- writes from.
+local XSP_U_ANON = {key = false, personal = 1, left = -1}
+local XSP_U_BLOCKED = {key = false, personal = 1, left = -1}
+local XSP_U_NOCONSENT = {key = false, personal = 0, left = -1}
+local XSP_U_UNTRACKED = {key = false, personal = 0, left = -1}
+local XSP_U_CAPPED = {key = false, personal = 1, left = 0}
+local function xsp_user_judge(key, cid, got, ci, pi, ui, camp_spec, camp_bounds, user_spec,
+                              user_bounds, now, policy)
+  if not key then return nil, XSP_U_ANON end
+  local blocked = got[2]
+  if blocked and string.find(',' .. blocked .. ',', ',' .. cid .. ',', 1, true) then
+    return 7, XSP_U_BLOCKED  -- "stop seeing this ad" holds whatever else the user chose
+  end
+  if got[1] == '1' and policy ~= 'ignore' then
+    if policy == 'deny' then return 6, XSP_U_NOCONSENT end
+    return nil, XSP_U_UNTRACKED  -- no_tracking: serve without the user's state
+  end
+  local camp_held, user_pending, user_held
+  local camp_left, camp_life, camp_times, camp_caps =
+    xsp_log_check(got[ci], camp_spec, now, camp_bounds, nil)
+  if camp_left == -1 then return 1, XSP_U_CAPPED end  -- whatever is pending
+  local held = got[pi]
+  if held == nil and camp_left ~= false then held = redis.call('HGET', key, '~' .. cid) end
+  if held then
+    local pending
+    pending, camp_held = xsp_read_pending(held, now)
+    camp_left, camp_life, camp_times, camp_caps =
+      xsp_log_check(got[ci], camp_spec, now, camp_bounds, pending)
+    if camp_left == -1 then return 1, XSP_U_CAPPED end
+  end
+  if got[ui + 1] then user_pending, user_held = xsp_read_pending(got[ui + 1], now) end
+  local user_left, user_life, user_times, user_caps =
+    xsp_log_check(got[ui], user_spec, now, user_bounds, user_pending)
+  if user_left == -1 then return 1, XSP_U_CAPPED end
+  local left = -1
+  if camp_left ~= false then left = camp_left end
+  if user_left ~= false and (left == -1 or user_left < left) then left = user_left end
+  return nil, {key = key, personal = 1, left = left,
+    fresh = not (got[1] or blocked or got[ci] or held or got[ui] or got[ui + 1]),
+    camp_life = camp_life, camp_times = camp_times or false, camp_caps = camp_caps or false,
+    user_life = user_life, user_times = user_times or false, user_caps = user_caps or false,
+    camp_held = camp_held or false, user_held = user_held or false}
+end
+
 -- The user's side: stored preferences (blocked campaigns, opt-out), then the campaign's caps
 -- (field = campaign id) and the caps across campaigns (field '*'). Returns a reason (nil: pass)
 -- and `u`, what xsp_user_commit writes: u.key is false when the user's state is not used.
 local function xsp_user_gate(key, cid, camp_spec, camp_bounds, user_spec, user_bounds, now,
                              policy)
-  local u = {key = key or false, personal = 1, left = -1, fresh = false, camp_life = 0,
-    camp_times = false, camp_caps = false, user_life = 0, user_times = false, user_caps = false,
-    camp_held = false, user_held = false}
-  if not key then return nil, u end
+  if not key then return nil, XSP_U_ANON end
   -- One read: the preferences and both logs.
   local got
   if user_spec ~= nil and user_spec ~= '' then
@@ -383,28 +481,8 @@ local function xsp_user_gate(key, cid, camp_spec, camp_bounds, user_spec, user_b
   else
     got = redis.call('HMGET', key, '!o', '!b', cid, '~' .. cid)
   end
-  if got[2] and string.find(',' .. got[2] .. ',', ',' .. cid .. ',', 1, true) then
-    return 7, u  -- "stop seeing this ad" holds whatever else the user chose
-  end
-  if got[1] == '1' and policy ~= 'ignore' then
-    u.personal = 0
-    if policy == 'deny' then return 6, u end
-    u.key = false  -- no_tracking: serve without reading or writing the user's state
-    return nil, u
-  end
-  u.fresh = not (got[1] or got[2] or got[3] or got[4] or got[5] or got[6])
-  local camp_left, user_left, pending
-  pending, u.camp_held = xsp_read_pending(got[4], now)
-  camp_left, u.camp_life, u.camp_times, u.camp_caps =
-    xsp_log_check(got[3], camp_spec, now, camp_bounds, pending)
-  if camp_left == -1 then u.left = 0 return 1, u end
-  pending, u.user_held = xsp_read_pending(got[6], now)
-  user_left, u.user_life, u.user_times, u.user_caps =
-    xsp_log_check(got[5], user_spec, now, user_bounds, pending)
-  if user_left == -1 then u.left = 0 return 1, u end
-  if camp_left ~= false then u.left = camp_left end
-  if user_left ~= false and (u.left == -1 or user_left < u.left) then u.left = user_left end
-  return nil, u
+  return xsp_user_judge(key, cid, got, 3, 4, 5, camp_spec, camp_bounds, user_spec, user_bounds,
+    now, policy)
 end
 
 -- Extend the user key's TTL to at least ttl; never shorten it (campaigns with longer windows
