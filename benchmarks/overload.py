@@ -18,10 +18,15 @@ req/s per level, and the verdicts:
 * served at least 99.9% at every level;
 * guarded/bare req/s at least 0.8x at 256 connections.
 
+``--candidates 8``: every request names 8 candidates (``campaign_id=c1,...,c8``), of which the
+first 5 have no budget left (``budget_exhausted``, passed over) and the 6th serves: choosing
+among candidates, through the same server.
+
 Run from the repository root (``pip install -e ".[dev,examples]"``)::
 
     python benchmarks/overload.py              # about 1.5 minutes
     python benchmarks/overload.py --seconds 5 --json
+    python benchmarks/overload.py --candidates 8
 """
 
 from __future__ import annotations
@@ -117,14 +122,29 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=6.0, help="seconds per level and app")
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument(
+        "--candidates",
+        type=int,
+        default=1,
+        help="candidates per request (the first ones out of budget, the last 3 open)",
+    )
     args = parser.parse_args()
+    path, campaigns = PATH, [{"id": "c1", "budget": "1000000.00"}]
+    if args.candidates > 1:
+        ids = [f"c{i}" for i in range(1, args.candidates + 1)]
+        closed = max(0, args.candidates - 3)
+        campaigns = [
+            {"id": cid, "budget": "0.00" if i < closed else "1000000.00"}
+            for i, cid in enumerate(ids)
+        ]
+        path = f"/ad?campaign_id={','.join(ids)}&cpm=2.00"
 
     redis = RedisServer()
     logs = Path(redis.dir)
     env = {
         "XSP_REDIS_URL": redis.url,
         "XSP_SECRET_KEY": SECRET,
-        "XSP_CAMPAIGNS": json.dumps([{"id": "c1", "budget": "1000000.00"}]),
+        "XSP_CAMPAIGNS": json.dumps(campaigns),
     }
     guarded = Server("examples.fastapi_app:app", env, logs / "guarded.log")
     bare = Server("benchmarks.bare_fastapi_app:app", env, logs / "bare.log")
@@ -132,13 +152,13 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     try:
         for server in servers.values():
-            run_flood({"port": server.port, "path": PATH, "phases": [[64, args.warmup]]})
+            run_flood({"port": server.port, "path": path, "phases": [[64, args.warmup]]})
         for i, level in enumerate(LEVELS):
             order = ["guarded", "bare"] if i % 2 == 0 else ["bare", "guarded"]
             for name in order:
                 cfg = {
                     "port": servers[name].port,
-                    "path": PATH,
+                    "path": path,
                     "prefix": f"{name}-{i}",
                     "phases": [[level, args.seconds]],
                 }

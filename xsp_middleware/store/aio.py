@@ -20,7 +20,6 @@ from time import monotonic as _monotonic
 from typing import Any
 
 from .. import logs, observe
-from ..breaker import DENIED
 from ..clock import Clock, StoreClock
 from ..errors import StoreUnavailable
 from ..settings import CampaignConfig, Rules
@@ -28,7 +27,8 @@ from ..store_url import parse_store_url
 from . import memory
 from .admin import Admin
 from .calls import Answer, Batch, Call, Late
-from .choice import COUNT_INTERVAL, Candidates, ChoiceFailed
+from .choice import Candidates
+from .choosing import Choosing
 from .leasing import Leasing
 from .loops import LoopState
 from .pipeline import AutoPipeline, Redirected
@@ -51,7 +51,6 @@ from .scripts import (
     PEEK,
     PEEK_USER,
     RESERVE,
-    RESERVE_ANY,
     STANDALONE_SCRIPTS,
     Script,
     pack_args,
@@ -97,9 +96,8 @@ class Store(Admin):
         }
         self.leasing = Leasing(self)
         """Budget leases (see leasing.py)."""
-        self._count_timer: asyncio.TimerHandle | None = None
-        """Writes the tallied denial counts of candidates COUNT_INTERVAL after the first (see
-        _send_counts)."""
+        self.choosing = Choosing(self)
+        """Choosing among candidates (see choosing.py)."""
 
     @property
     def clock(self) -> Clock:
@@ -128,6 +126,7 @@ class Store(Admin):
             # their sockets are freed with them.
             for old in [old for old in self._loops if old.is_closed()]:
                 del self._loops[old]
+                self.choosing.forget(old)
             client = self._make_client()
             if self.is_cluster:
                 shards = Shards(
@@ -240,85 +239,7 @@ class Store(Admin):
         atomic step: the first that passes every check, or (``weighted``) one of those at
         random in proportion to its weight. One round trip on one server; on a cluster one in
         the common case, at most two (see choice.py). Raises StoreUnavailable."""
-        planner = self.planner
-        chooser = planner.chooser
-        ticket = planner.admit()
-        state = self.state()
-        if state.shards is not None:
-            shards = state.shards
-            try:
-                await shards.ready()
-            except StoreUnavailable as exc:
-                planner.call_failed(exc, ticket)
-                raise
-            context = (candidates[0][0], user_key, True)
-            plan = chooser.split(candidates, user_key, cost_units, True, weighted, ticket)
-            batch = next(plan)
-            while True:
-                answers = await self._run_batch(shards, batch, context)
-                try:
-                    batch = plan.send(answers)
-                except StopIteration as done:
-                    choice: Choice = done.value
-                    break
-                except ChoiceFailed as exc:
-                    for call in exc.later:
-                        self.send_soon(call.slot, call.script, call.nargs, call.body)
-                    raise
-            self._send_counts(choice.later)
-            return choice
-        pipeline = state.pipeline
-        assert pipeline is not None
-        started = _monotonic()
-        late = (candidates, user_key)
-        for _ in range(3):
-            step = chooser.any_call(candidates, user_key, cost_units, True, weighted)
-            future = pipeline.call(RESERVE_ANY, *step, self._release_orphan_any, late)
-            try:
-                raw = await future
-            except StoreUnavailable as exc:
-                planner.call_failed(exc, ticket)
-                raise
-            except asyncio.CancelledError:
-                planner.breaker.no_verdict(ticket)
-                if future.done() and not future.cancelled() and future.exception() is None:
-                    self._release_orphan_any(late, future.result())
-                raise
-            made = chooser.answered(candidates, user_key, True, raw, started, ticket)
-            if made is not None:
-                self._send_counts(chooser.flush_due())
-                return made
-        raise StoreUnavailable("the candidates' time zones keep changing")
-
-    def _send_counts(self, calls: list[Call]) -> None:
-        """Send a choice's calls nobody waits for (denial counts, compensations); and, while
-        denials are tallied but not written, write them within COUNT_INTERVAL even if no
-        decision follows (see ``Chooser.count``)."""
-        for call in calls:
-            self.send_soon(call.slot, call.script, call.nargs, call.body)
-        if self.planner.chooser.tally and self._count_timer is None:
-            loop = asyncio.get_running_loop()
-            self._count_timer = loop.call_later(COUNT_INTERVAL, self._counts_due)
-
-    def _counts_due(self) -> None:
-        self._count_timer = None
-        if not asyncio.get_running_loop().is_closed():
-            self._send_counts(self.planner.chooser.flush_due(force=True))
-
-    def _release_orphan_any(self, late: Any, reply: Any) -> None:
-        """_release_orphan for a reserve_any reply nobody awaits."""
-        try:
-            reservation = self.planner.chooser.late_reservation(late[0], late[1], reply)
-        except StoreUnavailable:
-            logs.event(
-                "orphan_release_failed",
-                logging.ERROR,
-                "could not release an orphaned reservation: reply %r",
-                reply,
-            )
-            return
-        if reservation is not None:
-            self._release_late(reservation)
+        return await self.choosing.reserve_any(candidates, user_key, cost_units, weighted)
 
     async def _reserve_split(
         self,
@@ -371,39 +292,11 @@ class Store(Admin):
 
     def _send(self, shards: Shards, call: Call, context: Context, decision: bool) -> Sent:
         if call.script is CHECK_CAMPAIGN:
-            return self._send_check(shards, call)
+            return self.choosing.send_check(shards, call)
         orphan = None if call.late is None else self._orphans[call.late]
         return shards.send(
             call.slot, call.script, call.nargs, call.body, orphan, context, decision=decision
         )
-
-    def _send_check(self, shards: Shards, call: Call) -> Sent:
-        """A candidate campaign's check, shared by the decisions of this loop that send the
-        same one while it is in flight (a burst checks each campaign once per round trip, not
-        once per decision). It only reads (what it writes, settling and exhaustion, is the same
-        whoever runs it), so sharing changes no outcome. Each decision gets its own future: a
-        cancelled one never cancels the others'."""
-        state = self.state()
-        key = (call.slot, call.body)
-        shared = state.checks.get(key)
-        if shared is None:
-            shared = shards.send(call.slot, call.script, call.nargs, call.body)
-            state.checks[key] = shared
-            shared.future.add_done_callback(lambda _: state.checks.pop(key, None))
-        mine: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-
-        def copy(done: asyncio.Future[Any]) -> None:
-            if mine.done():
-                return
-            if done.cancelled():
-                mine.set_exception(StoreUnavailable("the check was cancelled", "cancelled"))
-            elif done.exception() is not None:
-                mine.set_exception(done.exception())  # type: ignore[arg-type]
-            else:
-                mine.set_result(done.result())
-
-        shared.future.add_done_callback(copy)
-        return Sent(shared.node, mine, DENIED)
 
     async def relearn(self, shards: Shards) -> None:
         """Re-learn the slot map after a redirection (a failure only delays the retry)."""
@@ -612,27 +505,13 @@ class Store(Admin):
         """Give back this loop's budget leases: their unspent units return to the store (and
         write the denial counts still held, see ``Chooser.count``)."""
         await self.leasing.return_all()
-        await self.flush_denials()
-
-    async def flush_denials(self) -> None:
-        """Write the denials of passed-over candidates counted so far (they are otherwise
-        written every COUNT_INTERVAL, by the decisions themselves)."""
-        for call in self.planner.chooser.flush_due(force=True):
-            try:
-                await self._call(call.slot, call.script, call.nargs, call.body)
-            except StoreUnavailable as exc:
-                logs.event(
-                    "denial_counts_failed",
-                    logging.WARNING,
-                    "could not write the denial counts of candidates: %s",
-                    exc,
-                )
+        await self.choosing.flush()
 
     async def aclose(self) -> None:
         """Give back this loop's budget leases, then close its connections (optional: they are
         also freed with the loop, but unreturned leases stay counted as spent)."""
         await self.leasing.return_all()
-        await self.flush_denials()
+        await self.choosing.flush()
         loop = asyncio.get_running_loop()
         state = self._loops.pop(loop, None)
         if state is not None:

@@ -64,10 +64,6 @@ Candidates = Sequence[tuple[str, CampaignConfig]]
 COUNT_INTERVAL = 0.25
 """Seconds between writes of the passed-over candidates' denial counts (see Chooser.count)."""
 
-_DRAW_RANGE = 1 << 28
-"""reserve_any.lua draws ``floor(r * total / 2^28)``: exact in Lua's doubles for any total
-weight of 16 candidates (at most 2^24 each)."""
-
 
 class Chooser:
     """The candidates' calls and plans of one store (its planner's caches are shared)."""
@@ -107,7 +103,9 @@ class Chooser:
             ids += (cid, profiles.setdefault(static.profile, len(profiles) + 1))
         shared = (
             n,
-            str(random.getrandbits(28)) if weighted else "",
+            # A double in [0, 1), written exactly (17 digits): the script draws
+            # floor(r * total weight), which no total of at most 64 x 1e6 can round wrong.
+            f"{random.random():.17g}" if weighted else "",
             planner.user_caps,
             self._user_bounds(),
             planner.allowance,

@@ -395,14 +395,12 @@ class ChoiceReply(NamedTuple):
     """(reason code, exhaustion fired) of each evaluated candidate, in order."""
 
 
-def outcome_codes(raw: bytes | str) -> list[tuple[int, int]]:
-    """The scripts' per-candidate outcomes, ``"1,2.1,0"``: (reason, exhaustion fired)."""
-    out = []
-    for item in text(raw).split(","):
-        if item:
-            code, _, fired = item.partition(".")
-            out.append((int(code), int(fired or 0)))
-    return out
+def outcome_codes(raw: Any) -> list[tuple[int, int]]:
+    """The scripts' per-candidate outcomes, an array of integers: (reason, exhaustion fired),
+    from ``reason + 100 * fired``."""
+    if not isinstance(raw, list):
+        raise TypeError(f"outcomes: {raw!r}")
+    return [(int(v) % 100, int(v) // 100) for v in raw]
 
 
 def choice_reply(raw: Any) -> ChoiceReply:
@@ -429,7 +427,9 @@ def user_choice_reply(raw: Any) -> UserChoiceReply:
     _shape(raw, 11, "reserve_user_any")
     try:
         reasons = [r for r, _ in outcome_codes(raw[8])]
-        lefts = [int(v) for v in text(raw[10]).split(",") if v]
+        if not isinstance(raw[10], list):
+            raise TypeError(f"lefts: {raw[10]!r}")
+        lefts = [int(v) for v in raw[10]]
         return UserChoiceReply(user_reply(raw[:8]), reasons, int(raw[9]), lefts)
     except (TypeError, ValueError):
         raise StoreUnavailable(f"unexpected reply from the user's script: {raw!r}") from None

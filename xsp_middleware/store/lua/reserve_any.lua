@@ -4,8 +4,8 @@
 -- KEYS[1] user hash ('' when the request is anonymous: no caps apply). The candidates' keys
 -- are built here from ARGV[13], '<prefix>:c:{': two arguments fewer per candidate, and one
 -- server has no slot rule to break.
--- ARGV[1] the number of candidates   ARGV[2] '' (first) or, weighted, a random integer in
--- [0, 2^28)   ARGV[3] user caps across campaigns   ARGV[4] their (UTC) calendar bounds
+-- ARGV[1] the number of candidates   ARGV[2] '' (first) or, weighted, a random number in
+-- [0, 1)   ARGV[3] user caps across campaigns   ARGV[4] their (UTC) calendar bounds
 -- ARGV[5] pacing burst allowance (parts per 10000)   ARGV[6] request cost in units ('' = each
 -- campaign's)   ARGV[7] now override ms ('' = TIME)   ARGV[8] '1' to count an impression
 -- ARGV[9] what a stored opt-out does   ARGV[10] how long (ms) the reservation stays pending
@@ -14,8 +14,9 @@
 -- settings share one, so a call carries each once; see xsp_profile), then two per candidate,
 -- from b = 14 + 13 P + 2 (i - 1): its id, its profile's number.
 -- Reply: reserve.lua's twelve elements for the chosen candidate, then its index (0: none was
--- eligible) and what each evaluated candidate got, in order: its reason code, with '.1' or
--- '.2' when its check exhausted its lifetime or daily budget (14: eligible, not drawn).
+-- eligible) and what each evaluated candidate got, in order, an array of integers: its
+-- reason code, plus 100 or 200 when its check exhausted its lifetime or daily budget
+-- (14: eligible, not drawn).
 -- The denials of candidates passed over are not counted here: the app counts them and
 -- writes the counts every quarter of a second (count_denials.lua), one write per campaign,
 -- not one per decision and candidate.
@@ -43,7 +44,7 @@ if user then
   got = redis.call('HMGET', user, unpack(fields))
 end
 
-local CODES, profiles = {'1', '2', '3', '4', '5', '6', '7', '8', '9', '10', '11', '12', '13'}, {}
+local profiles = {}
 local cost_n = cost_arg ~= '' and tonumber(cost_arg)
 for i = 1, n do
   local cid, profile = ARGV[ids_at + 2 * (i - 1)], ARGV[ids_at + 2 * i - 1]
@@ -58,7 +59,7 @@ for i = 1, n do
   leasing = c.leasing
   local tz = c.tz or 'UTC'
   if tz ~= prof.bounds_tz then
-    return {0, 9, 0, 0, -1, 0, 0, 0, 0, tz, 1, leasing, i, table.concat(outcomes, ',')}
+    return {0, 9, 0, 0, -1, 0, 0, 0, 0, tz, 1, leasing, i, outcomes}
   end
   if c.pending == '1' then xsp_pending().settle_any(cfg_key, own .. 'st', c, now) end
   local bounds = prof.bounds
@@ -74,8 +75,7 @@ for i = 1, n do
     reason = xsp_campaign_budget(cfg_key, st_key, c, k, ARGV[5])
   end
   if reason then
-    outcomes[i] = CODES[reason]
-    if reason == 2 and k and k.fired > 0 then outcomes[i] = '2.' .. CODES[k.fired] end
+    outcomes[i] = (reason == 2 and k) and 2 + 100 * k.fired or reason
   elseif draw == '' then
     pick = i
     break
@@ -83,13 +83,13 @@ for i = 1, n do
     local w = xsp_weight(c, prof.weight)
     eligible[#eligible + 1] = {i, c, k, u, w, cid}
     total = total + w
-    outcomes[i] = '14'
+    outcomes[i] = 14
   end
   k = nil
 end
 
 if draw ~= '' and total > 0 then
-  local target = math.floor(tonumber(draw) * total / 268435456)
+  local target = math.floor(tonumber(draw) * total)
   for _, e in ipairs(eligible) do
     target = target - e[5]
     if target < 0 then
@@ -99,10 +99,10 @@ if draw ~= '' and total > 0 then
   end
 end
 if pick == 0 then
-  return {0, 0, 0, 0, -1, now, 0, 0, 0, '', personal, leasing, 0, table.concat(outcomes, ',')}
+  return {0, 0, 0, 0, -1, now, 0, 0, 0, '', personal, leasing, 0, outcomes}
 end
 
-outcomes[pick] = '0'
+outcomes[pick] = 0
 local cid, logs, rid = ARGV[ids_at + 2 * (pick - 1)], 0, ''
 local cfg_key, st_key = tag .. cid .. '}:cfg', tag .. cid .. '}:st'
 if not hold then
@@ -116,4 +116,4 @@ else
   pend.hold(cfg_key, st_key, own .. 'z', own .. 'pd', c, k, rid, hold, logs > 0 and user or '')
 end
 return {1, 0, k.cost, k.remaining - k.cost, u.left, k.now, 0, k.day_start, logs, rid,
-  u.personal, c.leasing, pick, table.concat(outcomes, ',')}
+  u.personal, c.leasing, pick, outcomes}

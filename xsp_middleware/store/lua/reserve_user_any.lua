@@ -8,9 +8,9 @@
 -- pending ('': it stands)   ARGV[8] its id. Then three per candidate, from at = 9 + 3 (i - 1): its id, its caps
 -- ("N:window" specs), its calendar bounds.
 -- Reply: reserve_user.lua's eight elements for the candidate written (passed 0 when none
--- was), each candidate's reason code in order (0: it passes the user's checks),
--- comma-separated, the index of the candidate written (0: none), and each candidate's
--- remaining impressions after one more (-1: no caps), comma-separated.
+-- was), each candidate's reason code in order (0: it passes the user's checks; an array),
+-- the index of the candidate written (0: none), and each candidate's remaining impressions
+-- after one more (-1: no caps; an array).
 local n, p, key = tonumber(ARGV[1]), tonumber(ARGV[2]), KEYS[1]
 local now = xsp_now_ms(ARGV[5])
 local outcomes, lefts, w, wu, personal = {}, {}, 0, nil, 1
@@ -23,7 +23,7 @@ for i = 1, n do
   personal = u.personal
   if not reason and i == p then w, wu = i, u end
 end
-local tail, room = table.concat(outcomes, ','), table.concat(lefts, ',')
+local tail, room = outcomes, lefts
 if w == 0 then return {0, 0, -1, now, 0, personal, '', '', tail, 0, room} end
 local cid, u = ARGV[9 + 3 * (w - 1)], wu
 if ARGV[7] ~= '' then
