@@ -422,29 +422,23 @@ end
 -- first two), the campaign's log (at `ci`) and pending entries (at `pi`; 0: not read yet,
 -- then read here, only when the log alone does not reach a cap), and the ones across
 -- campaigns (at `ui`, `ui + 1`; 0: none), as HMGET answered them (choosing among candidates
--- reads every candidate's log in one HMGET). A denial's `u` is one of the shared tables
--- below: it is only read (its left and personal); a pass gets its own, which the commit
--- writes from.
-local XSP_U_ANON = {key = false, personal = 1, left = -1}
-local XSP_U_BLOCKED = {key = false, personal = 1, left = -1}
-local XSP_U_NOCONSENT = {key = false, personal = 0, left = -1}
-local XSP_U_UNTRACKED = {key = false, personal = 0, left = -1}
-local XSP_U_CAPPED = {key = false, personal = 1, left = 0}
+-- reads every candidate's log in one HMGET). A denial's `u` holds only what its reply needs
+-- (left and personal); a pass gets the whole state, which the commit writes from.
 local function xsp_user_judge(key, cid, got, ci, pi, ui, camp_spec, camp_bounds, user_spec,
                               user_bounds, now, policy)
-  if not key then return nil, XSP_U_ANON end
+  if not key then return nil, {key = false, personal = 1, left = -1} end
   local blocked = got[2]
   if blocked and string.find(',' .. blocked .. ',', ',' .. cid .. ',', 1, true) then
-    return 7, XSP_U_BLOCKED  -- "stop seeing this ad" holds whatever else the user chose
+    return 7, {key = false, personal = 1, left = -1}  -- "stop seeing this ad" holds
   end
   if got[1] == '1' and policy ~= 'ignore' then
-    if policy == 'deny' then return 6, XSP_U_NOCONSENT end
-    return nil, XSP_U_UNTRACKED  -- no_tracking: serve without the user's state
+    if policy == 'deny' then return 6, {key = false, personal = 0, left = -1} end
+    return nil, {key = false, personal = 0, left = -1}  -- no_tracking: no user state
   end
   local camp_held, user_pending, user_held
   local camp_left, camp_life, camp_times, camp_caps =
     xsp_log_check(got[ci], camp_spec, now, camp_bounds, nil)
-  if camp_left == -1 then return 1, XSP_U_CAPPED end  -- whatever is pending
+  if camp_left == -1 then return 1, {key = false, personal = 1, left = 0} end  -- pending or not
   local held = got[pi]
   if held == nil and camp_left ~= false then held = redis.call('HGET', key, '~' .. cid) end
   if held then
@@ -452,12 +446,12 @@ local function xsp_user_judge(key, cid, got, ci, pi, ui, camp_spec, camp_bounds,
     pending, camp_held = xsp_read_pending(held, now)
     camp_left, camp_life, camp_times, camp_caps =
       xsp_log_check(got[ci], camp_spec, now, camp_bounds, pending)
-    if camp_left == -1 then return 1, XSP_U_CAPPED end
+    if camp_left == -1 then return 1, {key = false, personal = 1, left = 0} end
   end
   if got[ui + 1] then user_pending, user_held = xsp_read_pending(got[ui + 1], now) end
   local user_left, user_life, user_times, user_caps =
     xsp_log_check(got[ui], user_spec, now, user_bounds, user_pending)
-  if user_left == -1 then return 1, XSP_U_CAPPED end
+  if user_left == -1 then return 1, {key = false, personal = 1, left = 0} end
   local left = -1
   if camp_left ~= false then left = camp_left end
   if user_left ~= false and (left == -1 or user_left < left) then left = user_left end
@@ -473,7 +467,7 @@ end
 -- and `u`, what xsp_user_commit writes: u.key is false when the user's state is not used.
 local function xsp_user_gate(key, cid, camp_spec, camp_bounds, user_spec, user_bounds, now,
                              policy)
-  if not key then return nil, XSP_U_ANON end
+  if not key then return nil, {key = false, personal = 1, left = -1} end
   -- One read: the preferences and both logs.
   local got
   if user_spec ~= nil and user_spec ~= '' then
