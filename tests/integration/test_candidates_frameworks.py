@@ -680,12 +680,16 @@ async def test_a_static_candidates_list_is_served_in_priority_order(
     assert (await admin.get_campaign("d")).impressions == 0
 
 
-@pytest.mark.parametrize("route", ["/pick", "/apick"])
+@pytest.mark.parametrize(
+    ("routed_kind", "route"),
+    [(kind, "/pick") for kind in ROUTED]
+    # (An async callable under a sync integration: test_candidates_input.py.)
+    + [(kind, "/apick") for kind in ROUTED if kind in ASYNC_CAPABLE],
+    indirect=["routed_kind"],
+)
 async def test_a_candidates_callable_chooses_by_the_request(
     routed_kind: str, route: str, serve: Serve, admin: Store
 ) -> None:
-    if route == "/apick" and routed_kind not in ASYNC_CAPABLE:
-        pytest.skip("an async callable under a sync integration: test_candidates_input.py")
     # debug_headers: to see that an empty answer is not degraded, and the candidates header.
     app = await serve(routed_kind, debug_headers=True)
     await cap_a(app)
@@ -744,11 +748,10 @@ def registry() -> Iterable[CollectorRegistry]:
     observe.install(None)
 
 
+@pytest.mark.parametrize("store_url", ["memory", "cluster"], indirect=True)
 async def test_the_candidates_evaluated_histogram_counts_decisions_that_named_several(
     store_kind: str, serve: Serve, registry: CollectorRegistry
 ) -> None:
-    if store_kind not in ("memory", "cluster"):
-        pytest.skip("one single-server store and the cluster are enough for the metric")
     enable_metrics(registry=registry)
     app = await serve("starlette")
     await cap_a(app)  # one candidate: not observed
@@ -770,14 +773,13 @@ async def test_the_candidates_evaluated_histogram_counts_decisions_that_named_se
     assert sample("xsp_decisions_total", outcome="denied", reason="no_eligible_campaign") == 2
 
 
+@pytest.mark.parametrize("store_url", ["memory"], indirect=True)
 async def test_a_failing_callable_is_no_store_failure_in_the_metrics(
     store_kind: str, serve: Serve, registry: CollectorRegistry
 ) -> None:
     """``xsp_degraded_decisions_total{check}`` counts the decisions the store's failure policy
     took (the check it could not make): the app's targeting failing is no such decision, and
     must not page whoever watches the store."""
-    if store_kind != "memory":
-        pytest.skip("no store call is made: one store is enough")
     enable_metrics(registry=registry)
     app = await serve("starlette")
     for _ in range(3):
@@ -950,13 +952,12 @@ async def test_a_caps_change_in_the_store_applies_to_the_candidates_at_once(
     ]
 
 
+@pytest.mark.parametrize("store_url", ["memory"], indirect=True)
 async def test_a_callable_may_read_the_posted_body(
     routed_kind: str, store_kind: str, serve: Serve
 ) -> None:
     """A POSTed ad request (an OpenRTB-like JSON body): the app's targeting reads the body to
     choose, and the handler reads it again."""
-    if store_kind != "memory":
-        pytest.skip("reading the request is the integration's part: one store is enough")
     app = await serve(routed_kind)
     body = json.dumps({"candidates": ["b", "c"]}).encode()
     reply = await app.post("/post", body)

@@ -69,11 +69,10 @@ def chi_square(counts: Counter[str], total: int) -> float:
     )
 
 
+@pytest.mark.parametrize("store_url", ["redis", "memory", "cluster"], indirect=True)
 async def test_the_weighted_choice_follows_the_weights_over_10000_decisions(
     store_kind: str, serve: Serve, admin: Store
 ) -> None:
-    if store_kind == "sentinel":
-        pytest.skip("Sentinel's master is one server, as real Redis: redis and memory cover it")
     await weighted_admin(admin)
     app = await serve("starlette", selection="weighted", campaigns=WEIGHTED)
     chosen: Counter[str] = Counter()
@@ -107,11 +106,10 @@ async def test_the_weighted_choice_follows_the_weights_over_10000_decisions(
         assert sum(view.denials.values()) == 0, (cid, view.denials)  # not_selected is no denial
 
 
+@pytest.mark.parametrize("store_url", ["memory", "redis"], indirect=True)
 async def test_the_route_argument_chooses_weighted_or_first(
     routed_kind: str, store_kind: str, serve: Serve, admin: Store
 ) -> None:
-    if store_kind not in ("memory", "redis"):
-        pytest.skip("the route argument is read by the integration: one store is enough")
     await weighted_admin(admin)
     app = await serve(routed_kind, campaigns=WEIGHTED)  # the setting: "first", the default
     replies = await asyncio.gather(*(app.get("/weighted", user=f"u{i}") for i in range(300)))
@@ -136,11 +134,10 @@ async def test_the_route_argument_chooses_weighted_or_first(
         assert r.decision["candidates"] == listing(r.decision["campaign_id"]), r.decision
 
 
+@pytest.mark.parametrize("store_url", ["memory", "cluster"], indirect=True)
 async def test_a_weighted_no_fill_lists_every_candidate(
     routed_kind: str, store_kind: str, serve: Serve
 ) -> None:
-    if store_kind not in ("memory", "cluster"):
-        pytest.skip("one single server and the cluster are enough")
     # debug_headers: the X-XSP-Candidates header exists only under it.
     app = await serve(
         routed_kind,

@@ -421,7 +421,7 @@ end
 -- xsp_user_gate's judgement of what it read: `got` holds the user hash's '!o' and '!b' (its
 -- first two), the campaign's log (at `ci`) and pending entries (at `pi`; 0: not read yet,
 -- then read here, only when the log alone does not reach a cap), and the ones across
--- campaigns (at `ui`, `ui + 1`; 0: none), as HMGET answered them (choosing among candidates
+-- campaigns (at `ui`, `ui + 1`; -1: none), as HMGET answered them (choosing among candidates
 -- reads every candidate's log in one HMGET). A denial's `u` holds only what its reply needs
 -- (left and personal); a pass gets the whole state, which the commit writes from.
 local function xsp_user_judge(key, cid, got, ci, pi, ui, camp_spec, camp_bounds, user_spec,

@@ -33,7 +33,7 @@ local pick, c, k, u, personal, leasing = 0, nil, nil, nil, 1, ''
 -- One read of the user's hash for every candidate: the preferences, each candidate's log
 -- (from 3; its pending entries are read only where its log alone reaches no cap, see
 -- xsp_user_judge), then the log across campaigns (only with user caps).
-local got, ui = {}, 0
+local got, ui = {}, -1  -- (-1: no log across campaigns; got[-1] and got[0] are nil)
 if user then
   local fields = {'!o', '!b'}
   for i = 1, n do fields[2 + i] = ARGV[ids_at + 2 * (i - 1)] end
