@@ -48,7 +48,6 @@ from .protocol import (
     Reason,
     Reservation,
     UserChoiceReply,
-    campaign_reply,
     check_reply,
     choice_reply,
     reserved_by,
@@ -560,4 +559,4 @@ _COUNTED = {
 """Denial reasons a passed-over candidate's campaign counts (``n:<code>``)."""
 
 
-__all__ = ["Candidates", "Chooser", "campaign_reply"]
+__all__ = ["COUNT_INTERVAL", "Candidates", "ChoiceFailed", "Chooser"]
