@@ -338,8 +338,10 @@ class Admin:
         return min(budget, target)
 
     async def delete_campaign(self, campaign_id: str) -> bool:
-        """Forget a campaign's stored config and state (spend, counters). Users' logs expire on
-        their own. Returns whether anything was stored."""
+        """Forget a campaign's stored config and state (spend, counters, pending reservations).
+        Users' logs expire on their own. The cap slots its pending reservations held stop
+        counting at once on one server; on a cluster, the users' shards count them until they
+        expire. Returns whether anything was stored."""
         validate_campaign_id(campaign_id)
         await self.leasing.drop(campaign_id)
         keys = (*self.campaign_keys(campaign_id), *self.pending_keys(campaign_id))

@@ -95,13 +95,13 @@ class Chooser:
             planner.static_part(cid, rule, planner.zone_of(cid, rule)) for cid, rule in candidates
         ]
         hold = planner.hold_ms if counts_impression else None
-        n = len(candidates)
         profiles: dict[bytes, int] = {}
-        ids: list[str | int] = []
-        for (cid, _), static in zip(candidates, statics, strict=True):
-            ids += (cid, profiles.setdefault(static.profile, len(profiles) + 1))
+        numbers = [profiles.setdefault(static.profile, len(profiles) + 1) for static in statics]
+        each: list[str | int] = [cid for cid, _ in candidates]
+        each += [rule.caps_spec for _, rule in candidates]
+        if len(profiles) > 1:
+            each += numbers
         shared = (
-            n,
             # A double in [0, 1), written exactly (17 digits): the script draws
             # floor(r * total weight), which no total of at most 64 x 1e6 can round wrong.
             f"{random.random():.17g}" if weighted else "",
@@ -117,10 +117,13 @@ class Chooser:
             len(profiles),
             f"{planner.prefix}:c:{{",
         )
+        keys = [user_key or ""]
+        # KEYS[2..]: the candidates' config hashes (the script asks once whether any exists).
+        keys += [planner.campaign_keys(cid)[0] for cid, _ in candidates]
         body = b"".join(
-            (pack_args((1, user_key or "")), pack_args(shared), *profiles, pack_args(ids))
+            (pack_args((len(keys), *keys)), pack_args(shared), *profiles, pack_args(each))
         )
-        return 2 + len(shared) + 13 * len(profiles) + 2 * n, body
+        return 1 + len(keys) + len(shared) + 13 * len(profiles) + len(each), body
 
     def _user_bounds(self) -> str:
         planner = self.planner

@@ -191,7 +191,9 @@ class Planner:
             bounds=bounds,
             profile=pack_args(
                 (
-                    *rule.wire,
+                    *rule.wire[:3],
+                    "",  # the caps: each candidate brings its own (reserve_any.lua)
+                    *rule.wire[4:],
                     tz,
                     bounds,
                     rule.weight,

@@ -355,9 +355,9 @@ class Packed:
     bounds: str
     """The campaign's calendar bounds."""
     profile: bytes
-    """Its fallback config, zone, calendar, weight and ceiling in a reserve_any.lua call (13
-    arguments, see lib.lua's xsp_profile): a profile that candidates with the same settings
-    share."""
+    """Its fallback config (but its caps, which each candidate brings), zone, calendar, weight
+    and ceiling in a reserve_any.lua call (13 arguments, see lib.lua's xsp_profile): a profile
+    that candidates whose settings differ at most in their caps share."""
 
 
 def reserved_by(context: Context, reply: CampaignReply) -> Reservation:
@@ -396,11 +396,11 @@ class ChoiceReply(NamedTuple):
 
 
 def outcome_codes(raw: Any) -> list[tuple[int, int]]:
-    """The scripts' per-candidate outcomes, an array of integers: (reason, exhaustion fired),
-    from ``reason + 100 * fired``."""
-    if not isinstance(raw, list):
+    """The scripts' per-candidate outcomes, one character each: (reason, exhaustion fired),
+    from ``ord('0') + reason + 16 * fired``."""
+    if not isinstance(raw, bytes):
         raise TypeError(f"outcomes: {raw!r}")
-    return [(int(v) % 100, int(v) // 100) for v in raw]
+    return [((v - 48) % 16, (v - 48) // 16) for v in raw]
 
 
 def choice_reply(raw: Any) -> ChoiceReply:

@@ -84,22 +84,38 @@ local function xsp_config(key, at, max_fallback)
   return xsp_overlay(xsp_fallback(at, max_fallback), redis.call('HGETALL', key))
 end
 
--- A candidate profile (reserve_any.lua): the settings' config of the candidates that share
--- it, 13 ARGV from `at`: the nine of xsp_config, the time zone its bounds were computed in,
--- the bounds, the fallback weight, the settings' bid ceiling. Read once per call; `base` is
--- the config of a candidate that stores nothing (shared by them all: only read).
+-- A candidate profile's config (reserve_any.lua): the settings' config of the candidates that
+-- share it, the first nine of its 13 ARGV from `at` (see xsp_config; the caps are '': each
+-- candidate brings its own) and the bid ceiling (at + 12), as xsp_config reads them for a
+-- campaign that stores nothing. Built once per call, only for a candidate that gets past its
+-- gates and caps, and shared by them all: only read.
 local function xsp_profile(at)
-  return {at = at, base = xsp_overlay(xsp_fallback(at, ARGV[at + 12]), {}),
-    bounds_tz = ARGV[at + 9], bounds = ARGV[at + 10], weight = ARGV[at + 11]}
+  local a = ARGV
+  local budget, daily, cost, status, tz = a[at], a[at + 1], a[at + 2], a[at + 4], a[at + 5]
+  local start, stop, pacing, max_cost = a[at + 6], a[at + 7], a[at + 8], a[at + 12]
+  if budget == '' then budget = nil end
+  if daily == '' then daily = nil end
+  if cost == '' then cost = nil end
+  if status == '' then status = nil end
+  if tz == '' then tz = nil end
+  if start == '' then start = nil end
+  if stop == '' then stop = nil end
+  if pacing == '' then pacing = nil end
+  if max_cost == '' then max_cost = nil end
+  return {budget = budget, daily_budget = daily, cost = cost, status = status, tz = tz,
+    start = start, ['end'] = stop, pacing = pacing, leasing = '', max_cost = max_cost}
 end
 
--- A candidate's config: its stored hash over its profile's (the shared table when it stores
--- nothing, the common case).
-local function xsp_config_of(key, profile)
+-- A candidate's stored config over its profile's (ARGV from `at`) and its settings' `caps`
+-- (nil: none), or nil when it stores nothing.
+local function xsp_config_of(key, at, caps)
   local stored = redis.call('HGETALL', key)
-  if #stored == 0 then return profile.base end
-  return xsp_overlay(xsp_fallback(profile.at, ARGV[profile.at + 12]), stored)
+  if #stored == 0 then return nil end
+  local c = xsp_fallback(at, ARGV[at + 12])
+  if caps then c.caps = caps end
+  return xsp_overlay(c, stored)
 end
+
 -- A campaign's weight (selection "weighted"): the stored one when it is a whole number in
 -- [1, 1000000], else the settings' (`fallback`).
 local function xsp_weight(c, fallback)
@@ -180,7 +196,19 @@ local function xsp_parse_caps(spec, now, bounds_text)
     return xsp_caps_last
   end
   xsp_caps_spec, xsp_caps_now, xsp_caps_bounds = spec, now, bounds_text
-  xsp_caps_last = xsp_parse_caps_now(spec, now, bounds_text)
+  -- The most common spec, one rolling or lifetime cap ("N:window_ms"), in one anchored match
+  -- (the general parse costs about twice as much; several caps fail it at their ',').
+  local n, w = string.match(spec, '^(%d+):(%d+)$')
+  if n then
+    local window = tonumber(w)
+    if window == 0 then
+      xsp_caps_last = {tonumber(n), false, XSP_LIFETIME_TTL_MS}
+    else
+      xsp_caps_last = {tonumber(n), now - window, window}
+    end
+  else
+    xsp_caps_last = xsp_parse_caps_now(spec, now, bounds_text)
+  end
   return xsp_caps_last
 end
 
@@ -300,7 +328,27 @@ local XSP_PEXPIRE_GT = (tonumber(redis.REDIS_VERSION_NUM) or 0) >= 0x070000
 -- `pending`: the times of pending impressions (xsp_read_pending), which count as logged ones.
 local function xsp_log_check(raw, spec, now, bounds_text, pending)
   if spec == nil or spec == '' then return false, 0, nil, nil end
-  local caps = xsp_parse_caps(spec, now, bounds_text)
+  local caps = xsp_caps_last
+  if spec ~= xsp_caps_spec or now ~= xsp_caps_now or bounds_text ~= xsp_caps_bounds then
+    caps = xsp_parse_caps(spec, now, bounds_text)
+  end
+  -- The most common log, one impression ever ("<t1>", which tonumber reads whole; a longer
+  -- log has a '|'), with nothing pending: checked without building its list of times unless
+  -- one more may pass (the same counts as below).
+  if raw and not pending then
+    local t = tonumber(raw)
+    if t then
+      local remaining = false
+      for i = 1, #caps, 3 do
+        local since = caps[i + 1]
+        local count = (not since or t > since) and 1 or 0
+        if count >= caps[i] then return -1, 1, nil, caps end
+        local left = caps[i] - count - 1
+        if remaining == false or left < remaining then remaining = left end
+      end
+      return remaining, 1, {t}, caps
+    end
+  end
   local lifetime, times = xsp_read_log(raw)
   local remaining = false
   for i = 1, #caps, 3 do
@@ -384,13 +432,16 @@ end
 
 -- The gates that need no state: a request's own price (`given`) above the campaign's ceiling
 -- (reason 12), then its status (3) and flight (5). A reason, or nil.
-local function xsp_campaign_gate(c, given, cost, now)
-  if c.max_cost and given and cost > tonumber(c.max_cost) then return 12 end
-  if c.status == 'paused' then return 3 end
-  if (c.start and now < tonumber(c.start)) or (c['end'] and now >= tonumber(c['end'])) then
-    return 5
-  end
+-- xsp_gate takes the fields (nil: unset), so that candidates sharing a profile are gated
+-- once, from their arguments, without a config table.
+local function xsp_gate(max_cost, status, start, stop, given, cost, now)
+  if max_cost and given and cost > tonumber(max_cost) then return 12 end
+  if status == 'paused' then return 3 end
+  if (start and now < tonumber(start)) or (stop and now >= tonumber(stop)) then return 5 end
   return nil
+end
+local function xsp_campaign_gate(c, given, cost, now)
+  return xsp_gate(c.max_cost, c.status, c.start, c['end'], given, cost, now)
 end
 
 -- The campaign's budget state for one reservation: `k` carries the price, spend and clock
@@ -420,38 +471,54 @@ end
 
 -- xsp_user_gate's judgement of what it read: `got` holds the user hash's '!o' and '!b' (its
 -- first two), the campaign's log (at `ci`) and pending entries (at `pi`; 0: not read yet,
--- then read here, only when the log alone does not reach a cap), and the ones across
+-- then read here, only when the log alone does not reach a cap; -1: none count, because the
+-- campaign's config has no pending flag: it never held a pending reservation, or its state
+-- was deleted with them, on one server), and the ones across
 -- campaigns (at `ui`, `ui + 1`; -1: none), as HMGET answered them (choosing among candidates
 -- reads every candidate's log in one HMGET). A denial's `u` holds only what its reply needs
 -- (left and personal); a pass gets the whole state, which the commit writes from.
+-- The `u` of a decision that uses no user state is only read, so the tables are shared
+-- (created on first use: candidates passed over for their caps reuse one).
+local xsp_no_user, xsp_untracked, xsp_capped
+local function xsp_capped_u()
+  xsp_capped = xsp_capped or {key = false, personal = 1, left = 0}
+  return xsp_capped
+end
 local function xsp_user_judge(key, cid, got, ci, pi, ui, camp_spec, camp_bounds, user_spec,
                               user_bounds, now, policy)
-  if not key then return nil, {key = false, personal = 1, left = -1} end
+  if not key then
+    xsp_no_user = xsp_no_user or {key = false, personal = 1, left = -1}
+    return nil, xsp_no_user
+  end
   local blocked = got[2]
   if blocked and string.find(',' .. blocked .. ',', ',' .. cid .. ',', 1, true) then
-    return 7, {key = false, personal = 1, left = -1}  -- "stop seeing this ad" holds
+    xsp_no_user = xsp_no_user or {key = false, personal = 1, left = -1}
+    return 7, xsp_no_user  -- "stop seeing this ad" holds
   end
   if got[1] == '1' and policy ~= 'ignore' then
-    if policy == 'deny' then return 6, {key = false, personal = 0, left = -1} end
-    return nil, {key = false, personal = 0, left = -1}  -- no_tracking: no user state
+    xsp_untracked = xsp_untracked or {key = false, personal = 0, left = -1}
+    if policy == 'deny' then return 6, xsp_untracked end
+    return nil, xsp_untracked  -- no_tracking: no user state
   end
   local camp_held, user_pending, user_held
   local camp_left, camp_life, camp_times, camp_caps =
     xsp_log_check(got[ci], camp_spec, now, camp_bounds, nil)
-  if camp_left == -1 then return 1, {key = false, personal = 1, left = 0} end  -- pending or not
+  if camp_left == -1 then return 1, xsp_capped_u() end  -- pending or not
   local held = got[pi]
-  if held == nil and camp_left ~= false then held = redis.call('HGET', key, '~' .. cid) end
+  if held == nil and pi == 0 and camp_left ~= false then
+    held = redis.call('HGET', key, '~' .. cid)
+  end
   if held then
     local pending
     pending, camp_held = xsp_read_pending(held, now)
     camp_left, camp_life, camp_times, camp_caps =
       xsp_log_check(got[ci], camp_spec, now, camp_bounds, pending)
-    if camp_left == -1 then return 1, {key = false, personal = 1, left = 0} end
+    if camp_left == -1 then return 1, xsp_capped_u() end
   end
   if got[ui + 1] then user_pending, user_held = xsp_read_pending(got[ui + 1], now) end
   local user_left, user_life, user_times, user_caps =
     xsp_log_check(got[ui], user_spec, now, user_bounds, user_pending)
-  if user_left == -1 then return 1, {key = false, personal = 1, left = 0} end
+  if user_left == -1 then return 1, xsp_capped_u() end
   local left = -1
   if camp_left ~= false then left = camp_left end
   if user_left ~= false and (left == -1 or user_left < left) then left = user_left end
@@ -465,8 +532,9 @@ end
 -- The user's side: stored preferences (blocked campaigns, opt-out), then the campaign's caps
 -- (field = campaign id) and the caps across campaigns (field '*'). Returns a reason (nil: pass)
 -- and `u`, what xsp_user_commit writes: u.key is false when the user's state is not used.
+-- `held`: false when the campaign's pending entries do not count (see xsp_user_judge).
 local function xsp_user_gate(key, cid, camp_spec, camp_bounds, user_spec, user_bounds, now,
-                             policy)
+                             policy, held)
   if not key then return nil, {key = false, personal = 1, left = -1} end
   -- One read: the preferences and both logs.
   local got
@@ -475,8 +543,8 @@ local function xsp_user_gate(key, cid, camp_spec, camp_bounds, user_spec, user_b
   else
     got = redis.call('HMGET', key, '!o', '!b', cid, '~' .. cid)
   end
-  return xsp_user_judge(key, cid, got, 3, 4, 5, camp_spec, camp_bounds, user_spec, user_bounds,
-    now, policy)
+  return xsp_user_judge(key, cid, got, 3, held and 4 or -1, 5, camp_spec, camp_bounds, user_spec,
+    user_bounds, now, policy)
 end
 
 -- Extend the user key's TTL to at least ttl; never shorten it (campaigns with longer windows

@@ -42,7 +42,8 @@ local k, reason = xsp_campaign_start(KEYS[2], c, ARGV[16], now, ARGV[12])
 if reason == 12 then return {0, 12, k.cost, 0, -1, k.now, 0, 0, 0, c.max_cost, 1, leasing} end
 if reason then return xsp_deny(KEYS[2], reason, k, -1, 1, leasing) end
 local u
-reason, u = xsp_user_gate(user, cid, c.caps, ARGV[12], ARGV[13], ARGV[14], k.now, ARGV[19])
+reason, u = xsp_user_gate(user, cid, c.caps, ARGV[12], ARGV[13], ARGV[14], k.now, ARGV[19],
+  c.pending == '1')
 if reason then return xsp_deny(KEYS[2], reason, k, u.left, u.personal, leasing) end
 reason = xsp_campaign_budget(KEYS[1], KEYS[2], c, k, ARGV[15])
 if reason then return xsp_deny(KEYS[2], reason, k, u.left, u.personal, leasing) end

@@ -16,7 +16,7 @@
 if ARGV[10] then xsp_user_release(KEYS[1], ARGV[10], ARGV[11], ARGV[12], ARGV[13], ARGV[14]) end
 local now = xsp_now_ms(ARGV[6])
 local reason, u = xsp_user_gate(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], now,
-  ARGV[7])
+  ARGV[7], true)
 if reason then return {0, reason, u.left, now, 0, u.personal, '', ''} end
 if ARGV[8] and ARGV[8] ~= '' then
   local hold = now + tonumber(ARGV[8]) + XSP_HOLD_GRACE_MS

@@ -8,7 +8,8 @@
 -- pending ('': it stands)   ARGV[8] its id. Then three per candidate, from at = 9 + 3 (i - 1): its id, its caps
 -- ("N:window" specs), its calendar bounds.
 -- Reply: reserve_user.lua's eight elements for the candidate written (passed 0 when none
--- was), each candidate's reason code in order (0: it passes the user's checks; an array),
+-- was), each candidate's reason code in order (0: it passes the user's checks; one
+-- character each, as reserve_any.lua's outcomes),
 -- the index of the candidate written (0: none), and each candidate's remaining impressions
 -- after one more (-1: no caps; an array).
 local n, p, key = tonumber(ARGV[1]), tonumber(ARGV[2]), KEYS[1]
@@ -17,13 +18,13 @@ local outcomes, lefts, w, wu, personal = {}, {}, 0, nil, 1
 for i = 1, n do
   local at = 9 + 3 * (i - 1)
   local reason, u = xsp_user_gate(key, ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[3], ARGV[4],
-    now, ARGV[6])
-  outcomes[i] = reason or 0
+    now, ARGV[6], true)
+  outcomes[i] = 48 + (reason or 0)
   lefts[i] = u.left
   personal = u.personal
   if not reason and i == p then w, wu = i, u end
 end
-local tail, room = outcomes, lefts
+local tail, room = string.char(unpack(outcomes)), lefts
 if w == 0 then return {0, 0, -1, now, 0, personal, '', '', tail, 0, room} end
 local cid, u = ARGV[9 + 3 * (w - 1)], wu
 if ARGV[7] ~= '' then
