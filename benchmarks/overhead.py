@@ -43,13 +43,16 @@ alone's ``S``, ``B / (B + S)`` is the most that any middleware making one pipeli
 per request could reach while doing nothing else in Python (the ``ceiling`` ratio).
 
 Each round then measures the **server** CPU per decision: Redis's own time running the scripts
-(``INFO commandstats``, ``evalsha`` + ``eval`` usec, reset before each run, divided by the
-decisions), for two campaign configurations through the real middleware (in-process, distinct
-users, 64 in flight): ``one cap`` (one rolling ``3/1h`` cap and a budget) and ``rich`` (caps
+(``INFO commandstats``, ``evalsha`` + ``eval`` usec, reset before each slice, divided by the
+decisions), for campaign configurations through the real middleware (in-process, distinct
+users, 64 in flight): ``one cap`` (one rolling ``3/1h`` cap and a budget), ``rich`` (caps
 ``3/1h``, ``10/day`` and ``50/lifetime``, a daily budget and even pacing; the pacing allowance
-is 100% so the curve is computed on every call without turning requests away). Next to them,
-in the same round, a 3-command script (TIME, HINCRBY, HGET) sent the same way: the machines
-are noisy, so judge the ratio. "Decisions per second per Redis core" is 1e6 / server us.
+is 100% so the curve is computed on every call without turning requests away), ``one cap,
+beacon`` and ``8 candidates`` (the first 5 capped for the user, the 6th served: the cost of
+each further candidate evaluated is (8 candidates - one cap) / 5). Next to them, a 3-command
+script (TIME, HINCRBY, HGET) sent the same way: the machines are noisy, so judge the ratio.
+The configurations of a round run interleaved, in ten slices each, so that the machine's
+drift hits them alike. "Decisions per second per Redis core" is 1e6 / server us.
 
 Then, at low load (one request in flight), the decision latency of ``xsp`` and
 ``xsp-cluster``, and of ``xsp-unpipelined``: the same middleware with auto-pipelining off (each
@@ -173,9 +176,12 @@ REQUEST_MESSAGE = {"type": "http.request", "body": b"", "more_body": False}
 CANDIDATE_IDS = [f"x{i}" for i in range(1, 9)]
 CANDIDATES_QUERY = b"campaign_id=" + ",".join(CANDIDATE_IDS).encode() + b"&cpm=2.50"
 """The ``8 candidates`` row: x1..x5 are capped for every user of its pool, x6 serves."""
-CANDIDATE_USERS = 6000
+CANDIDATE_USERS = 20000
 """Its pool of users, each seeded with one impression of x1..x5 (caps 1/1h): large enough
-that no user reaches x6's 3/1h within a run, so every decision evaluates exactly six."""
+that no user comes back a third time within a round (x6 allows 3/1h), so every decision
+evaluates exactly six; each round checks it (x7 must have served nothing)."""
+SLICES = 10
+"""The server-cost configurations of a round run interleaved, in this many slices each."""
 
 
 def candidates_scope(n: int) -> dict[str, Any]:
@@ -342,40 +348,71 @@ THREE_COMMANDS = Script(
 """The comparator for server time: a script of three cheap commands."""
 
 
-def server_cost_apps(base: Starlette, redis_url: str) -> dict[str, XSPMiddleware]:
-    """The configurations whose server CPU per decision is measured, on every campaign the
-    driver asks for."""
-    ids = [f"c{i}" for i in range(CAMPAIGNS)]
-    one_cap = [Campaign(id=cid, caps=["3/1h"], budget=BUDGET) for cid in ids]
+def cost_scopes(prefix: str) -> Callable[[int], dict[str, Any]]:
+    """Scopes of requests for the campaigns ``<prefix>0`` .. ``<prefix>9``."""
+    queries = [f"campaign_id={prefix}{i}&cpm=2.50".encode() for i in range(CAMPAIGNS)]
+
+    def scope_of(n: int) -> dict[str, Any]:
+        scope = make_scope(n)
+        scope["query_string"] = queries[n % CAMPAIGNS]
+        return scope
+
+    return scope_of
+
+
+def server_cost_apps(
+    base: Starlette, redis_url: str, **settings: Any
+) -> dict[str, tuple[XSPMiddleware, Callable[[int], dict[str, Any]]]]:
+    """The configurations whose server CPU per decision is measured, with the scopes of their
+    requests. Each has campaigns of its own, so that they can run interleaved on one database
+    (the beacon one marks its campaigns as having held pending reservations). ``settings``
+    go to every app (server_instructions.py's slow server needs a longer deadline)."""
+
+    def one_cap(prefix: str) -> list[Campaign]:
+        return [Campaign(id=f"{prefix}{i}", caps=["3/1h"], budget=BUDGET) for i in range(CAMPAIGNS)]
+
     rich = [
         Campaign(
-            id=cid,
+            id=f"r{i}",
             caps=["3/1h", "10/day", "50/lifetime"],
             budget=BUDGET,
             daily_budget=BUDGET,
             pacing="even",
         )
-        for cid in ids
+        for i in range(CAMPAIGNS)
     ]
-    common = {"redis_url": redis_url, "secret_key": SECRET_KEY}
+    common = {"redis_url": redis_url, "secret_key": SECRET_KEY, **settings}
     return {
-        "one cap": XSPMiddleware(base, campaigns=one_cap, **common),
+        "one cap": (XSPMiddleware(base, campaigns=one_cap("o"), **common), cost_scopes("o")),
         # Allowance 100%: the pacing curve is computed on every call, and never turns one away.
-        "rich": XSPMiddleware(base, campaigns=rich, pacing_allowance="1.00", **common),
+        "rich": (
+            XSPMiddleware(base, campaigns=rich, pacing_allowance="1.00", **common),
+            cost_scopes("r"),
+        ),
         # record_on=beacon: each reservation stays pending (never confirmed here), so the
         # script also settles what expired (nothing, within a run) and records the hold.
-        "one cap, beacon": XSPMiddleware(
-            base, campaigns=one_cap, record_on="beacon", price_source="campaign", **common
+        "one cap, beacon": (
+            XSPMiddleware(
+                base,
+                campaigns=one_cap("b"),
+                record_on="beacon",
+                price_source="campaign",
+                **common,
+            ),
+            cost_scopes("b"),
         ),
         # Choosing among 8 candidates: the first 5 capped for the user (its pool is seeded
         # with one impression of each, caps 1/1h), the 6th served (3/1h, as "one cap").
-        "8 candidates": XSPMiddleware(
-            base,
-            campaigns=[
-                Campaign(id=cid, caps=["1/1h" if i < 5 else "3/1h"], budget=BUDGET)
-                for i, cid in enumerate(CANDIDATE_IDS)
-            ],
-            **common,
+        "8 candidates": (
+            XSPMiddleware(
+                base,
+                campaigns=[
+                    Campaign(id=cid, caps=["1/1h" if i < 5 else "3/1h"], budget=BUDGET)
+                    for i, cid in enumerate(CANDIDATE_IDS)
+                ],
+                **common,
+            ),
+            candidates_scope,
         ),
     }
 
@@ -409,45 +446,58 @@ async def script_usec(admin: aredis.Redis) -> tuple[int, float]:
 
 
 async def server_cost_round(
-    apps: dict[str, XSPMiddleware],
+    apps: dict[str, tuple[XSPMiddleware, Callable[[int], dict[str, Any]]]],
     xsp: XSPMiddleware,
     admin: aredis.Redis,
     seconds: float,
-    users: Any,
+    users: Iterator[int],
 ) -> dict[str, dict[str, float]]:
     """One round: server us per decision of each configuration, and per call of the
-    3-command script, run back to back."""
+    3-command script. They run interleaved, in ``SLICES`` slices each (every other slice in
+    reverse order), so that this noisy machine's drift hits them alike."""
+    await admin.flushdb()
+    candidates_app = apps["8 candidates"][0]
+    await seed_candidate_users(candidates_app)
+    pool = itertools.cycle(range(CANDIDATE_USERS))
+    calls_three = [(2, b"$1\r\n1\r\n" + pack_args((f"k{i}",))) for i in range(1000)]
+
+    async def run(name: str, duration: float) -> tuple[int, int]:
+        """One run of ``name``: (decisions, not served)."""
+        if name == "3-command script":
+            phase = await drive_script(xsp, duration, calls_three, THREE_COMMANDS)
+            return phase.ok, sum(phase.statuses.values())
+        app, scope_of = apps[name]
+        who = pool if name == "8 candidates" else users
+        phase = await drive(app, duration, who, scope_of=scope_of)
+        return phase.handled, sum(phase.statuses.values())
+
+    names = [*apps, "3-command script"]
+    totals = {name: [0.0, 0, 0, 0] for name in names}  # usec, calls, decisions, not served
+    for name in names:
+        await run(name, WARMUP_SECONDS)
+    for slice_no in range(SLICES):
+        for name in names if slice_no % 2 == 0 else reversed(names):
+            await admin.config_resetstat()
+            decisions, not_served = await run(name, seconds / SLICES)
+            calls, usec = await script_usec(admin)
+            total = totals[name]
+            total[0] += usec
+            total[1] += calls
+            total[2] += decisions
+            total[3] += not_served
     out: dict[str, dict[str, float]] = {}
-    for name, app in apps.items():
-        await admin.flushdb()
-        who: Iterator[int] = users
-        scope_of = make_scope
-        if name == "8 candidates":
-            await seed_candidate_users(app)
-            who, scope_of = itertools.cycle(range(CANDIDATE_USERS)), candidates_scope
-        await drive(app, WARMUP_SECONDS, who, scope_of=scope_of)
-        await admin.config_resetstat()
-        phase = await drive(app, seconds, who, scope_of=scope_of)
-        calls, usec = await script_usec(admin)
-        decisions = phase.handled
+    for name, (usec, calls, decisions, not_served) in totals.items():
+        per = calls if name == "3-command script" else decisions
         out[name] = {
-            "server_us": usec / max(1, decisions),
+            "server_us": usec / max(1, per),
             "calls_per_decision": calls / max(1, decisions),
             "decisions": decisions,
-            "not_served": sum(phase.statuses.values()),
+            "not_served": not_served,
         }
-    await admin.flushdb()
-    calls_three = [(2, b"$1\r\n1\r\n" + pack_args((f"k{i}",))) for i in range(1000)]
-    await drive_script(xsp, WARMUP_SECONDS, calls_three, THREE_COMMANDS)
-    await admin.config_resetstat()
-    phase = await drive_script(xsp, seconds, calls_three, THREE_COMMANDS)
-    calls, usec = await script_usec(admin)
-    out["3-command script"] = {
-        "server_us": usec / max(1, calls),
-        "calls_per_decision": 1.0,
-        "decisions": phase.ok,
-        "not_served": sum(phase.statuses.values()),
-    }
+    # Every decision of the "8 candidates" row evaluated exactly six (x6 served each): x7
+    # never served.
+    beyond = await candidates_app.store.get_campaign("x7")
+    out["8 candidates"]["beyond_sixth"] = beyond.impressions
     return out
 
 
@@ -556,6 +606,11 @@ async def run(
                     f"{cost['server_us']:6.2f} us per decision  "
                     f"{cost['calls_per_decision']:.2f} script calls per decision  "
                     f"not served {cost['not_served']:.0f}"
+                    + (
+                        f"  beyond the sixth {cost['beyond_sixth']}"
+                        if "beyond_sixth" in cost
+                        else ""
+                    )
                 )
         # Low load: one request in flight, so the latency is one decision's round trip (two
         # concurrent halves on the cluster) with no queueing behind other requests. The
@@ -593,7 +648,7 @@ async def run(
         await xsp.store.aclose()
         await apps["xsp-unpipelined"].store.aclose()
         await apps["xsp-leasing"].store.aclose()
-        for app in cost_apps.values():
+        for app, _ in cost_apps.values():
             await app.store.aclose()
         if "xsp-cluster" in apps:
             await apps["xsp-cluster"].store.aclose()
@@ -670,7 +725,7 @@ async def run(
         runs = [r[name] for r in server_rounds]
         server[name] = {
             "server_us": statistics.median(r["server_us"] for r in runs),
-            # Within each round (run back to back), then the median: the steadier figure.
+            # Within each round (run interleaved), then the median: the steadier figure.
             "x_three_commands": statistics.median(
                 r[name]["server_us"] / r["3-command script"]["server_us"] for r in server_rounds
             ),
@@ -683,6 +738,13 @@ async def run(
         # candidate evaluated (6 evaluated: 5 more than "one cap"). Per round, then the median.
         server["8 candidates"]["us_per_further_candidate"] = statistics.median(
             (r["8 candidates"]["server_us"] - r["one cap"]["server_us"]) / 5 for r in server_rounds
+        )
+        server["8 candidates"]["per_further_rounds"] = [
+            round((r["8 candidates"]["server_us"] - r["one cap"]["server_us"]) / 5, 2)
+            for r in server_rounds
+        ]
+        server["8 candidates"]["beyond_sixth"] = sum(
+            r["8 candidates"]["beyond_sixth"] for r in server_rounds
         )
     return {
         "config": {
@@ -750,7 +812,12 @@ def print_table(report: dict[str, Any]) -> None:
         if "us_per_further_candidate" in v:
             print(
                 f"    {v['us_per_further_candidate']:.2f} us per further candidate evaluated "
-                "over 'one cap' (target: at most 3)"
+                f"over 'one cap' (target: at most 3; rounds: {v['per_further_rounds']})"
+            )
+        if v.get("beyond_sixth"):
+            print(
+                f"    ({v['beyond_sixth']:.0f} decisions evaluated more than six candidates: "
+                "raise CANDIDATE_USERS)"
             )
     print()
     print("one request in flight (decision latency):")
