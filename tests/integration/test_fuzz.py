@@ -30,7 +30,14 @@ from starlette.datastructures import QueryParams
 
 from xsp_middleware import XSPMiddleware
 
-DENIAL_REASONS = {"frequency_capped", "budget_exhausted", "campaign_paused", "store_unavailable"}
+DENIAL_REASONS = {
+    "frequency_capped",
+    "budget_exhausted",
+    "campaign_paused",
+    "store_unavailable",
+    "no_eligible_campaign",  # none of several candidates (campaign_id=a,b)
+}
+MAX_CANDIDATES = 16  # the default max_candidates
 PROBLEM_KEYS = {"type", "title", "detail", "field"}
 CAMPAIGN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", re.ASCII)
 PLAIN_DECIMAL = re.compile(r"([0-9]+)(?:\.([0-9]+))?", re.ASCII)
@@ -138,6 +145,17 @@ def cpm_verdict(text: str) -> str:
     return "ok"
 
 
+def valid_candidates(value: str) -> bool:
+    """One campaign id, or several in priority order (``a,b,c``): none empty, none repeated,
+    at most max_candidates."""
+    ids = value.split(",")
+    return (
+        len(ids) <= MAX_CANDIDATES
+        and len(set(ids)) == len(ids)
+        and all(CAMPAIGN_ID.fullmatch(i) for i in ids)
+    )
+
+
 def expected(query: bytes) -> set[str]:
     """Acceptable outcomes: 'pass' (200 from the handler), 'decide' (200 or 204), or the
     field a 400 must name."""
@@ -146,7 +164,7 @@ def expected(query: bytes) -> set[str]:
     if not campaigns:
         return {"pass"}
     bad: set[str] = set()
-    if len(campaigns) > 1 or CAMPAIGN_ID.fullmatch(next(iter(campaigns))) is None:
+    if len(campaigns) > 1 or not valid_candidates(next(iter(campaigns))):
         bad.add("campaign_id")
     prices = set(params.getlist("cpm"))
     cpm_ok = True
@@ -244,6 +262,15 @@ CAMPAIGN_SAMPLES = [
     "c\u00e9",
     "{c1}",
     "c1 ",
+    # Candidates in priority order: a valid list decides; an empty, repeated or 17th is a 400.
+    "c1,c2",
+    "c1,,c2",
+    "c1,c1",
+    ",c1",
+    "c1,",
+    ",".join(f"c{i}" for i in range(16)),
+    ",".join(f"c{i}" for i in range(17)),
+    "c1, c2",
 ]
 KEYS = [
     "campaign_id",
