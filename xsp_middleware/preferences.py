@@ -34,6 +34,7 @@ from .core.guard import warn_once
 from .core.request import MAX_USER_ID_BYTES, cookie_value
 from .errors import StoreUnavailable, XSPError
 from .settings import Rules, Settings, campaign_id_problem, validate_campaign_id
+from .sites import BodyTooLarge, ClientGone, cross_site, mounted_path, normal_origin, read_body
 from .store import Store
 from .store.protocol import prefs_reply
 from .store.scripts import PREFS
@@ -154,7 +155,6 @@ _ROOT_METHODS: tuple[str, ...] = ("GET", "HEAD", "PUT", "DELETE", "OPTIONS")
 _BLOCKED_METHODS: tuple[str, ...] = ("POST", "DELETE", "OPTIONS")
 _UNSAFE = frozenset({"PUT", "POST", "DELETE"})
 _PROBLEM = "urn:xsp-middleware:problem:"
-_DEFAULT_PORTS = {"http": ":80", "https": ":443"}
 
 
 class _Problem(Exception):
@@ -234,7 +234,7 @@ class PreferencesApp:
         self.rules = Rules.from_settings(settings)
         self.store = Store(self.rules)
         self.cookie = settings.user_cookie.encode()
-        self.origins = frozenset(_normal_origin(o) for o in settings.preferences_origins)
+        self.origins = frozenset(normal_origin(o) for o in settings.preferences_origins)
         if self.rules.uses_development_key:
             warn_once(
                 "dev-key",
@@ -284,7 +284,7 @@ class PreferencesApp:
     async def _handle(
         self, scope: Scope, receive: Receive, headers: Headers
     ) -> tuple[int, bytes, Headers]:
-        path = _relative_path(scope)
+        path = mounted_path(scope)
         method = str(scope.get("method", "GET"))
         campaign_id: str | None = None
         if path == _ROOT:
@@ -368,22 +368,17 @@ class PreferencesApp:
     # -- cross-site requests ----------------------------------------------------------------
 
     def _check_same_site(self, scope: Scope, headers: Headers) -> None:
-        origins = [_normal_origin(v.decode("latin-1")) for k, v in headers if k == b"origin"]
-        sites = [v.decode("latin-1").strip().lower() for k, v in headers if k == b"sec-fetch-site"]
-        allowed = bool(origins) and all(o in self.origins for o in origins)
-        if allowed:
-            return
-        if any(site not in ("same-origin", "none") for site in sites):
+        found = cross_site(scope, headers, self.origins)
+        if found == "sec-fetch-site":
             raise _forbidden("Sec-Fetch-Site says this request comes from another site")
-        own = _own_origin(scope, headers)
-        if any(o != own for o in origins):
+        if found == "origin":
             raise _forbidden("the Origin is neither this site nor one of preferences_origins")
 
     def _cors_headers(self, headers: Headers) -> Headers:
         """CORS answers for an Origin listed in ``preferences_origins`` (credentials: the user
         cookie), so those sites can read and change preferences from the browser."""
         origins = [v for k, v in headers if k == b"origin"]
-        if len(origins) != 1 or _normal_origin(origins[0].decode("latin-1")) not in self.origins:
+        if len(origins) != 1 or normal_origin(origins[0].decode("latin-1")) not in self.origins:
             return [(b"vary", b"Origin")] if self.origins else []
         return [
             (b"access-control-allow-origin", origins[0].strip()),
@@ -399,63 +394,13 @@ def _forbidden(detail: str) -> _Problem:
     return _Problem(403, "cross-site", "Cross-site request refused", detail)
 
 
-def _relative_path(scope: Scope) -> str:
-    """The path below the mount. Starlette's Mount keeps the full path in ``path`` and adds the
-    mount to ``root_path``; other servers strip it. Either way, strip ``root_path`` once."""
-    path = str(scope.get("path") or "")
-    root = str(scope.get("root_path") or "")
-    if root and path.startswith(root):
-        path = path[len(root) :]
-    return path
-
-
-def _normal_origin(origin: str) -> str:
-    """``scheme://host[:port]`` in lower case, without the scheme's default port."""
-    scheme, sep, rest = origin.strip().lower().partition("://")
-    default = _DEFAULT_PORTS.get(scheme)
-    if sep and default is not None and rest.endswith(default):
-        rest = rest[: -len(default)]
-    return f"{scheme}{sep}{rest}"
-
-
-def _own_origin(scope: Scope, headers: Headers) -> str | None:
-    """The request's own origin: the scope's scheme and the Host header."""
-    for k, v in headers:
-        if k == b"host":
-            host = v.decode("latin-1").strip().lower()
-            if not host:
-                return None
-            return _normal_origin(f"{scope.get('scheme') or 'http'}://{host}")
-    return None
-
-
 async def _read_body(receive: Receive, headers: Headers) -> bytes:
-    too_large = _Problem(
-        413,
-        "body-too-large",
-        "Body too large",
-        f"the body may hold at most {MAX_BODY_BYTES} bytes",
-    )
-    for k, v in headers:
-        if k == b"content-length":
-            try:
-                if int(v) > MAX_BODY_BYTES:
-                    raise too_large
-            except ValueError:
-                pass  # the server frames the body; what arrives is counted below
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _invalid("the client disconnected before the body was complete", None)
-        chunk = message.get("body") or b""
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise too_large
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
+    try:
+        return await read_body(receive, headers, MAX_BODY_BYTES)
+    except BodyTooLarge as exc:
+        raise _Problem(413, "body-too-large", "Body too large", str(exc)) from None
+    except ClientGone as exc:
+        raise _invalid(str(exc), None) from None
 
 
 async def _respond(
