@@ -118,7 +118,7 @@ def check_identity(s: Settings) -> None:
 
 
 def check_trust(s: Settings) -> None:
-    """The price and impression settings (see docs/trust.md)."""
+    """The price, impression and dashboard settings (see docs/trust.md, docs/dashboard.md)."""
     if not isinstance(s.vast_version, str) or not re.fullmatch(
         r"[1-9]\.[0-9]{1,2}", s.vast_version
     ):
@@ -135,6 +135,11 @@ def check_trust(s: Settings) -> None:
         )
     if s.price_key is not None and s.price_key == s.secret_key:
         raise ConfigError("price_key: must differ from secret_key (the user-id key)")
+    token = s.dashboard_token
+    if token is not None and (not isinstance(token, str) or len(token) < 16):
+        raise ConfigError("dashboard_token: must be a string of at least 16 characters")
+    if token is not None and token in (s.secret_key, s.price_key):
+        raise ConfigError("dashboard_token: must differ from secret_key and price_key")
     if (
         isinstance(s.beacon_ttl, bool)
         or not isinstance(s.beacon_ttl, int | float)

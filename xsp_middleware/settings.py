@@ -289,7 +289,7 @@ class Settings:
     paths: Sequence[str] | None = None
     """Path prefixes to guard; None guards every path (that carries the campaign parameter)."""
     campaigns: Sequence[Campaign] = ()
-    secret_key: str | None = None
+    secret_key: str | None = field(default=None, repr=False)
     """HMAC key for user ids. Unset means the fixed development key, with a warning."""
     on_denied: Literal["nofill", "pass", "vast"] = "nofill"
     """``nofill``: answer 204. ``pass``: run the handler, which sees the denial. ``vast``:
@@ -302,7 +302,7 @@ class Settings:
     to ``max_cpm``: right behind a trusted caller), ``campaign`` (the campaign's ``cpm``; a
     request's own price is ignored) or ``signed`` (the ``price_param`` value, only with a
     valid one-time signature from :func:`xsp_middleware.sign_price`)."""
-    price_key: str | None = None
+    price_key: str | None = field(default=None, repr=False)
     """HMAC key of signed prices (``price_source="signed"``) and impression beacons; separate
     from ``secret_key``. Required by ``signed``; beacons fall back to ``secret_key``."""
     record_on: Literal["response", "beacon"] = "response"
@@ -373,6 +373,10 @@ class Settings:
     preferences_origins: Sequence[str] = ()
     """Origins (``https://example.com``) allowed to change preferences cross-origin; the
     preferences app always allows its own origin."""
+    dashboard_token: str | None = field(default=None, repr=False)
+    """The operator dashboard's token (:func:`xsp_middleware.dashboard_app`), at least 16
+    characters. Without it the dashboard is read-only and answers loopback clients only. (The
+    keys and the token stay out of ``repr()``, and so out of logs.)"""
 
     def __post_init__(self) -> None:
         # Validate everything now: a bad setting must fail at start-up, never on a request.
