@@ -19,7 +19,15 @@ from ..clock import Clock, bounds, zone
 from ..errors import ConfigError, StoreUnavailable
 from ..money import amount_to_units, cpm_to_cost_units, units_to_decimal
 from ..setting_checks import check_weight
-from ..settings import CampaignConfig, CapLike, Money, Rules, instant_ms, validate_campaign_id
+from ..settings import (
+    CampaignConfig,
+    CapLike,
+    Money,
+    Rules,
+    campaign_id_problem,
+    instant_ms,
+    validate_campaign_id,
+)
 from ..store_url import StoreURL, redacted
 from .protocol import REASONS, Reason, held_times, text, user_log
 from .redis_compat import server_address
@@ -135,6 +143,9 @@ class Admin:
         raise NotImplementedError
 
     def pending_keys(self, campaign_id: str) -> tuple[str, str]:
+        raise NotImplementedError
+
+    def history_key(self, campaign_id: str) -> str:
         raise NotImplementedError
 
     def user_key(self, user_id: bytes | str) -> str:
@@ -280,7 +291,26 @@ class Admin:
         # ('pending' marks a campaign that held pending reservations: not a config field.)
         stored = {text(k): text(v) for k, v in cfg_raw.items() if k not in (b"pending", "pending")}
         state = {text(k): text(v) for k, v in st_raw.items()}
+        pending = 0
+        if "b:served" in state:
+            pending = int(
+                await self.admin_call(self.client.hlen(self.pending_keys(campaign_id)[1]))
+            )
         config = self.rules.rule_for(campaign_id).over(stored)
+        configured = bool(stored) or campaign_id in self.rules.campaign_rules
+        return self.campaign_view(campaign_id, config, state, now, pending, configured)
+
+    def campaign_view(
+        self,
+        campaign_id: str,
+        config: CampaignConfig,
+        state: Mapping[str, str],
+        now: int,
+        pending: int = 0,
+        configured: bool = True,
+    ) -> CampaignView:
+        """The view of a campaign under ``config`` whose state hash was ``state`` at ``now`` (as
+        read now, or as a dashboard's history sample kept it)."""
         day_spent = 0
         day_start = day_end = 0
         # Leased units are charged to the spend (and the day's) when granted: show them apart.
@@ -290,14 +320,9 @@ class Admin:
             day_spent = max(0, int(state.get(f"day:{day_start}", "0")) - leased)
         held = max(0, int(state.get("b:held", "0")))
         spent = max(0, int(state.get("spent", "0")) - leased - held)
-        pending = 0
-        if "b:served" in state:
-            pending = int(
-                await self.admin_call(self.client.hlen(self.pending_keys(campaign_id)[1]))
-            )
         return CampaignView(
             id=campaign_id,
-            configured=bool(stored) or campaign_id in self.rules.campaign_rules,
+            configured=configured,
             config=config,
             spent_units=spent,
             impressions=int(state.get("impressions", "0")),
@@ -322,6 +347,16 @@ class Admin:
         self, config: CampaignConfig, now: int, day_start: int, day_end: int
     ) -> int | None:
         """The period spend pacing allows right now (the script's ceiling, in integers)."""
+        curve = self.pacing_curve(config, now, day_start, day_end)
+        return None if curve is None else curve[1]
+
+    def pacing_curve(
+        self, config: CampaignConfig, at: int, day_start: int, day_end: int
+    ) -> tuple[int, int] | None:
+        """Pacing at ``at``: (the ideal curve's spend, what the burst allowance lets the spend
+        reach: the script's ceiling, at most the budget), for the period's spend (the local day
+        ``[day_start, day_end)`` with a daily budget, else the flight). None: asap, or no
+        period."""
         if config.pacing == "asap":
             return None
         if config.daily_budget_units is not None:
@@ -330,21 +365,26 @@ class Admin:
             start, end, budget = config.start_ms, config.end_ms, config.budget_units
         else:
             return None
-        elapsed = min(max(now - start, 0), end - start)
+        elapsed = min(max(at - start, 0), end - start)
         allowance = self.rules.pacing_allowance_bp
         if config.pacing == "frontloaded":  # 40% decaying linearly to the allowance
             allowance = 4000 - (4000 - allowance) * elapsed // (end - start)
-        target: int = budget * elapsed // (end - start) + budget * allowance // 10000
-        return min(budget, target)
+        ideal: int = budget * elapsed // (end - start)
+        return ideal, min(budget, ideal + budget * allowance // 10000)
 
     async def delete_campaign(self, campaign_id: str) -> bool:
-        """Forget a campaign's stored config and state (spend, counters, pending reservations).
+        """Forget a campaign's stored config and state (spend, counters, pending reservations,
+        the dashboard's history of it).
         Users' logs expire on their own. The cap slots its pending reservations held stop
         counting at once on one server; on a cluster, the users' shards count them until they
         expire. Returns whether anything was stored."""
         validate_campaign_id(campaign_id)
         await self.leasing.drop(campaign_id)
-        keys = (*self.campaign_keys(campaign_id), *self.pending_keys(campaign_id))
+        keys = (
+            *self.campaign_keys(campaign_id),
+            *self.pending_keys(campaign_id),
+            self.history_key(campaign_id),
+        )
         deleted = await self.admin_call(self.client.delete(*keys))
         return bool(deleted)
 
@@ -355,8 +395,11 @@ class Admin:
 
         async def scan() -> None:
             async for key in self.client.scan_iter(match=f"{prefix}*", count=1000):
-                name = text(key)
-                ids.add(name[len(prefix) : name.index("}", len(prefix))])
+                name = key.decode("utf-8", "replace") if isinstance(key, bytes) else str(key)
+                campaign_id = name[len(prefix) :].partition("}")[0]
+                # (A key no campaign of ours wrote, a stray or hand-made one, is no campaign.)
+                if campaign_id_problem(campaign_id) is None:
+                    ids.add(campaign_id)
 
         await self.admin_call(scan())
         return sorted(ids)

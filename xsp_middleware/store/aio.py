@@ -87,6 +87,7 @@ class Store(Admin):
         self.breaker = planner.breaker
         self.campaign_keys = planner.campaign_keys  # type: ignore[method-assign]
         self.pending_keys = planner.pending_keys  # type: ignore[method-assign]
+        self.history_key = planner.history_key  # type: ignore[method-assign]
         self.user_key = planner.user_key  # type: ignore[method-assign]
         self._loops: dict[asyncio.AbstractEventLoop, LoopState] = {}
         self._orphans: dict[Late, Callable[[Any, Any], None]] = {

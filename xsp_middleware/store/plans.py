@@ -133,6 +133,10 @@ class Planner:
         tag = f"{self.prefix}:c:{{{campaign_id}}}"
         return f"{tag}:z", f"{tag}:pd"
 
+    def history_key(self, campaign_id: str) -> str:
+        """The campaign's history stream: the dashboard's samples (lua/sample.lua)."""
+        return f"{self.prefix}:c:{{{campaign_id}}}:h"
+
     @property
     def shared_key(self) -> str:
         """The single bucket of ``anonymous="shared"``: no cookie hashes to it (an HMAC is 22

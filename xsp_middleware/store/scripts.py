@@ -119,6 +119,9 @@ BEACON_USER = _load_script("beacon_user", retry_safe=False)
 # The preferences app's writes (opt-out, blocks): admin calls, not on the decision path.
 PREFS = _load_script("prefs", retry_safe=False)
 
+# The dashboard's history: a campaign's counters, sampled once a minute (never by a decision).
+SAMPLE = _load_script("sample", retry_safe=True)
+
 # A leased decision runs only the user's half, on one server too.
 STANDALONE_SCRIPTS = (RESERVE, RELEASE, PEEK, RESERVE_USER, RELEASE_USER, LEASE, RESERVE_ANY)
 """Preloaded on every connection (the beacon scripts load on first use: NOSCRIPT, then EVAL)."""
