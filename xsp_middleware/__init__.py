@@ -4,6 +4,7 @@
 """
 
 from .caps import FrequencyCap
+from .dashboard import dashboard_app
 from .decision import Decision
 from .errors import (
     BudgetExceeded,
@@ -40,6 +41,7 @@ __all__ = [
     "XSPError",
     "XSPMiddleware",
     "ad_route",
+    "dashboard_app",
     "preferences_app",
     "sign_price",
     "xsp_decision",

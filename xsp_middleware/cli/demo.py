@@ -21,7 +21,7 @@ from ..clock import ManualClock
 from ..errors import XSPError
 from ..middleware import XSPMiddleware
 from ..money import format_units
-from ..settings import Campaign, Rules
+from ..settings import Campaign, Rules, Settings
 from ..store import CampaignView, Store, cap_windows
 
 Scope = MutableMapping[str, Any]
@@ -151,7 +151,7 @@ async def run_demo(args: argparse.Namespace, store: Store) -> int:
     app = demo_middleware(redis_url)
     await _forget_previous_demo(app.store)
     if args.serve:
-        return await _serve(app)
+        return await _serve(app, args.port)
     if args.plot:
         return await plot_pacing(app.store.rules, args.plot)
     await _traffic(app, max(1, args.users))
@@ -306,16 +306,23 @@ async def _highest_per_user(
     return highest
 
 
-async def _serve(app: XSPMiddleware) -> int:
+async def _serve(app: XSPMiddleware, port: int = 8000) -> int:
     try:
         import uvicorn
     except ImportError:
         raise XSPError("--serve needs uvicorn: pip install 'xsp-middleware[examples]'") from None
-    print("Serving the demo ad server on http://127.0.0.1:8000 (Ctrl-C to stop). Try:")
+    from ..dashboard import dashboard_app, with_dashboard
+
+    # The dashboard reads the demo's own store; XSP_DASHBOARD_TOKEN turns its actions on.
+    settings = app.settings.replace(dashboard_token=Settings.from_env().dashboard_token)
+    both = with_dashboard(app, dashboard_app(settings))
+    base = f"http://127.0.0.1:{port}"
+    print(f"Serving the demo ad server on {base} (Ctrl-C to stop). Try:")
     for c in CAMPAIGNS:
-        print(f"  curl -i -b user_id=alice 'http://127.0.0.1:8000/ad?campaign_id={c.id}'")
-    print("  curl -i 'http://127.0.0.1:8000/ad?campaign_id=campaign_standard&cpm=2.123456'  # 400")
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=8000, log_level="info"))
+        print(f"  curl -i -b user_id=alice '{base}/ad?campaign_id={c.id}'")
+    print(f"  curl -i '{base}/ad?campaign_id=campaign_standard&cpm=2.123456'  # 400")
+    print(f"The dashboard of its campaigns: {base}/dashboard/")
+    server = uvicorn.Server(uvicorn.Config(both, host="127.0.0.1", port=port, log_level="info"))
     await server.serve()
     return 0
 

@@ -1,4 +1,5 @@
-"""The ``xsp-middleware`` command line: campaigns, users, ``doctor``, ``demo``, ``sign-price``.
+"""The ``xsp-middleware`` command line: campaigns, users, ``doctor``, ``demo``, ``dashboard``,
+``sign-price``.
 
 Every command reads ``XSP_REDIS_URL`` (and every other ``XSP_*`` setting); ``--redis-url``
 overrides it. Errors are one line on stderr with exit code 2, never a traceback.
@@ -131,9 +132,26 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", parents=[common], help="run the example ad server under simulated traffic"
     )
-    demo.add_argument("--serve", action="store_true", help="serve the demo on 127.0.0.1:8000")
+    demo.add_argument(
+        "--serve",
+        action="store_true",
+        help="serve the demo ad server, and its dashboard at /dashboard/, on 127.0.0.1:8000",
+    )
+    demo.add_argument("--port", type=int, default=8000, help="with --serve: the port (8000)")
     demo.add_argument("--plot", metavar="FILE.png", help="chart even pacing over a simulated day")
     demo.add_argument("--users", type=int, default=2000, help="simulated users (default 2000)")
+
+    dashboard = commands.add_parser(
+        "dashboard",
+        parents=[common],
+        help="serve the operator dashboard: spend against pacing, denials, pause and budgets",
+    )
+    dashboard.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to serve on (default 127.0.0.1; any other needs XSP_DASHBOARD_TOKEN)",
+    )
+    dashboard.add_argument("--port", type=int, default=8001, help="port (default 8001)")
 
     signer = commands.add_parser(
         "sign-price",
@@ -439,6 +457,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return sign_price_command(args)
         overrides = {"redis_url": args.redis_url} if "redis_url" in args else {}
         settings = Settings.from_env(**overrides)
+        if args.command == "dashboard":
+            from .dashboard import serve_dashboard
+
+            return serve_dashboard(settings, args.host, args.port)
         if args.command == "demo" and "redis_url" not in args:
             settings = settings.replace(redis_url=None)  # the demo's default is the embedded store
         store = Store(Rules.from_settings(settings))
