@@ -11,6 +11,7 @@ carrying someone's cookies.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Collection
 from typing import Literal
 
@@ -21,6 +22,7 @@ __all__ = [
     "BodyTooLarge",
     "ClientGone",
     "cross_site",
+    "is_loopback",
     "mounted_path",
     "normal_origin",
     "own_origin",
@@ -37,6 +39,16 @@ def normal_origin(origin: str) -> str:
     if sep and default is not None and rest.endswith(default):
         rest = rest[: -len(default)]
     return f"{scheme}{sep}{rest}"
+
+
+def is_loopback(host: str) -> bool:
+    """``host`` (an address, or ``localhost``) is this machine's loopback."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def own_origin(scope: Scope, headers: Headers) -> str | None:

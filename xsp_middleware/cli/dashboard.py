@@ -3,27 +3,18 @@ the store of ``XSP_REDIS_URL`` (``--redis-url``). See docs/dashboard.md."""
 
 from __future__ import annotations
 
-import ipaddress
 import sys
 
 from ..errors import XSPError
 from ..settings import Settings
+from ..sites import is_loopback
 from ..store_url import redacted
-
-
-def _loopback_host(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def serve_dashboard(settings: Settings, host: str, port: int) -> int:
     """Serve the dashboard until interrupted. Refuses a non-loopback ``host`` without a
     ``dashboard_token``: without one, the dashboard is read-only and for this machine only."""
-    if settings.dashboard_token is None and not _loopback_host(host):
+    if settings.dashboard_token is None and not is_loopback(host):
         raise XSPError(
             f"the dashboard serves {host} only with a token: set XSP_DASHBOARD_TOKEN (at least "
             "16 characters), or serve on 127.0.0.1"

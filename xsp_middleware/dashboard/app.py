@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import logging
 import secrets
 import time
@@ -38,7 +37,7 @@ from urllib.parse import parse_qs, quote
 from .. import logs
 from ..errors import ConfigError, StoreUnavailable
 from ..settings import Rules, Settings, campaign_id_problem
-from ..sites import BodyTooLarge, ClientGone, cross_site, mounted_path, read_body
+from ..sites import BodyTooLarge, ClientGone, cross_site, is_loopback, mounted_path, read_body
 from ..store import CampaignView, Store, day_span
 from ..store_url import redacted
 from ..types import ASGIApp, Headers, Message, Receive, Scope, Send
@@ -91,13 +90,9 @@ def _redirect(location: str, headers: Headers | None = None) -> _Answer:
 
 
 def _loopback(address: object) -> bool:
+    """An ASGI ``client`` or ``server`` address on this machine's loopback."""
     host = address[0] if isinstance(address, list | tuple) and address else None
-    if not isinstance(host, str):
-        return False
-    try:
-        return ipaddress.ip_address(host.split("%")[0]).is_loopback
-    except ValueError:
-        return host == "localhost"
+    return isinstance(host, str) and is_loopback(host)
 
 
 def _loopback_host(headers: Headers) -> bool:
@@ -109,7 +104,7 @@ def _loopback_host(headers: Headers) -> bool:
                 host = host[1 : host.find("]")]
             elif host.count(":") == 1:
                 host = host.partition(":")[0]
-            return host == "localhost" or _loopback((host, 0))
+            return is_loopback(host)
     return False
 
 

@@ -58,8 +58,6 @@ RESCAN_SECONDS = 600.0
 """How often the sampler looks for campaigns created in the store (those in the settings are
 always sampled)."""
 
-logger = logging.getLogger("xsp_middleware")
-
 # The sampler lease: taken when free, kept (renewed) when it is this process's; given up only
 # when it is still this process's (a plain DEL could drop another's).
 _LEAD = (
@@ -129,7 +127,6 @@ class Sampler:
         self._stopping = False
         self._ids: list[str] = []
         self._scanned = float("-inf")
-        self.samples_written = 0
 
     def start(self) -> None:
         """Start sampling in the running event loop (again if its loop has stopped)."""
@@ -168,7 +165,6 @@ class Sampler:
                 written += await sample(self.store, campaign_id)
             except StoreUnavailable as exc:
                 failed = exc
-        self.samples_written += written
         if failed is not None:
             raise failed
         return written
